@@ -1,0 +1,219 @@
+"""The composition root: config in, running proxy out.
+
+Owns: building the grant, store, token manager and forwarder from the
+config; the shared client sessions (opened and closed in a `cleanup_ctx`);
+the listener; and the serve-until-signalled lifecycle. Nothing below this
+module reads the config objects directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config, TokenConfig, is_loopback, parse_listen
+from .forward import Forwarder, Upstream
+from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
+from .store import FileStore, NullStore, Store
+from .tokens import Clock, RefreshPolicy, TokenManager, credential_id
+
+logger = logging.getLogger("tokenproxy")
+
+FORWARDER = web.AppKey("forwarder", Forwarder)
+TOKENS = web.AppKey("tokens", TokenManager)
+
+# Headers aiohttp's client would add on its own; a proxy sends only what the client sent.
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def build_grant(token: TokenConfig) -> Grant:
+    """The grant object the `token` section describes."""
+    if token.grant == "static":
+        return StaticGrant(token.access_token, token.default_lifetime)
+    if token.grant == "json":
+        spec = token.json
+        return JsonGrant(
+            url=spec.url or token.token_url,
+            method=spec.method.upper(),
+            headers=dict(spec.headers),
+            body_template=None if spec.refresh_cookie else json.loads(spec.body),
+            access_token_path=spec.access_token_path,
+            refresh_token_path=spec.refresh_token_path,
+            expires_in_path=spec.expires_in_path,
+            refresh_cookie=spec.refresh_cookie,
+            timeout=token.timeout,
+        )
+    params = {"username": token.username, "password": token.password} if token.grant == "password" else {}
+    return OAuthGrant(
+        name=token.grant,
+        token_url=token.token_url,
+        client_id=token.client_id,
+        client_secret=token.client_secret,
+        client_auth=token.client_auth,
+        params=params,
+        scope=token.scope,
+        audience=token.audience,
+        timeout=token.timeout,
+    )
+
+
+def build_store(token: TokenConfig) -> Store:
+    """The state file store, or one that keeps nothing when `state_file` is empty."""
+    return FileStore(Path(token.state_file)) if token.state_file else NullStore()
+
+
+def build_policy(config: Config) -> RefreshPolicy:
+    """The token manager's timings and bounds."""
+    tok = config.token
+    return RefreshPolicy(
+        refresh_before=tok.refresh_before,
+        min_refresh_interval=tok.min_refresh_interval,
+        default_lifetime=tok.default_lifetime,
+        timeout=tok.timeout,
+        backoff_initial=tok.backoff_initial,
+        backoff_max=tok.backoff_max,
+        max_waiting=config.queue.max_waiting,
+        wait_timeout=config.queue.wait_timeout,
+    )
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | bool:
+    """TLS settings for outgoing connections: verified by default, with an optional extra CA."""
+    if not config.upstream.verify_tls:
+        return False
+    context = ssl.create_default_context()
+    if config.upstream.ca_file:
+        context.load_verify_locations(str(Path(config.upstream.ca_file).expanduser()))
+    return context
+
+
+def token_session(config: Config) -> aiohttp.ClientSession:
+    """A small session for the token endpoint: no cookie jar, its own pool."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=4, ssl=ssl_context(config)),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def make_token_manager(config: Config, session: aiohttp.ClientSession, clock: Clock = time.time) -> TokenManager:
+    """A TokenManager for the configured credential, resumed from its state file."""
+    tok = config.token
+    manager = TokenManager(
+        build_grant(tok),
+        build_store(tok),
+        session,
+        build_policy(config),
+        refresh_token=tok.refresh_token or None,
+        credential=credential_id(tok.grant, tok.token_url or tok.json.url, tok.client_id, tok.username),
+        clock=clock,
+    )
+    manager.resume()
+    return manager
+
+
+def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
+    """The proxy's aiohttp Application: one catch-all handler, resources in a cleanup context."""
+    app = web.Application()
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        up = config.upstream
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=up.max_connections, limit_per_host=up.max_connections, ssl=ssl_context(config)
+            ),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.read_timeout),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_NO_AUTO_HEADERS,
+        )
+        tokens_http = token_session(config)
+        manager = make_token_manager(config, tokens_http, clock)
+        app[TOKENS] = manager
+        app[FORWARDER] = Forwarder(
+            session,
+            Upstream.parse(up.url),
+            manager,
+            refresh_on=frozenset(config.token.refresh_on),
+            replay_limit=config.retry.replay_limit,
+        )
+        try:
+            yield
+        finally:
+            await manager.close()
+            await session.close()
+            await tokens_http.close()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await request.app[FORWARDER].handle(request)
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    """An AppRunner with the server settings a proxy needs.
+
+    `handler_cancellation` cancels a handler whose client went away, which
+    frees its waiting place and drops its upstream request.
+    """
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,
+        auto_decompress=False,
+        access_log=None,
+        shutdown_timeout=10.0,
+    )
+
+
+def startup_warnings(config: Config) -> list[str]:
+    """Things worth a warning at start: a token sent in clear text, TLS checks off."""
+    warnings = []
+    upstream = Upstream.parse(config.upstream.url)
+    if upstream.scheme == "http" and not is_loopback(upstream.host):
+        warnings.append("upstream.url uses http:// to a non-loopback host: the token travels in clear text")
+    if not config.upstream.verify_tls:
+        warnings.append("upstream.verify_tls is false: the upstream's identity is not checked")
+    return warnings
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Run the proxy until SIGINT or SIGTERM."""
+    for warning in startup_warnings(config):
+        logger.warning("%s", warning)
+    app = build_app(config)
+    runner = make_runner(app, config)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        host, port = parse_listen(config.server.listen)
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0] if runner.addresses else (host, port)
+        logger.info(
+            "tokenproxy listening on http://%s:%s, forwarding to %s (grant %s)",
+            bound[0],
+            bound[1],
+            config.upstream.url,
+            config.token.grant,
+        )
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()

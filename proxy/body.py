@@ -1,0 +1,58 @@
+"""The request body: kept for a resend when small, streamed through when large.
+
+Owns: the replayable-or-streamed decision. A body of at most
+`replay_limit` bytes (known from Content-Length, or found by reading at
+most that much) is held in memory; a larger one is never held whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import StreamReader, web
+
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RequestBody:
+    """What will be sent upstream as the body, and whether it can be sent twice."""
+
+    data: bytes | None  # the whole body when it is replayable
+    stream: AsyncIterator[bytes] | None  # the body when it is not
+    length: int | None  # the Content-Length to send, when known
+
+    @property
+    def replayable(self) -> bool:
+        """True when the body can be sent again after a refresh."""
+        return self.stream is None
+
+
+async def _stream(prefix: bytes, content: StreamReader) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
+
+
+async def read_body(request: web.BaseRequest, replay_limit: int) -> RequestBody:
+    """Decide, reading at most `replay_limit + 1` bytes, how this request's body travels."""
+    length = request.content_length
+    if not request.body_exists:
+        return RequestBody(b"" if length == 0 else None, None, length)
+    content = request.content
+    if length is not None and length > replay_limit:
+        return RequestBody(None, _stream(b"", content), length)
+    buffer = bytearray()
+    while len(buffer) <= replay_limit:
+        chunk = await content.read(min(CHUNK, replay_limit + 1 - len(buffer)))
+        if not chunk:
+            # Whole body read: replayable. A chunked upload that fits is sent
+            # with its length, which every upstream understands.
+            return RequestBody(bytes(buffer), None, len(buffer))
+        buffer += chunk
+    return RequestBody(None, _stream(bytes(buffer), content), length)

@@ -1,0 +1,142 @@
+"""The command line: `run`, `check`, `token`, `demo`. The only place that exits."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .config import Config, ConfigError, find_config_path, load_config
+from .errors import ProxyError
+from .log import setup_logging
+
+
+def _fail_config(error: ConfigError) -> NoReturn:
+    for problem in error.problems:
+        click.echo(f"config: {problem}" if not problem.startswith("config:") else problem, err=True)
+    sys.exit(2)
+
+
+def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    try:
+        return load_config(find_config_path(config_path, os.environ), overrides)
+    except ConfigError as error:
+        _fail_config(error)
+
+
+def _secrets(config: Config) -> tuple[str, ...]:
+    tok = config.token
+    return tuple(s for s in (tok.client_secret, tok.refresh_token, tok.access_token, tok.password) if s)
+
+
+_config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Config file (default: $TOKENPROXY_CONFIG, then ./tokenproxy.toml).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tokenproxy")
+def main() -> None:
+    """tokenproxy: a local proxy that adds a fresh bearer token to every request."""
+
+
+@main.command()
+@_config_option
+@click.option("--listen", default=None, metavar="HOST:PORT", help="Override server.listen.")
+@click.option("--upstream", default=None, metavar="URL", help="Override upstream.url.")
+@click.option(
+    "--log-level",
+    default=None,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Override log.level.",
+)
+def run(config_path: str | None, listen: str | None, upstream: str | None, log_level: str | None) -> None:
+    """Run the proxy until Ctrl-C or SIGTERM."""
+    from .app import serve
+
+    config = _load(config_path, {"server.listen": listen, "upstream.url": upstream, "log.level": log_level})
+    setup_logging(config.log.level, config.log.format, _secrets(config), access_log=config.log.access_log)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        click.echo(f"tokenproxy: cannot listen on {config.server.listen}: {exc.strerror}", err=True)
+        sys.exit(1)
+
+
+async def _one_token(config: Config) -> tuple[str, float, str, int]:
+    from .app import make_token_manager, token_session
+
+    session = token_session(config)
+    try:
+        manager = make_token_manager(config, session)
+        try:
+            token = await manager.get()
+        finally:
+            await manager.close()
+        return token.value, token.expires_at, token.fingerprint, token.generation
+    finally:
+        await session.close()
+
+
+@main.command()
+@_config_option
+def check(config_path: str | None) -> None:
+    """Validate the config, obtain one token and print its expiry (never the token)."""
+    config = _load(config_path)
+    setup_logging("warning", "text", _secrets(config))
+    try:
+        _, expires_at, fp, generation = asyncio.run(_one_token(config))
+    except ProxyError as error:
+        click.echo(f"check: {error.code}: {error.detail}", err=True)
+        sys.exit(1)
+    when = datetime.datetime.fromtimestamp(expires_at, datetime.timezone.utc).isoformat(timespec="seconds")
+    remaining = expires_at - datetime.datetime.now(datetime.timezone.utc).timestamp()
+    click.echo(
+        f"ok: grant {config.token.grant}, token {fp} (generation {generation}), "
+        f"expires {when} (in {remaining:.0f}s)"
+    )
+
+
+@main.command()
+@_config_option
+def token(config_path: str | None) -> None:
+    """Print a valid access token on standard output, for scripts."""
+    config = _load(config_path)
+    setup_logging("warning", "text", _secrets(config))
+    try:
+        value, _, _, _ = asyncio.run(_one_token(config))
+    except ProxyError as error:
+        click.echo(f"token: {error.code}: {error.detail}", err=True)
+        sys.exit(1)
+    click.echo(value)
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="Where the proxy listens.")
+@click.option("--lifetime", default=10.0, type=float, show_default=True, help="Demo token lifetime in seconds.")
+@click.option(
+    "--state-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where the demo keeps its state file (default: a temporary folder).",
+)
+def demo(listen: str, lifetime: float, state_dir: str | None) -> None:
+    """Start a demo token server, a demo API and the proxy in front of them, all on 127.0.0.1."""
+    from .demo import run_demo
+
+    setup_logging("info", "text")
+    asyncio.run(run_demo(listen, lifetime, Path(state_dir) if state_dir else None))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

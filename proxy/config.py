@@ -1,0 +1,383 @@
+"""Configuration: TOML into frozen dataclasses, `${ENV}` interpolation, validation.
+
+Owns: the schema (every key and its default), reading the config file and the
+environment (the only module that does), and the messages for bad input.
+Every problem is collected as `key.path: what is wrong, got X`; nothing is
+read from files or the environment after `load_config` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
+
+GRANTS = ("refresh_token", "client_credentials", "password", "json", "static")
+CLIENT_AUTHS = ("basic", "post", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the proxy listens."""
+
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """The API behind the proxy."""
+
+    url: str = ""
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    verify_tls: bool = True
+    ca_file: str = ""
+    max_connections: int = 100
+
+
+@dataclass(frozen=True)
+class JsonGrantConfig:
+    """A home-made refresh endpoint that speaks JSON (`grant = "json"`)."""
+
+    url: str = ""
+    method: str = "POST"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: str = '{"refreshToken": "{refresh_token}"}'
+    access_token_path: str = "accessToken"
+    refresh_token_path: str = "refreshToken"
+    expires_in_path: str = "expiresIn"
+    refresh_cookie: str = ""
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """How tokens are obtained, kept and renewed."""
+
+    grant: str = "refresh_token"
+    token_url: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    client_auth: str = "basic"
+    scope: str = ""
+    audience: str = ""
+    refresh_token: str = ""
+    access_token: str = ""
+    username: str = ""
+    password: str = ""
+    state_file: str = "~/.local/state/tokenproxy/state.json"
+    refresh_before: float = 30.0
+    refresh_on: tuple[int, ...] = (401,)
+    min_refresh_interval: float = 5.0
+    default_lifetime: float = 300.0
+    timeout: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    json: JsonGrantConfig = field(default_factory=JsonGrantConfig)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """How many requests may wait for a token, and for how long."""
+
+    max_waiting: int = 1000
+    wait_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """What can be resent after a refresh."""
+
+    replay_limit: int = 1048576
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """What is logged and how."""
+
+    level: str = "info"
+    format: str = "text"
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, parsed and validated once."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    token: TokenConfig = field(default_factory=TokenConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` has one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: str, env: Mapping[str, str], key: str, problems: list[str]) -> str:
+    """Replace `${VAR}` and `${VAR:-default}` with the environment; `$$` is `$`."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{key}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_PATTERN.sub(substitute, value)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split `host:port` (or `[v6]:port`) into its parts; ValueError if malformed."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` names only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "a table"
+    )
+
+
+def _convert(value: Any, tp: Any, key: str, env: Mapping[str, str], problems: list[str]) -> Any:
+    """Check one value against its declared type; interpolate strings."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: must be a table, got {value!r}")
+            return tp()
+        return _build(tp, value, key, env, problems)
+    if origin is tuple:
+        (item_type, _) = get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{key}: must be a list, got {value!r}")
+            return ()
+        return tuple(
+            _convert(item, item_type, f"{key}[{i}]", env, problems)
+            for i, item in enumerate(value)
+        )
+    if origin is Mapping:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            problems.append(f"{key}: must be a table of strings, got {value!r}")
+            return {}
+        return {k: interpolate(v, env, f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return interpolate(value, env, key, problems)
+    if type(value) is tp:
+        return value
+    if isinstance(value, str) and tp in (int, float, bool):
+        # An interpolated `${VAR}` can only give text: accept text that reads as the type.
+        text = interpolate(value, env, key, problems).strip()
+        try:
+            if tp is bool:
+                if text.lower() in ("true", "false"):
+                    return text.lower() == "true"
+                raise ValueError
+            return tp(text)
+        except ValueError:
+            pass
+    problems.append(f"{key}: must be {_type_name(tp)}, got {value!r}")
+    return tp()
+
+
+def _build(cls: Any, raw: Mapping[str, Any], prefix: str, env: Mapping[str, str], problems: list[str]) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for unknown in sorted(set(raw) - names):
+        problems.append(f"{prefix}.{unknown}: unknown key".lstrip("."))
+    values = {}
+    for name in (f.name for f in dataclasses.fields(cls) if f.name in raw):
+        key = f"{prefix}.{name}".lstrip(".")
+        values[name] = _convert(raw[name], hints[name], key, env, problems)
+    return cls(**values)
+
+
+def _check_url(key: str, value: str, problems: list[str], required: bool = True) -> None:
+    if not value:
+        if required:
+            problems.append(f"{key}: is required")
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{key}: must be an http(s) URL, got {value!r}")
+        return
+    try:
+        parts.port
+    except ValueError:
+        problems.append(f"{key}: has an invalid port, got {value!r}")
+    if parts.query or parts.fragment:
+        problems.append(f"{key}: must not have a query or fragment, got {value!r}")
+
+
+def _validate(config: Config, problems: list[str]) -> None:
+    for key, value in (("server.listen", config.server.listen), ("server.admin_listen", config.server.admin_listen)):
+        if key == "server.admin_listen" and not value:
+            continue
+        try:
+            parse_listen(value)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}, got {value!r}")
+
+    up = config.upstream
+    _check_url("upstream.url", up.url, problems)
+    for name in ("connect_timeout", "read_timeout"):
+        if getattr(up, name) <= 0:
+            problems.append(f"upstream.{name}: must be greater than 0, got {getattr(up, name)!r}")
+    if up.max_connections < 1:
+        problems.append(f"upstream.max_connections: must be at least 1, got {up.max_connections!r}")
+    if up.ca_file and not Path(up.ca_file).expanduser().is_file():
+        problems.append(f"upstream.ca_file: no such file, got {up.ca_file!r}")
+
+    tok = config.token
+    if tok.grant not in GRANTS:
+        problems.append(f"token.grant: must be one of {', '.join(GRANTS)}, got {tok.grant!r}")
+    if tok.client_auth not in CLIENT_AUTHS:
+        problems.append(
+            f"token.client_auth: must be one of {', '.join(CLIENT_AUTHS)}, got {tok.client_auth!r}"
+        )
+    if tok.grant in ("refresh_token", "client_credentials", "password"):
+        _check_url("token.token_url", tok.token_url, problems)
+    if tok.grant == "client_credentials" and not tok.client_id:
+        problems.append("token.client_id: is required for grant 'client_credentials'")
+    if tok.grant == "password":
+        for name in ("username", "password"):
+            if not getattr(tok, name):
+                problems.append(f"token.{name}: is required for grant 'password'")
+    if tok.grant == "static" and not tok.access_token:
+        problems.append("token.access_token: is required for grant 'static'")
+    if tok.grant in ("refresh_token", "json") and not tok.refresh_token and not tok.state_file:
+        problems.append(
+            f"token.refresh_token: is required for grant {tok.grant!r} when token.state_file is empty"
+        )
+    if tok.grant == "json":
+        _check_url("token.json.url", tok.json.url or tok.token_url, problems)
+        if not tok.json.access_token_path:
+            problems.append("token.json.access_token_path: is required")
+        if not tok.json.refresh_cookie:
+            try:
+                json.loads(tok.json.body)
+            except ValueError:
+                problems.append(f"token.json.body: must be a JSON document, got {tok.json.body!r}")
+        if not re.fullmatch(r"[A-Za-z]+", tok.json.method):
+            problems.append(f"token.json.method: must be an HTTP method, got {tok.json.method!r}")
+    for name in ("refresh_before", "min_refresh_interval"):
+        if getattr(tok, name) < 0:
+            problems.append(f"token.{name}: must not be negative, got {getattr(tok, name)!r}")
+    for name in ("default_lifetime", "timeout", "backoff_initial", "backoff_max"):
+        if getattr(tok, name) <= 0:
+            problems.append(f"token.{name}: must be greater than 0, got {getattr(tok, name)!r}")
+    for status in tok.refresh_on:
+        if not 400 <= status <= 599:
+            problems.append(f"token.refresh_on: must list 4xx or 5xx statuses, got {status!r}")
+
+    if config.queue.max_waiting < 0:
+        problems.append(f"queue.max_waiting: must not be negative, got {config.queue.max_waiting!r}")
+    if config.queue.wait_timeout <= 0:
+        problems.append(f"queue.wait_timeout: must be greater than 0, got {config.queue.wait_timeout!r}")
+    if config.retry.replay_limit < 0:
+        problems.append(f"retry.replay_limit: must not be negative, got {config.retry.replay_limit!r}")
+    if config.log.level not in LOG_LEVELS:
+        problems.append(f"log.level: must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
+    if config.log.format not in LOG_FORMATS:
+        problems.append(f"log.format: must be one of {', '.join(LOG_FORMATS)}, got {config.log.format!r}")
+
+
+def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    """Turn a parsed TOML document into a validated Config, or raise ConfigError."""
+    problems: list[str] = []
+    config: Config = _build(Config, raw, "", env, problems)
+    checks: list[str] = []
+    _validate(config, checks)
+    # A key that already failed its type check is not judged again on its default.
+    named = {line.split(":", 1)[0] for line in problems}
+    problems.extend(line for line in checks if line.split(":", 1)[0] not in named)
+    if problems:
+        raise ConfigError(problems)
+    state_file = config.token.state_file
+    if state_file:
+        state_file = str(Path(state_file).expanduser())
+    return dataclasses.replace(config, token=dataclasses.replace(config.token, state_file=state_file))
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, name = dotted.partition(".")
+    table = raw.setdefault(section, {})
+    if isinstance(table, dict):
+        table[name] = value
+
+
+def find_config_path(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    """The config file to read: `-c`, then $TOKENPROXY_CONFIG, then ./tokenproxy.toml."""
+    if explicit:
+        return Path(explicit)
+    if env.get("TOKENPROXY_CONFIG"):
+        return Path(env["TOKENPROXY_CONFIG"])
+    default = Path("tokenproxy.toml")
+    return default if default.exists() else None
+
+
+def load_config(
+    path: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read, interpolate and validate the config; raise ConfigError listing every problem.
+
+    `overrides` maps dotted keys (`server.listen`) to values from the command line.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"config: {path}: no such file"]) from None
+        except OSError as exc:
+            raise ConfigError([f"config: {path}: cannot be read ({exc.strerror})"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"config: {path}: not valid TOML ({exc})"]) from None
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    return parse_config(raw, env)

@@ -1,0 +1,205 @@
+"""`tokenproxy demo`: a demo token server, a demo API and the proxy, all on 127.0.0.1.
+
+Owns: two small aiohttp apps that behave like the real thing (an OAuth2
+token endpoint issuing short-lived JWTs and rotating refresh tokens, with
+reuse detection; an API that checks the JWT with no clock skew and answers
+401 once it has expired) and the wiring that starts the proxy in front of
+them. Needs no config and no network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import jwt
+from aiohttp import web
+
+from .app import build_app, make_runner
+from .config import parse_config
+
+logger = logging.getLogger("tokenproxy.demo")
+
+DEMO_CLIENT_ID = "demo-client"
+DEMO_CLIENT_SECRET = "demo-secret"
+
+
+class DemoAuthServer:
+    """An OAuth2 token endpoint: refresh_token grant, rotating refresh tokens, reuse revokes the grant."""
+
+    def __init__(self, signing_key: str, lifetime: float) -> None:
+        self.signing_key = signing_key
+        self.lifetime = lifetime
+        self.current_refresh = "rt-" + secrets.token_urlsafe(16)
+        self.used: set[str] = set()
+        self.revoked = False
+        self.calls = 0
+
+    def app(self) -> web.Application:
+        """The aiohttp app serving POST /oauth/token."""
+        app = web.Application()
+        app.router.add_post("/oauth/token", self.token)
+        return app
+
+    async def token(self, request: web.Request) -> web.Response:
+        """Exchange the current refresh token for a JWT and a new refresh token."""
+        self.calls += 1
+        form = await request.post()
+        if form.get("grant_type") != "refresh_token":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        presented = form.get("refresh_token")
+        if presented in self.used:
+            self.revoked = True  # reuse of a rotated-away token: revoke the whole grant
+        if self.revoked or presented != self.current_refresh:
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        self.used.add(self.current_refresh)
+        self.current_refresh = "rt-" + secrets.token_urlsafe(16)
+        now = int(time.time())
+        access = jwt.encode(
+            {"sub": "demo-user", "iat": now, "exp": now + int(self.lifetime), "jti": secrets.token_hex(4)},
+            self.signing_key,
+            algorithm="HS256",
+        )
+        return web.json_response(
+            {
+                "access_token": access,
+                "token_type": "Bearer",
+                "expires_in": int(self.lifetime),
+                "refresh_token": self.current_refresh,
+            }
+        )
+
+
+class DemoApi:
+    """An API that wants a valid JWT (zero clock skew) and echoes what it received."""
+
+    def __init__(self, signing_key: str) -> None:
+        self.signing_key = signing_key
+
+    def app(self) -> web.Application:
+        """The aiohttp app: every path echoes method, path, query and who called."""
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        return app
+
+    async def echo(self, request: web.Request) -> web.Response:
+        """Check the bearer, then describe the request."""
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            return self._unauthorized("missing bearer token")
+        try:
+            claims = jwt.decode(auth[7:], self.signing_key, algorithms=["HS256"], leeway=0)
+        except jwt.ExpiredSignatureError:
+            return self._unauthorized("token expired")
+        except jwt.PyJWTError:
+            return self._unauthorized("token invalid")
+        body = await request.read()
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "user": claims["sub"],
+                "token_expires_in": round(claims["exp"] - time.time(), 1),
+                "body_bytes": len(body),
+            }
+        )
+
+    @staticmethod
+    def _unauthorized(why: str) -> web.Response:
+        return web.json_response(
+            {"error": "invalid_token", "detail": why},
+            status=401,
+            headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{why}"'},
+        )
+
+
+async def _start(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def run_demo(
+    listen: str,
+    lifetime: float,
+    state_dir: Path | None,
+    *,
+    until: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Start the three servers, print what to try, and run until Ctrl-C (or `until` returns)."""
+    signing_key = secrets.token_hex(32)
+    auth = DemoAuthServer(signing_key, lifetime)
+    api = DemoApi(signing_key)
+    runners: list[web.AppRunner] = []
+    with tempfile.TemporaryDirectory(prefix="tokenproxy-demo-") as tmp:
+        directory = state_dir or Path(tmp)
+        try:
+            auth_runner, auth_port = await _start(auth.app())
+            runners.append(auth_runner)
+            api_runner, api_port = await _start(api.app())
+            runners.append(api_runner)
+            host, _, port = listen.rpartition(":")
+            config = parse_config(
+                {
+                    "server": {"listen": listen},
+                    "upstream": {"url": f"http://127.0.0.1:{api_port}"},
+                    "token": {
+                        "grant": "refresh_token",
+                        "token_url": f"http://127.0.0.1:{auth_port}/oauth/token",
+                        "client_id": DEMO_CLIENT_ID,
+                        "client_secret": DEMO_CLIENT_SECRET,
+                        "refresh_token": auth.current_refresh,
+                        "state_file": str(directory / "state.json"),
+                        "refresh_before": 2.0,
+                        "min_refresh_interval": 1.0,
+                    },
+                },
+                {},
+            )
+            proxy_runner = make_runner(build_app(config), config)
+            await proxy_runner.setup()
+            runners.append(proxy_runner)
+            site = web.TCPSite(proxy_runner, host.strip("[]") or "127.0.0.1", int(port or 0))
+            await site.start()
+            proxy_port = proxy_runner.addresses[0][1]
+            print(
+                f"tokenproxy demo\n"
+                f"  token server  http://127.0.0.1:{auth_port}/oauth/token  (tokens live {lifetime:g}s, "
+                f"refresh tokens rotate)\n"
+                f"  demo API      http://127.0.0.1:{api_port}/  (answers 401 without a valid token)\n"
+                f"  proxy         http://127.0.0.1:{proxy_port}/\n\n"
+                f"Try:\n"
+                f"  curl -i http://127.0.0.1:{api_port}/hello        # straight to the API: 401\n"
+                f"  curl -i http://127.0.0.1:{proxy_port}/hello      # through the proxy: 200\n"
+                f"  sleep {lifetime + 1:g}; curl http://127.0.0.1:{proxy_port}/hello   "
+                f"# after expiry: still 200\n\n"
+                f"PROXY_URL=http://127.0.0.1:{proxy_port}\n"
+                f"Press Ctrl-C to stop.",
+                flush=True,
+            )
+            if until is not None:
+                await until()
+            else:
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, stop.set)
+                await stop.wait()
+            logger.info("demo stopping; token server saw %d calls", auth.calls)
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
+
+
+def describe_calls(auth: DemoAuthServer) -> str:
+    """A one-line summary of the demo token server's traffic."""
+    return json.dumps({"calls": auth.calls, "revoked": auth.revoked})

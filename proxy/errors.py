@@ -1,0 +1,129 @@
+"""The few errors tokenproxy answers itself, each mapped to one HTTP answer.
+
+Owns: the exception types and the one function that renders them. Must not
+know about tokens, grants or the request journey. No message ever carries a
+token or a secret: callers build the detail from codes and fingerprints only.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """An error that becomes tokenproxy's own HTTP answer."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+    def again(self) -> ProxyError:
+        """A fresh copy, so each waiter raises its own instance."""
+        return type(self)(self.detail, retry_after=self.retry_after)
+
+
+class UpstreamUnreachable(ProxyError):
+    """The upstream could not be reached or reset before answering."""
+
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream did not answer within its timeout."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class TokenUnavailable(ProxyError):
+    """No token could be obtained (endpoint down, bad answer, backing off)."""
+
+    status = 503
+    code = "token_unavailable"
+
+
+class LoginRequired(ProxyError):
+    """The refresh token was rejected and no other grant can log in."""
+
+    status = 503
+    code = "login_required"
+
+
+class QueueFull(ProxyError):
+    """Too many requests already wait for a token."""
+
+    status = 503
+    code = "queue_full"
+
+
+class QueueTimeout(ProxyError):
+    """A request waited longer than `queue.wait_timeout` for a token."""
+
+    status = 503
+    code = "queue_timeout"
+
+
+class ShuttingDown(ProxyError):
+    """The proxy stopped while the request was waiting."""
+
+    status = 503
+    code = "shutting_down"
+
+
+class Forbidden(ProxyError):
+    """The client may not use the proxy."""
+
+    status = 403
+    code = "forbidden"
+
+
+class BadRequest(ProxyError):
+    """The request cannot be forwarded as it is."""
+
+    status = 400
+    code = "bad_request"
+
+
+class GrantError(Exception):
+    """A token endpoint failed to give a token.
+
+    `oauth_error` is the endpoint's own error code when it sent one
+    (`invalid_grant`, `invalid_client`, ...). `final` means retrying with the
+    same configuration cannot help; `rejected` means the refresh token itself
+    was refused (it is dead). The message never contains a secret.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        oauth_error: str | None = None,
+        final: bool = False,
+        rejected: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.oauth_error = oauth_error
+        self.final = final
+        self.rejected = rejected
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """Render a ProxyError as tokenproxy's JSON answer."""
+    headers = {"X-Tokenproxy-Error": error.code}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, error.retry_after))
+    body = json.dumps({"error": error.code, "detail": error.detail})
+    return web.Response(
+        status=error.status,
+        body=body.encode(),
+        content_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,243 @@
+"""One request's journey: to the upstream with a bearer, 401 → renew → resend, the answer streamed back.
+
+Owns: building the upstream request, the single boundary where aiohttp's
+client errors become UpstreamUnreachable / UpstreamTimeout, the resend after
+a refresh status, and relaying the response chunk by chunk. Knows nothing
+of which grant is used; asks the TokenManager for tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .body import RequestBody, read_body
+from .errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable, error_response
+from .headers import challenge_error, request_headers, response_headers
+from .log import access_line
+from .tokens import Token, TokenManager
+
+logger = logging.getLogger("tokenproxy.forward")
+
+# A refresh-status answer is kept (to hand back if the refresh fails) only up to this size.
+REJECTION_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The upstream's origin and base path, split once at start-up."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # without a trailing slash
+
+    @classmethod
+    def parse(cls, url: str) -> Upstream:
+        """Split a validated `upstream.url`."""
+        parsed = URL(url)
+        assert parsed.host is not None and parsed.port is not None
+        return cls(parsed.scheme, parsed.raw_host or parsed.host, parsed.port, parsed.raw_path.rstrip("/"))
+
+    def url_for(self, target: str) -> URL:
+        """The upstream URL for an origin-form request target, path and query byte for byte."""
+        path, _, query = target.partition("?")
+        return URL.build(
+            scheme=self.scheme,
+            host=self.host,
+            port=self.port,
+            path=self.base_path + path,
+            query_string=query,
+            encoded=True,
+        )
+
+
+@contextmanager
+def upstream_errors() -> Iterator[None]:
+    """The one place where aiohttp's client errors become our answers."""
+    try:
+        yield
+    except asyncio.TimeoutError:
+        raise UpstreamTimeout("the upstream did not answer within upstream.read_timeout") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})") from None
+
+
+class _RelayedResponse(web.StreamResponse):
+    """A StreamResponse that adds no Content-Type or Server header the upstream did not send."""
+
+    async def _prepare_headers(self) -> None:
+        had_type = hdrs.CONTENT_TYPE in self.headers
+        had_server = hdrs.SERVER in self.headers
+        await super()._prepare_headers()
+        if not had_type:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            self.headers.popall(hdrs.SERVER, None)
+
+
+class Forwarder:
+    """The proxy's request handler. Safe for any number of concurrent requests; holds no per-request state."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream: Upstream,
+        tokens: TokenManager,
+        *,
+        refresh_on: frozenset[int],
+        replay_limit: int,
+    ) -> None:
+        self._session = session
+        self._upstream = upstream
+        self._tokens = tokens
+        self._refresh_on = refresh_on
+        self._replay_limit = replay_limit
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Forward one client request and relay the answer; never raises for the client to see."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        state = _Journey()
+        status = 500
+        try:
+            response = await self._journey(request, state)
+            status = response.status
+            return response
+        except ProxyError as error:
+            status = error.status
+            if state.started_relay:
+                raise
+            return error_response(error)
+        finally:
+            access_line(
+                request.method,
+                request.raw_path.partition("?")[0],
+                status,
+                loop.time() - started,
+                state.resent,
+                state.generation,
+            )
+
+    async def _journey(self, request: web.BaseRequest, state: _Journey) -> web.StreamResponse:
+        if request.method == hdrs.METH_CONNECT:
+            raise BadRequest("CONNECT is not supported: tokenproxy is a reverse proxy")
+        target = request.raw_path
+        if not target.startswith("/"):
+            raise BadRequest("the request target must be a path (origin form)")
+        url = self._upstream.url_for(target)
+        headers = CIMultiDict(request_headers(request.raw_headers))
+        body = await read_body(request, self._replay_limit)
+
+        token = await self._tokens.get()
+        state.generation = token.generation
+        upstream = await self._send(request.method, url, headers, body, token)
+        prefix = b""
+        if upstream.status in self._refresh_on:
+            challenge = challenge_error(upstream.headers.getall(hdrs.WWW_AUTHENTICATE, []))
+            kept = await self._keep_rejection(upstream) if body.replayable else None
+            if isinstance(kept, web.Response):
+                renewed = await self._tokens.renew(token, challenge)
+                if renewed is None:
+                    return kept
+                state.resent = True
+                state.generation = renewed.generation
+                upstream = await self._send(request.method, url, headers, body, renewed)
+            else:
+                # Not replayable: the client gets this answer, and its own retry a new token.
+                self._tokens.renew_later(token, challenge)
+                prefix = kept or b""
+        return await self._relay(request, upstream, state, prefix)
+
+    async def _send(
+        self, method: str, url: URL, headers: CIMultiDict[str], body: RequestBody, token: Token
+    ) -> aiohttp.ClientResponse:
+        headers[hdrs.AUTHORIZATION] = token.header
+        if body.length is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(body.length)
+        data = body.data if body.data else body.stream
+        with upstream_errors():
+            return await self._session.request(
+                method, url, headers=headers, data=data, allow_redirects=False
+            )
+
+    async def _keep_rejection(self, upstream: aiohttp.ClientResponse) -> web.Response | bytes | None:
+        """Read and release a small refresh-status answer so it can be handed back unchanged.
+
+        Too large to keep: None when that is known from Content-Length, else
+        the bytes already read, to be relayed ahead of the rest.
+        """
+        if upstream.content_length is not None and upstream.content_length > REJECTION_BODY_LIMIT:
+            return None
+        buffer = bytearray()
+        try:
+            with upstream_errors():
+                while len(buffer) <= REJECTION_BODY_LIMIT:
+                    chunk = await upstream.content.read(REJECTION_BODY_LIMIT + 1 - len(buffer))
+                    if not chunk:
+                        break
+                    buffer += chunk
+        except ProxyError:
+            upstream.close()
+            raise
+        if len(buffer) > REJECTION_BODY_LIMIT:
+            return bytes(buffer)
+        upstream.release()
+        headers = CIMultiDict(response_headers(upstream.raw_headers))
+        headers.popall(hdrs.CONTENT_LENGTH, None)
+        return web.Response(status=upstream.status, reason=upstream.reason, body=bytes(buffer), headers=headers)
+
+    async def _relay(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, state: _Journey, prefix: bytes = b""
+    ) -> web.StreamResponse:
+        """Send the upstream's status, headers and body to the client as they arrive."""
+        try:
+            out = _RelayedResponse(status=upstream.status, reason=upstream.reason)
+            out.headers.extend(response_headers(upstream.raw_headers))
+            state.started_relay = True
+            await out.prepare(request)
+            if prefix:
+                await out.write(prefix)
+            try:
+                with upstream_errors():
+                    async for chunk in upstream.content.iter_any():
+                        await out.write(chunk)
+            except ProxyError as error:
+                # The answer has begun and cannot be completed honestly: cut the connection.
+                logger.warning(
+                    "upstream broke off the answer to %s %s: %s",
+                    request.method,
+                    request.raw_path.partition("?")[0],
+                    error.detail,
+                )
+                upstream.close()
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+            await out.write_eof()
+            upstream.release()
+            return out
+        finally:
+            # Cancelled (client gone) or failed: drop the connection rather than pool it half-read.
+            if not upstream.closed and not upstream.content.at_eof():
+                upstream.close()
+            upstream.release()
+
+
+class _Journey:
+    """What the access line reports about one request."""
+
+    __slots__ = ("resent", "generation", "started_relay")
+
+    def __init__(self) -> None:
+        self.resent = False
+        self.generation: int | None = None
+        self.started_relay = False

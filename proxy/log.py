@@ -1,0 +1,122 @@
+"""Logging: set-up (text or JSON lines), the access line, token fingerprints.
+
+Owns: the `tokenproxy` loggers' format and the redaction filter that is the
+last line of defence against a token reaching a log. Callers log
+fingerprints, never values; the filter catches what slips through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+LOGGER = "tokenproxy"
+ACCESS_LOGGER = "tokenproxy.access"
+
+# Anything shaped like a JWT, or following "Bearer ", is replaced before output.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+
+
+def fingerprint(secret: str) -> str:
+    """A short, stable, non-reversible name for a token: 8 hex digits of SHA-256."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+def redact(text: str) -> str:
+    """Replace anything that looks like a bearer token or JWT."""
+    text = _JWT.sub(lambda m: f"<jwt {fingerprint(m.group(0))}>", text)
+    return _BEARER.sub(lambda m: f"{m.group(1)}<redacted>", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's final message so no token-shaped text is written."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self._secrets = tuple(s for s in secrets if len(s) >= 4)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        for secret in self._secrets:
+            if secret in cleaned:
+                cleaned = cleaned.replace(secret, "<secret>")
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info:
+            # Tracebacks may quote values; keep only the exception type.
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra` fields."""
+
+    _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                out[key] = value
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = (), *, access_log: bool = True) -> None:
+    """Configure the root handler for the proxy's process (CLI only)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's own access log is replaced by ours; its error logs stay.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)
+
+
+_access = logging.getLogger(ACCESS_LOGGER)
+
+
+def access_line(
+    method: str, path: str, status: int, duration: float, resent: bool, generation: int | None
+) -> None:
+    """Log one finished request (never its headers or body)."""
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    _access.info(
+        '"%s %s" %d %.1fms resent=%s gen=%s',
+        method,
+        path,
+        status,
+        duration * 1000.0,
+        "yes" if resent else "no",
+        "-" if generation is None else generation,
+        extra={
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(duration * 1000.0, 3),
+            "resent": resent,
+            "generation": generation,
+        },
+    )

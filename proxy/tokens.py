@@ -1,0 +1,444 @@
+"""The token manager: the current token, one refresh at a time, bounded waiting.
+
+Owns: the `Token` value, the decision of what to do with a refresh status
+(a pure function of generations, age and the challenge), and the
+`TokenManager` that carries it out: refresh-ahead, single-flight refresh,
+at most `max_waiting` waiters, back-off after failures, persisting a new
+token before anyone uses it. Knows nothing of client requests or of which
+grant is used beyond its name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import jwt
+
+from .errors import (
+    GrantError,
+    LoginRequired,
+    ProxyError,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+    TokenUnavailable,
+)
+from .grants import Grant, TokenResponse
+from .log import fingerprint
+from .store import SavedState, Store
+
+logger = logging.getLogger("tokenproxy.tokens")
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """An access token and what is known of it. Immutable; a refresh makes a new one."""
+
+    value: str
+    expires_at: float  # wall-clock seconds
+    obtained_at: float
+    generation: int  # grows by one with every successful refresh
+    usable_until: float  # expires_at less a small leeway: never sent after this
+    refresh_at: float  # from here on a background refresh starts
+    header: str  # "Bearer <value>", built once per generation
+    fingerprint: str
+
+    def usable_at(self, now: float) -> bool:
+        """True while the token may still be sent upstream."""
+        return now < self.usable_until
+
+    def __repr__(self) -> str:
+        return f"Token(generation={self.generation}, fingerprint={self.fingerprint})"
+
+
+def make_token(value: str, expires_at: float, obtained_at: float, generation: int, refresh_before: float) -> Token:
+    """Build a Token, choosing the send deadline and the refresh-ahead point.
+
+    The leeway (at most 1 s or a tenth of the lifetime) keeps a token from
+    arriving expired at an API that checks `exp` with no clock skew; the
+    refresh-ahead point is never earlier than half the lifetime, so a short
+    lifetime cannot cause back-to-back refreshes.
+    """
+    lifetime = max(0.0, expires_at - obtained_at)
+    return Token(
+        value=value,
+        expires_at=expires_at,
+        obtained_at=obtained_at,
+        generation=generation,
+        usable_until=expires_at - min(1.0, lifetime * 0.1),
+        refresh_at=expires_at - min(refresh_before, lifetime * 0.5),
+        header=f"Bearer {value}",
+        fingerprint=fingerprint(value),
+    )
+
+
+def expiry_of(response: TokenResponse, obtained_at: float, default_lifetime: float) -> float:
+    """When the token expires: `expires_in`, else the JWT's `exp`, else the default lifetime."""
+    if response.expires_in is not None:
+        return obtained_at + response.expires_in
+    try:
+        claims = jwt.decode(response.access_token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        claims = None
+    if isinstance(claims, dict):
+        exp = claims.get("exp")
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            return float(exp)
+    return obtained_at + default_lifetime
+
+
+class Renewal(enum.Enum):
+    """What to do when the upstream rejected a token."""
+
+    USE_CURRENT = "use_current"  # someone already refreshed: resend with the current token
+    REFRESH = "refresh"  # join or start the one refresh
+    GIVE_UP = "give_up"  # a new token would not help: pass the answer through
+
+
+def decide_renewal(
+    seen_generation: int,
+    current: Token | None,
+    now: float,
+    min_refresh_interval: float,
+    challenge_error: str | None,
+) -> Renewal:
+    """Decide what a refresh status for a token of `seen_generation` calls for.
+
+    "Already refreshed?" is answered by generation, never by the clock.
+    """
+    if current is not None and current.generation > seen_generation:
+        return Renewal.USE_CURRENT
+    if challenge_error is not None and challenge_error != "invalid_token":
+        return Renewal.GIVE_UP
+    if current is not None and now - current.obtained_at < min_refresh_interval:
+        return Renewal.GIVE_UP
+    return Renewal.REFRESH
+
+
+def backoff_delay(failures: int, initial: float, cap: float) -> float:
+    """Seconds to wait after `failures` consecutive failed refreshes."""
+    return min(cap, initial * 2 ** max(0, failures - 1))
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    """The token manager's bounds and timings, from the config."""
+
+    refresh_before: float = 30.0
+    min_refresh_interval: float = 5.0
+    default_lifetime: float = 300.0
+    timeout: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_waiting: int = 1000
+    wait_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ManagerStatus:
+    """A read-only snapshot for health checks and people."""
+
+    generation: int | None
+    fingerprint: str | None
+    expires_at: float | None
+    usable: bool
+    refreshing: bool
+    waiting: int
+    backoff_until: float
+    failures: int
+    last_error: str | None  # code of the last failure, if the last refresh failed
+    dead: str | None  # code of a final failure (login_required, token_unavailable)
+
+
+class TokenManager:
+    """The current token for one credential, and the one refresh that replaces it.
+
+    Safe to call from many requests at once; at most one refresh runs at a
+    time. All state below is owned by this object and changed only on the
+    event loop thread, so no lock is needed: the single-flight guard is the
+    `_refresh_task` slot, read and set with no await in between.
+    """
+
+    def __init__(
+        self,
+        grant: Grant,
+        store: Store,
+        session: aiohttp.ClientSession,
+        policy: RefreshPolicy,
+        *,
+        refresh_token: str | None = None,
+        credential: str = "",
+        clock: Clock = time.time,
+    ) -> None:
+        self._grant = grant
+        self._store = store
+        self._session = session
+        self._policy = policy
+        self._clock = clock
+        self._credential = credential
+        self._seed = fingerprint(refresh_token) if refresh_token else ""
+        self._refresh_token = refresh_token or None
+        self._token: Token | None = None
+        self._refresh_task: asyncio.Task[Token | ProxyError] | None = None
+        self._waiting = 0
+        self._failures = 0
+        self._backoff_until = 0.0
+        self._last_error: ProxyError | None = None
+        self._dead: ProxyError | None = None
+        self._closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- start-up and shut-down -------------------------------------------------
+
+    def resume(self) -> None:
+        """Adopt the saved state if it belongs to this credential and login.
+
+        A configured refresh token different from the one the saved chain
+        started from means a new login: the configured one wins.
+        """
+        state = self._store.load()
+        if state is None or state.credential != self._credential:
+            return
+        if self._seed and state.seed != self._seed:
+            return
+        self._seed = state.seed
+        if state.refresh_token:
+            self._refresh_token = state.refresh_token
+        self._token = make_token(
+            state.access_token,
+            state.expires_at,
+            state.obtained_at,
+            state.generation,
+            self._policy.refresh_before,
+        )
+        logger.info(
+            "resumed token %s generation %d from state file, expires in %.0fs",
+            self._token.fingerprint,
+            state.generation,
+            state.expires_at - self._clock(),
+        )
+
+    async def close(self) -> None:
+        """Answer every waiter with `shutting_down` and stop a refresh in flight."""
+        if not self._closing.done():
+            self._closing.set_result(None)
+        task = self._refresh_task
+        if task is not None and not task.done():
+            # Let a refresh that is already talking to the endpoint finish and
+            # persist a rotated refresh token; cancel it only if it hangs.
+            done, _ = await asyncio.wait((task,), timeout=self._policy.timeout)
+            if not done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    # -- the two calls requests make -------------------------------------------
+
+    async def get(self) -> Token:
+        """The token to send now; waits only when there is no usable token.
+
+        Near expiry it starts a background refresh and still returns the
+        current token (refresh-ahead: no request waits).
+        """
+        now = self._clock()
+        token = self._token
+        if token is not None and token.usable_at(now):
+            if now >= token.refresh_at and self._refresh_task is None and self._may_refresh(now):
+                self._start_refresh()
+            return token
+        return await self._await_refresh()
+
+    async def renew(self, seen: Token, challenge_error: str | None) -> Token | None:
+        """A token to resend with after the upstream rejected `seen`, or None to pass the answer through.
+
+        Raises QueueFull, QueueTimeout or ShuttingDown when the request cannot
+        wait; a failed refresh gives None (the client gets the upstream's answer).
+        """
+        decision = decide_renewal(
+            seen.generation, self._token, self._clock(), self._policy.min_refresh_interval, challenge_error
+        )
+        try:
+            if decision is Renewal.USE_CURRENT:
+                return await self.get()
+            if decision is Renewal.REFRESH:
+                return await self._await_refresh()
+        except (TokenUnavailable, LoginRequired):
+            return None
+        return None
+
+    def renew_later(self, seen: Token, challenge_error: str | None) -> None:
+        """Start a refresh for a rejected token without waiting for it (the body could not be replayed)."""
+        now = self._clock()
+        decision = decide_renewal(seen.generation, self._token, now, self._policy.min_refresh_interval, challenge_error)
+        if decision is Renewal.REFRESH and self._refresh_task is None and self._may_refresh(now):
+            self._start_refresh()
+
+    def status(self) -> ManagerStatus:
+        """What the manager knows now, without any token value."""
+        token = self._token
+        return ManagerStatus(
+            generation=token.generation if token else None,
+            fingerprint=token.fingerprint if token else None,
+            expires_at=token.expires_at if token else None,
+            usable=token is not None and token.usable_at(self._clock()),
+            refreshing=self._refresh_task is not None,
+            waiting=self._waiting,
+            backoff_until=self._backoff_until,
+            failures=self._failures,
+            last_error=self._last_error.code if self._last_error else None,
+            dead=self._dead.code if self._dead else None,
+        )
+
+    @property
+    def waiting(self) -> int:
+        """How many requests wait for a token right now."""
+        return self._waiting
+
+    @property
+    def grant_name(self) -> str:
+        """The configured grant's name, for logs and metrics."""
+        return self._grant.name
+
+    # -- internals --------------------------------------------------------------
+
+    def _may_refresh(self, now: float) -> bool:
+        return self._dead is None and now >= self._backoff_until and not self._closing.done()
+
+    async def _await_refresh(self) -> Token:
+        if self._closing.done():
+            raise ShuttingDown("tokenproxy is shutting down")
+        if self._dead is not None:
+            raise self._dead.again()
+        task = self._refresh_task
+        if task is None:
+            now = self._clock()
+            if now < self._backoff_until:
+                last = self._last_error.detail if self._last_error else "the last refresh failed"
+                raise TokenUnavailable(
+                    f"{last}; next attempt in {self._backoff_until - now:.1f}s",
+                    retry_after=math.ceil(self._backoff_until - now),
+                )
+        if self._waiting >= self._policy.max_waiting:
+            raise QueueFull(
+                f"{self._waiting} requests already wait for a token (queue.max_waiting)", retry_after=1
+            )
+        if task is None:
+            task = self._start_refresh()
+        self._waiting += 1
+        try:
+            done, _ = await asyncio.wait(
+                (task, self._closing), timeout=self._policy.wait_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            self._waiting -= 1
+        if task in done:
+            result = task.result()
+            if isinstance(result, ProxyError):
+                raise result.again()
+            return result
+        if self._closing.done():
+            raise ShuttingDown("tokenproxy is shutting down")
+        raise QueueTimeout(
+            f"no token within {self._policy.wait_timeout:g}s (queue.wait_timeout)", retry_after=1
+        )
+
+    def _start_refresh(self) -> asyncio.Task[Token | ProxyError]:
+        task = asyncio.get_running_loop().create_task(self._refresh(), name="tokenproxy-refresh")
+        self._refresh_task = task
+        return task
+
+    async def _refresh(self) -> Token | ProxyError:
+        """The one refresh: fetch, persist, publish. Returns the error instead of raising it,
+        so a refresh-ahead nobody awaits leaves no unretrieved exception."""
+        started = self._clock()
+        try:
+            try:
+                async with asyncio.timeout(self._policy.timeout):
+                    response = await self._grant.fetch(self._session, self._refresh_token)
+            except TimeoutError:
+                return self._failed(GrantError("token endpoint did not answer in time"), started)
+            except GrantError as exc:
+                return self._failed(exc, started)
+            except Exception as exc:  # noqa: BLE001 - the task boundary: a bug must not kill waiters
+                logger.error("refresh failed unexpectedly (%s)", type(exc).__name__)
+                return self._failed(GrantError(f"internal error ({type(exc).__name__})"), started)
+            return await self._publish(response, started)
+        finally:
+            self._refresh_task = None
+
+    async def _publish(self, response: TokenResponse, started: float) -> Token:
+        previous = self._token
+        token = make_token(
+            response.access_token,
+            expiry_of(response, started, self._policy.default_lifetime),
+            started,
+            (previous.generation if previous else 0) + 1,
+            self._policy.refresh_before,
+        )
+        if response.refresh_token:
+            self._refresh_token = response.refresh_token
+        state = SavedState(
+            credential=self._credential,
+            seed=self._seed,
+            access_token=token.value,
+            expires_at=token.expires_at,
+            obtained_at=token.obtained_at,
+            refresh_token=self._refresh_token,
+            generation=token.generation,
+        )
+        try:
+            # Persist before publishing, so a rotated refresh token survives a crash.
+            await asyncio.to_thread(self._store.save, state)
+        except OSError as exc:
+            logger.error("could not write the state file (%s); the new token is kept in memory only", exc.strerror)
+        self._token = token
+        self._failures = 0
+        self._backoff_until = 0.0
+        self._last_error = None
+        logger.info(
+            "refresh ok grant=%s token=%s generation=%d expires_in=%.0fs rotated=%s",
+            self._grant.name,
+            token.fingerprint,
+            token.generation,
+            token.expires_at - self._clock(),
+            "yes" if response.refresh_token else "no",
+        )
+        return token
+
+    def _failed(self, exc: GrantError, started: float) -> ProxyError:
+        error: ProxyError
+        if exc.final:
+            error = (
+                LoginRequired(f"the refresh token was rejected ({exc.oauth_error or exc.reason}); log in again")
+                if exc.rejected
+                else TokenUnavailable(f"{exc.reason}; fix the configuration and restart")
+            )
+            self._dead = error
+            logger.error("refresh failed for good grant=%s reason=%s", self._grant.name, exc.reason)
+        else:
+            self._failures += 1
+            delay = backoff_delay(self._failures, self._policy.backoff_initial, self._policy.backoff_max)
+            self._backoff_until = self._clock() + delay
+            error = TokenUnavailable(exc.reason, retry_after=math.ceil(delay))
+            logger.warning(
+                "refresh failed grant=%s reason=%s failures=%d retry_in=%.1fs",
+                self._grant.name,
+                exc.reason,
+                self._failures,
+                delay,
+            )
+        self._last_error = error
+        return error
+
+
+def credential_id(*parts: str) -> str:
+    """A fingerprint of what identifies a credential (token URL, client id, grant)."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
