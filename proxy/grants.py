@@ -10,6 +10,7 @@ Messages never contain a token or secret.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -116,10 +117,8 @@ class OAuthGrant:
         headers = {"Accept": "application/json"}
         if self.client_auth == "basic" and self.client_id:
             # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
-            credentials = aiohttp.BasicAuth(
-                quote(self.client_id, safe=""), quote(self.client_secret, safe="")
-            )
-            headers["Authorization"] = credentials.encode()
+            pair = f"{quote(self.client_id, safe='')}:{quote(self.client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         elif self.client_id:
             form["client_id"] = self.client_id
             if self.client_auth == "post" and self.client_secret:

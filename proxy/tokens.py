@@ -368,7 +368,7 @@ class TokenManager:
             except GrantError as exc:
                 return self._failed(exc, started)
             except Exception as exc:  # noqa: BLE001 - the task boundary: a bug must not kill waiters
-                logger.error("refresh failed unexpectedly (%s)", type(exc).__name__)
+                logger.error("refresh failed unexpectedly (%s)", type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG))
                 return self._failed(GrantError(f"internal error ({type(exc).__name__})"), started)
             return await self._publish(response, started)
         finally:
