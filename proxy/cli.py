@@ -93,7 +93,7 @@ async def _one_token(config: Config) -> tuple[str, float, str, int]:
 def check(config_path: str | None) -> None:
     """Validate the config, obtain one token and print its expiry (never the token)."""
     config = _load(config_path)
-    setup_logging("warning", "text", _secrets(config))
+    setup_logging("critical", "text", _secrets(config))
     try:
         _, expires_at, fp, generation = asyncio.run(_one_token(config))
     except ProxyError as error:
@@ -112,7 +112,7 @@ def check(config_path: str | None) -> None:
 def token(config_path: str | None) -> None:
     """Print a valid access token on standard output, for scripts."""
     config = _load(config_path)
-    setup_logging("warning", "text", _secrets(config))
+    setup_logging("critical", "text", _secrets(config))
     try:
         value, _, _, _ = asyncio.run(_one_token(config))
     except ProxyError as error:

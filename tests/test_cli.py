@@ -1,0 +1,209 @@
+"""The command line as a user runs it: `tokenproxy run`, `check`, `token`, `demo`, bad configs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import stat
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fakes.api_server import FakeApi
+from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
+
+TOKENPROXY = [sys.executable, "-m", "proxy"]
+
+
+def write_config(path: Path, token_server: FakeTokenServer, api: FakeApi, state: Path, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:0"
+[upstream]
+url = "{api.base_url}"
+[token]
+grant = "refresh_token"
+token_url = "{token_server.base_url}/oauth/token"
+client_id = "{CLIENT_ID}"
+client_secret = "${{TEST_CLIENT_SECRET}}"
+refresh_token = "{token_server.current_refresh}"
+state_file = "{state}"
+{extra}
+"""
+    )
+    return path
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *TOKENPROXY,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str], timeout: float = 20) -> re.Match[str]:
+    """Read lines until one matches; the lines read are kept in `seen`."""
+
+    async def scan() -> re.Match[str]:
+        while True:
+            line = await stream.readline()
+            if not line:
+                raise AssertionError("process ended before printing " + pattern + ":\n" + "".join(seen))
+            seen.append(line.decode())
+            match = re.search(pattern, seen[-1])
+            if match:
+                return match
+
+    return await asyncio.wait_for(scan(), timeout)
+
+
+async def test_cli_bad_config_exits_2_naming_each_key(tmp_path: Path) -> None:
+    """A config with several problems exits 2 with one `config: key: ...` line per problem."""
+    path = tmp_path / "bad.toml"
+    path.write_text('[upstream]\nurl = "api.example.com"\n[queue]\nmax_waiting = "lots"\n[token]\ngrant = "static"\n')
+    code, out, err = await run_cli("run", "-c", str(path))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert "config: upstream.url: must be an http(s) URL, got 'api.example.com'" in lines
+    assert "config: queue.max_waiting: must be an integer, got 'lots'" in lines
+    assert "config: token.access_token: is required for grant 'static'" in lines
+    assert all(line.startswith("config: ") for line in lines)
+    assert "Traceback" not in err
+
+
+async def test_cli_missing_env_variable_exits_2(tmp_path: Path, token_server, api) -> None:
+    """An unset ${VAR} is a config error naming the key and the variable."""
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    env = {k: v for k, v in os.environ.items() if k != "TEST_CLIENT_SECRET"}
+    proc = await asyncio.create_subprocess_exec(
+        *TOKENPROXY, "check", "-c", str(path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert err.decode().strip() == "config: token.client_secret: environment variable TEST_CLIENT_SECRET is not set"
+
+
+async def test_cli_config_from_environment_variable(tmp_path: Path) -> None:
+    """-c defaults to $TOKENPROXY_CONFIG."""
+    path = tmp_path / "env.toml"
+    path.write_text('[upstream]\nurl = "nope"\n[token]\ngrant = "static"\naccess_token = "x"\n')
+    code, _, err = await run_cli("check", env={"TOKENPROXY_CONFIG": str(path)})
+    assert code == 2
+    assert "config: upstream.url: must be an http(s) URL, got 'nope'" in err
+
+
+async def test_cli_check_prints_expiry_never_the_token(tmp_path: Path, token_server, api) -> None:
+    """`check` fetches one token, prints its fingerprint and expiry, and persists the rotated refresh token."""
+    state = tmp_path / "state" / "s.json"
+    path = write_config(tmp_path / "c.toml", token_server, api, state)
+    code, out, err = await run_cli("check", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    assert code == 0, err
+    assert out.startswith("ok: grant refresh_token, token ")
+    assert "expires" in out
+    assert token_server.count == 1
+    assert token_server.issued_access[0] not in out + err
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    assert json.loads(state.read_text())["refresh_token"] == token_server.current_refresh
+
+
+async def test_cli_check_failure_exits_1_with_code(tmp_path: Path, token_server, api) -> None:
+    """`check` against a refusing token endpoint exits 1 with the error code, no secret."""
+    token_server.mode = "invalid_grant"
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    code, out, err = await run_cli("check", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    assert code == 1
+    assert err.startswith("check: login_required: ")
+    assert CLIENT_SECRET not in out + err
+
+
+async def test_cli_token_prints_a_valid_access_token(tmp_path: Path, token_server, api) -> None:
+    """`token` prints exactly the access token, for scripts."""
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    code, out, err = await run_cli("token", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    assert code == 0, err
+    assert out.strip() == token_server.issued_access[-1]
+
+
+async def test_cli_run_serves_until_sigterm(tmp_path: Path, token_server, api) -> None:
+    """`tokenproxy run` serves requests with the bearer, logs an access line, and exits 0 on SIGTERM."""
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    proc = await asyncio.create_subprocess_exec(
+        *TOKENPROXY,
+        "run",
+        "-c",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
+    )
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        match = await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+)", seen)
+        url = f"http://127.0.0.1:{match.group(1)}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/echo/cli?q=1") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["raw_path"] == "/echo/cli?q=1"
+        await read_until(proc.stderr, r'"GET /echo/cli" 200 .* resent=no gen=1', seen)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.stderr.read(), 20)  # type: ignore[union-attr]
+        await asyncio.wait_for(proc.wait(), 20)
+    log = "".join(seen) + rest.decode()
+    assert proc.returncode == 0, log
+    for secret in [CLIENT_SECRET, *token_server.issued_access, *token_server.used_refresh, token_server.current_refresh]:
+        assert secret not in log
+
+
+async def test_cli_run_defaults_to_loopback() -> None:
+    """Without --listen the proxy's default address is 127.0.0.1:8080."""
+    from proxy.config import parse_config
+
+    config = parse_config({"upstream": {"url": "http://a"}, "token": {"grant": "static", "access_token": "t"}}, {})
+    assert config.server.listen == "127.0.0.1:8080"
+
+
+@pytest.mark.timeout(60)
+async def test_cli_demo_serves_through_proxy_across_expiry(tmp_path: Path) -> None:
+    """`tokenproxy demo` serves a request through the proxy, and one after the demo token expired."""
+    proc = await asyncio.create_subprocess_exec(
+        *TOKENPROXY,
+        "demo",
+        "--lifetime",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        match = await read_until(proc.stdout, r"PROXY_URL=(http://127\.0\.0\.1:\d+)", seen)
+        url = match.group(1)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/hello") as resp:
+                assert resp.status == 200
+                first = await resp.json()
+            # The demo token's own expiry is real time; wait exactly until it has passed.
+            await asyncio.sleep(first["token_expires_in"] + 0.5)
+            async with session.get(f"{url}/hello") as resp:
+                assert resp.status == 200
+                second = await resp.json()
+        assert second["user"] == "demo-user"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0
+    assert "eyJ" not in err.decode() + "".join(seen)
