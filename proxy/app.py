@@ -155,7 +155,13 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await request.app[FORWARDER].handle(request)
 
+    async def release_waiters(app: web.Application) -> None:
+        # Runs before aiohttp waits for in-flight handlers: waiting requests
+        # get 503 shutting_down at once instead of holding up the shutdown.
+        await app[TOKENS].close()
+
     app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(release_waiters)
     app.router.add_route("*", "/{tail:.*}", handler)
     return app
 
