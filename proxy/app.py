@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from .admin import build_admin_app
 from .config import Config, TokenConfig, is_loopback, parse_listen
 from .forward import Forwarder, Upstream
 from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
@@ -177,7 +178,7 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
         handler_cancellation=True,
         auto_decompress=False,
         access_log=None,
-        shutdown_timeout=10.0,
+        shutdown_timeout=config.server.shutdown_timeout,
     )
 
 
@@ -192,34 +193,61 @@ def startup_warnings(config: Config) -> list[str]:
     return warnings
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run the proxy until SIGINT or SIGTERM."""
+async def _start_site(runner: web.BaseRunner, listen: str) -> str:
+    host, port = parse_listen(listen)
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[-1] if runner.addresses else (host, port)
+    return f"http://{bound[0]}:{bound[1]}" if ":" not in str(bound[0]) else f"http://[{bound[0]}]:{bound[1]}"
+
+
+async def serve(config: Config) -> None:
+    """Run the proxy until SIGINT or SIGTERM; a second signal stops at once.
+
+    On the first signal: stop accepting, answer waiting requests with
+    503 shutting_down, let in-flight requests and streams finish for up to
+    `server.shutdown_timeout` seconds, then close everything.
+    """
     for warning in startup_warnings(config):
         logger.warning("%s", warning)
     app = build_app(config)
     runner = make_runner(app, config)
     await runner.setup()
+    admin_runner: web.AppRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            logger.warning("second signal: stopping now")
+            if main_task is not None:
+                main_task.cancel()
+            return
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
-        host, port = parse_listen(config.server.listen)
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0] if runner.addresses else (host, port)
+        if config.server.fetch_on_start:
+            token = await app[TOKENS].get()
+            logger.info("first token %s obtained before listening", token.fingerprint)
+        url = await _start_site(runner, config.server.listen)
         logger.info(
-            "tokenproxy listening on http://%s:%s, forwarding to %s (grant %s)",
-            bound[0],
-            bound[1],
-            config.upstream.url,
-            config.token.grant,
+            "tokenproxy listening on %s, forwarding to %s (grant %s)", url, config.upstream.url, config.token.grant
         )
-        if ready is not None:
-            ready.set()
+        if config.server.admin_listen:
+            admin_runner = web.AppRunner(build_admin_app(lambda: app[TOKENS]), access_log=None)
+            await admin_runner.setup()
+            admin_url = await _start_site(admin_runner, config.server.admin_listen)
+            logger.info("admin listening on %s (/healthz /readyz /status)", admin_url)
         await stop.wait()
-        logger.info("shutting down")
+        logger.info("shutting down: waiting up to %gs for requests in flight", config.server.shutdown_timeout)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        try:
+            await runner.cleanup()
+            if admin_runner is not None:
+                await admin_runner.cleanup()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

@@ -69,7 +69,14 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     try:
         asyncio.run(serve(config))
     except OSError as exc:
-        click.echo(f"tokenproxy: cannot listen on {config.server.listen}: {exc.strerror}", err=True)
+        click.echo(f"tokenproxy: cannot listen: {exc.strerror}", err=True)
+        sys.exit(1)
+    except ProxyError as error:
+        # server.fetch_on_start: no first token, so no listener either.
+        click.echo(f"tokenproxy: no token at start: {error.code}: {error.detail}", err=True)
+        sys.exit(1)
+    except asyncio.CancelledError:
+        click.echo("tokenproxy: stopped at once by a second signal", err=True)
         sys.exit(1)
 
 

@@ -32,6 +32,8 @@ class ServerConfig:
 
     listen: str = "127.0.0.1:8080"
     admin_listen: str = ""
+    fetch_on_start: bool = False
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,8 @@ def _validate(config: Config, problems: list[str]) -> None:
         except ValueError as exc:
             problems.append(f"{key}: {exc}, got {value!r}")
 
+    if config.server.shutdown_timeout < 0:
+        problems.append(f"server.shutdown_timeout: must not be negative, got {config.server.shutdown_timeout!r}")
     up = config.upstream
     _check_url("upstream.url", up.url, problems)
     for name in ("connect_timeout", "read_timeout"):

@@ -207,3 +207,40 @@ async def test_cli_demo_serves_through_proxy_across_expiry(tmp_path: Path) -> No
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0
     assert "eyJ" not in err.decode() + "".join(seen)
+
+
+async def test_cli_run_fetch_on_start_and_admin_listener(tmp_path: Path, token_server, api) -> None:
+    """With fetch_on_start the token is fetched before the listener opens; the admin port answers /readyz."""
+    extra = '[server]\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\nfetch_on_start = true\n'
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    path.write_text(path.read_text().replace('[server]\nlisten = "127.0.0.1:0"\n', extra))
+    proc = await asyncio.create_subprocess_exec(
+        *TOKENPROXY, "run", "-c", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
+    )
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, r"first token \w{8} obtained before listening", seen)
+        assert token_server.count == 1
+        await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+)", seen)
+        admin = await read_until(proc.stderr, r"admin listening on (http://127\.0\.0\.1:\d+)", seen)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{admin.group(1)}/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0
+
+
+async def test_cli_run_fetch_on_start_failure_exits_1(tmp_path: Path, token_server, api) -> None:
+    """With fetch_on_start and a refusing token endpoint, `run` exits 1 naming the error, never listening."""
+    token_server.mode = "invalid_client"
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    path.write_text(path.read_text().replace('[server]\n', '[server]\nfetch_on_start = true\n'))
+    code, _, err = await run_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    assert code == 1
+    assert "tokenproxy: no token at start: token_unavailable" in err
+    assert "listening on" not in err
