@@ -1,0 +1,56 @@
+"""The package's modules import only downwards, as DESIGN.md's table says."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
+
+ALLOWED = {
+    "__main__": {"cli"},
+    "__init__": set(),
+    "cli": {"app", "config", "errors", "log", "demo", "tokens"},
+    "demo": {"app", "config"},
+    "app": {"admin", "forward", "tokens", "grants", "store", "config", "log", "metrics", "errors"},
+    "admin": {"tokens", "metrics"},
+    "forward": {"tokens", "headers", "body", "errors", "log", "metrics"},
+    "body": {"errors"},
+    "headers": set(),
+    "tokens": {"grants", "store", "errors", "log", "metrics"},
+    "grants": {"errors"},
+    "store": set(),
+    "config": {"errors"},
+    "errors": set(),
+    "log": set(),
+    "metrics": set(),
+}
+
+
+def local_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("proxy."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_layout_every_module_is_known() -> None:
+    """Every module in proxy/ has a row in the import table."""
+    assert {p.stem for p in PACKAGE.glob("*.py")} <= set(ALLOWED)
+
+
+def test_layout_imports_point_downwards() -> None:
+    """No module imports one above it."""
+    wrong = {
+        path.stem: sorted(local_imports(path) - ALLOWED[path.stem])
+        for path in PACKAGE.glob("*.py")
+        if local_imports(path) - ALLOWED.get(path.stem, set())
+    }
+    assert wrong == {}
