@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import ssl
 import time
@@ -20,8 +21,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from .access import AccessRules
 from .admin import build_admin_app
 from .config import Config, TokenConfig, is_loopback, parse_listen
+from .errors import error_response
 from .forward import Forwarder, Upstream
 from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
 from .store import FileStore, NullStore, Store
@@ -89,6 +92,8 @@ def build_policy(config: Config) -> RefreshPolicy:
 
 def ssl_context(config: Config) -> ssl.SSLContext | bool:
     """TLS settings for outgoing connections: verified by default, with an optional extra CA."""
+    if config.server.allow_any:
+        warnings.append("server.allow_any is true: anyone who can reach the proxy can use its token")
     if not config.upstream.verify_tls:
         return False
     context = ssl.create_default_context()
@@ -153,7 +158,20 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             await session.close()
             await tokens_http.close()
 
+    rules = AccessRules.build(
+        config.server.allow_from, config.server.client_token, config.server.client_token_header
+    )
+
     async def handler(request: web.Request) -> web.StreamResponse:
+        return await request.app[FORWARDER].handle(request)
+
+    async def guarded_handler(request: web.Request) -> web.StreamResponse:
+        refusal = rules.check(request.remote, request.headers)
+        if refusal is not None:
+            response = error_response(refusal)
+            if refusal.status == 407:
+                response.headers["Proxy-Authenticate"] = 'Bearer realm="tokenproxy"'
+            return response
         return await request.app[FORWARDER].handle(request)
 
     async def release_waiters(app: web.Application) -> None:
@@ -163,7 +181,7 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(release_waiters)
-    app.router.add_route("*", "/{tail:.*}", handler)
+    app.router.add_route("*", "/{tail:.*}", guarded_handler if rules.active else handler)
     return app
 
 
@@ -188,12 +206,25 @@ def startup_warnings(config: Config) -> list[str]:
     upstream = Upstream.parse(config.upstream.url)
     if upstream.scheme == "http" and not is_loopback(upstream.host):
         warnings.append("upstream.url uses http:// to a non-loopback host: the token travels in clear text")
+    if config.server.allow_any:
+        warnings.append("server.allow_any is true: anyone who can reach the proxy can use its token")
     if not config.upstream.verify_tls:
         warnings.append("upstream.verify_tls is false: the upstream's identity is not checked")
     return warnings
 
 
-async def _start_site(runner: web.BaseRunner, listen: str) -> str:
+async def _start_site(runner: web.BaseRunner, listen: str, socket_mode: int = 0o600) -> str:
+    if listen.startswith("unix:"):
+        path = listen[len("unix:") :]
+        # Create the socket with no access for others, then widen to socket_mode:
+        # there is no moment when another user could connect.
+        old_umask = os.umask(0o177)
+        try:
+            await web.UnixSite(runner, path).start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, socket_mode)
+        return f"unix:{path}"
     host, port = parse_listen(listen)
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -232,7 +263,7 @@ async def serve(config: Config) -> None:
         if config.server.fetch_on_start:
             token = await app[TOKENS].get()
             logger.info("first token %s obtained before listening", token.fingerprint)
-        url = await _start_site(runner, config.server.listen)
+        url = await _start_site(runner, config.server.listen, config.server.socket_mode)
         logger.info(
             "tokenproxy listening on %s, forwarding to %s (grant %s)", url, config.upstream.url, config.token.grant
         )

@@ -34,6 +34,11 @@ class ServerConfig:
     admin_listen: str = ""
     fetch_on_start: bool = False
     shutdown_timeout: float = 30.0
+    allow_from: tuple[str, ...] = ()
+    client_token: str = ""
+    client_token_header: str = "Proxy-Authorization"
+    allow_any: bool = False
+    socket_mode: int = 0o600
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,10 @@ def interpolate(value: str, env: Mapping[str, str], key: str, problems: list[str
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """Split `host:port` (or `[v6]:port`) into its parts; ValueError if malformed."""
+    """Split `host:port` (or `[v6]:port`) into its parts; ValueError if malformed.
+
+    (`unix:/path` is handled by the caller.)
+    """
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
         raise ValueError("must be HOST:PORT")
@@ -253,13 +261,36 @@ def _check_url(key: str, value: str, problems: list[str], required: bool = True)
 
 
 def _validate(config: Config, problems: list[str]) -> None:
-    for key, value in (("server.listen", config.server.listen), ("server.admin_listen", config.server.admin_listen)):
-        if key == "server.admin_listen" and not value:
+    server = config.server
+    for key, value in (("server.listen", server.listen), ("server.admin_listen", server.admin_listen)):
+        if (key == "server.admin_listen" and not value) or value.startswith("unix:"):
+            if value == "unix:":
+                problems.append(f"{key}: a unix socket needs a path, got {value!r}")
             continue
         try:
-            parse_listen(value)
+            host, _ = parse_listen(value)
         except ValueError as exc:
             problems.append(f"{key}: {exc}, got {value!r}")
+            continue
+        if key == "server.listen" and not is_loopback(host) and not (
+            server.allow_from or server.client_token or server.allow_any
+        ):
+            problems.append(
+                f"server.listen: {host} is reachable from other machines, and anyone who can reach the proxy "
+                "uses its token: say who may connect with server.allow_from (client CIDRs), "
+                "server.client_token, or server.allow_any = true"
+            )
+    for index, cidr in enumerate(server.allow_from):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append(f"server.allow_from[{index}]: must be an address or CIDR range, got {cidr!r}")
+    if server.client_token and len(server.client_token) < 16:
+        problems.append("server.client_token: must be at least 16 characters long")
+    if not re.fullmatch(r"[A-Za-z0-9-]+", server.client_token_header):
+        problems.append(f"server.client_token_header: must be a header name, got {server.client_token_header!r}")
+    if not 0 <= server.socket_mode <= 0o777:
+        problems.append(f"server.socket_mode: must be a file mode like 0o600, got {server.socket_mode!r}")
 
     if config.server.shutdown_timeout < 0:
         problems.append(f"server.shutdown_timeout: must not be negative, got {config.server.shutdown_timeout!r}")
