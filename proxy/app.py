@@ -150,6 +150,7 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             manager,
             refresh_on=frozenset(config.token.refresh_on),
             replay_limit=config.retry.replay_limit,
+            drop_headers=(config.server.client_token_header,) if config.server.client_token else (),
         )
         try:
             yield

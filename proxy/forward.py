@@ -21,7 +21,7 @@ from yarl import URL
 
 from .body import RequestBody, read_body
 from .errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable, error_response
-from .headers import challenge_error, request_headers, response_headers
+from .headers import challenge_error, request_drop_set, request_headers, response_headers
 from .log import access_line
 from .tokens import Token, TokenManager
 
@@ -95,7 +95,9 @@ class Forwarder:
         *,
         refresh_on: frozenset[int],
         replay_limit: int,
+        drop_headers: tuple[str, ...] = (),
     ) -> None:
+        self._drop = request_drop_set(drop_headers)
         self._session = session
         self._upstream = upstream
         self._tokens = tokens
@@ -121,7 +123,8 @@ class Forwarder:
             access_line(
                 request.method,
                 request.raw_path.partition("?")[0],
-                status,
+                # Once the answer has begun, its status is what the client got, even if it then hung up.
+                state.sent_status if state.sent_status is not None else status,
                 loop.time() - started,
                 state.resent,
                 state.generation,
@@ -134,7 +137,7 @@ class Forwarder:
         if not target.startswith("/"):
             raise BadRequest("the request target must be a path (origin form)")
         url = self._upstream.url_for(target)
-        headers = CIMultiDict(request_headers(request.raw_headers))
+        headers = CIMultiDict(request_headers(request.raw_headers, self._drop))
         body = await read_body(request, self._replay_limit)
 
         token = await self._tokens.get()
@@ -204,6 +207,7 @@ class Forwarder:
             out.headers.extend(response_headers(upstream.raw_headers))
             state.started_relay = True
             await out.prepare(request)
+            state.sent_status = out.status
             if prefix:
                 await out.write(prefix)
             try:
@@ -235,9 +239,10 @@ class Forwarder:
 class _Journey:
     """What the access line reports about one request."""
 
-    __slots__ = ("resent", "generation", "started_relay")
+    __slots__ = ("resent", "generation", "started_relay", "sent_status")
 
     def __init__(self) -> None:
         self.resent = False
         self.generation: int | None = None
         self.started_relay = False
+        self.sent_status: int | None = None  # the status line the client received, once sent

@@ -217,9 +217,9 @@ class JsonGrant:
         headers = {"Accept": "application/json", **self.headers}
         body: bytes | None = None
         if self.refresh_cookie:
-            cookie: SimpleCookie = SimpleCookie()
-            cookie[self.refresh_cookie] = refresh_token
-            headers["Cookie"] = cookie.output(header="", attrs=[]).strip()
+            # Sent as is: SimpleCookie would quote values with `/`, `+` or `=`,
+            # and a server that does not unquote would see a different token.
+            headers["Cookie"] = f"{self.refresh_cookie}={refresh_token}"
         else:
             body = json.dumps(fill_template(self.body_template, refresh_token)).encode()
             headers.setdefault("Content-Type", "application/json")

@@ -8,6 +8,7 @@ functions over header pairs; knows nothing of tokens or aiohttp objects.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 Pairs = list[tuple[str, str]]
@@ -44,6 +45,20 @@ def _connection_listed(raw: Iterable[tuple[bytes, bytes]]) -> frozenset[str]:
     return frozenset(names)
 
 
+def _text(raw: bytes) -> str:
+    """Header bytes as the str that aiohttp will write back as the same bytes.
+
+    aiohttp serialises header strings as UTF-8, so UTF-8 (and ASCII) bytes
+    are decoded as UTF-8 and cross unchanged. Bytes that are not UTF-8 have
+    no such str; they are read as Latin-1 (obs-text), so the value keeps its
+    characters though its bytes are re-encoded.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _filter(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> Pairs:
     raw = tuple(raw)
     extra = _connection_listed(raw)
@@ -51,15 +66,20 @@ def _filter(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> Pairs:
         drop = drop | extra
     out: Pairs = []
     for name, value in raw:
-        text = name.decode("latin-1")
+        text = _text(name)
         if text.lower() not in drop:
-            out.append((text, value.decode("latin-1")))
+            out.append((text, _text(value)))
     return out
 
 
-def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:
+def request_drop_set(extra: Iterable[str] = ()) -> frozenset[str]:
+    """The request headers never forwarded, plus `extra` ones (such as a client-token header)."""
+    return _REQUEST_DROP | {name.lower() for name in extra}
+
+
+def request_headers(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str] = _REQUEST_DROP) -> Pairs:
     """The client's headers that go upstream, before the proxy adds its own."""
-    return _filter(raw, _REQUEST_DROP)
+    return _filter(raw, drop)
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:
@@ -67,20 +87,25 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:
     return _filter(raw, _RESPONSE_DROP)
 
 
+# One auth-param (RFC 9110 §11.2): token BWS "=" BWS ( token / quoted-string ). Scanning left to
+# right with this keeps a quoted value whole, so nothing inside quotes is read as a parameter.
+_AUTH_PARAM = re.compile(
+    r"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*"
+    r'(?:"(?P<quoted>(?:[^"\\]|\\.)*)"?|(?P<token>[^\s,"]*))'
+)
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
 def challenge_error(www_authenticate: Iterable[str]) -> str | None:
     """The `error` parameter of a Bearer or DPoP challenge, if any.
 
     `use_dpop_nonce` and `insufficient_scope` mean a new token would not help.
+    Parameter names are matched whole and case-insensitively; quoted values
+    are unescaped.
     """
     for value in www_authenticate:
-        lower = value.lower()
-        index = lower.find("error")
-        while index != -1:
-            rest = value[index + len("error") :].lstrip()
-            if rest.startswith("="):
-                rest = rest[1:].lstrip()
-                if rest.startswith('"'):
-                    return rest[1:].split('"', 1)[0]
-                return rest.split(",", 1)[0].split()[0] if rest.split() else ""
-            index = lower.find("error", index + 1)
+        for match in _AUTH_PARAM.finditer(value):
+            if match["name"].lower() == "error":
+                quoted: str | None = match["quoted"]
+                return _QUOTED_PAIR.sub(r"\1", quoted) if quoted is not None else str(match["token"])
     return None

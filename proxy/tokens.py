@@ -126,8 +126,12 @@ def decide_renewal(
 
 
 def backoff_delay(failures: int, initial: float, cap: float) -> float:
-    """Seconds to wait after `failures` consecutive failed refreshes."""
-    return min(cap, initial * 2 ** max(0, failures - 1))
+    """Seconds to wait after `failures` consecutive failed refreshes.
+
+    The exponent is bounded, so days of failures give the cap rather than an
+    OverflowError inside the refresh task.
+    """
+    return min(cap, initial * 2.0 ** min(max(0, failures - 1), 64))
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class TokenManager:
         self._seed = fingerprint(refresh_token) if refresh_token else ""
         self._refresh_token = refresh_token or None
         self._token: Token | None = None
+        # The highest generation the upstream refused with a refresh status; 0 = none.
+        self._rejected = 0
         self._refresh_task: asyncio.Task[Token | ProxyError] | None = None
         self._waiting = 0
         self._failures = 0
@@ -246,11 +252,15 @@ class TokenManager:
         """The token to send now; waits only when there is no usable token.
 
         Near expiry it starts a background refresh and still returns the
-        current token (refresh-ahead: no request waits).
+        current token (refresh-ahead: no request waits). A token the upstream
+        has already refused is not handed out while its replacement is on the
+        way: the request waits in the queue for it instead.
         """
         now = self._clock()
         token = self._token
         if token is not None and token.usable_at(now):
+            if token.generation <= self._rejected and self._refresh_task is not None:
+                return await self._await_refresh()
             if now >= token.refresh_at and self._refresh_task is None and self._may_refresh(now):
                 self._start_refresh()
             return token
@@ -265,6 +275,8 @@ class TokenManager:
         decision = decide_renewal(
             seen.generation, self._token, self._clock(), self._policy.min_refresh_interval, challenge_error
         )
+        if decision is Renewal.REFRESH:
+            self._rejected = max(self._rejected, seen.generation)
         try:
             if decision is Renewal.USE_CURRENT:
                 return await self.get()
@@ -278,7 +290,10 @@ class TokenManager:
         """Start a refresh for a rejected token without waiting for it (the body could not be replayed)."""
         now = self._clock()
         decision = decide_renewal(seen.generation, self._token, now, self._policy.min_refresh_interval, challenge_error)
-        if decision is Renewal.REFRESH and self._refresh_task is None and self._may_refresh(now):
+        if decision is not Renewal.REFRESH:
+            return
+        self._rejected = max(self._rejected, seen.generation)
+        if self._refresh_task is None and self._may_refresh(now):
             self._start_refresh()
 
     def status(self) -> ManagerStatus:

@@ -31,6 +31,7 @@ class FakeApi:
     sse_gate: asyncio.Event = field(default_factory=asyncio.Event)
     hang_entered: asyncio.Event = field(default_factory=asyncio.Event)
     upload_started: asyncio.Event = field(default_factory=asyncio.Event)
+    endless_aborted: asyncio.Event = field(default_factory=asyncio.Event)  # /endless lost its reader
 
     def expire_all(self, issued: list[str]) -> None:
         """From now on, treat every token in `issued` as expired."""
@@ -53,6 +54,9 @@ class FakeApi:
         r.add_get("/hang", self.hang)
         r.add_get("/cookies", self.cookies)
         r.add_get("/open", self.open)
+        r.add_route("*", "/method", self.method)
+        r.add_get("/broken", self.broken)
+        r.add_get("/endless", self.endless)
         return app
 
     def _check(self, request: web.BaseRequest) -> web.Response | None:
@@ -238,3 +242,42 @@ class FakeApi:
         """No authentication needed; counts the request."""
         self.requests += 1
         return web.Response(text="open")
+
+    async def method(self, request: web.Request) -> web.Response:
+        """Name the request's method in `X-Method` (readable even in a HEAD answer)."""
+        denied = self._check(request)
+        if denied is not None:
+            return denied
+        return web.Response(text=request.method, headers={"X-Method": request.method})
+
+    async def broken(self, request: web.Request) -> web.StreamResponse:
+        """Start a chunked answer, then drop the connection before it is complete."""
+        denied = self._check(request)
+        if denied is not None:
+            return denied
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"partial body")
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async def endless(self, request: web.Request) -> web.StreamResponse:
+        """Stream 64 KiB blocks until the reader goes away, then set `endless_aborted`."""
+        denied = self._check(request)
+        if denied is not None:
+            return denied
+        response = web.StreamResponse()
+        await response.prepare(request)
+        block = b"z" * 65536
+        finished = False
+        try:
+            for _ in range(100_000):  # bounded: about 6.5 GB, far more than any test reads
+                await response.write(block)
+            finished = True
+        except ConnectionError:
+            pass
+        finally:
+            if not finished:
+                self.endless_aborted.set()
+        return response

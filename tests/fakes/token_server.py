@@ -170,3 +170,26 @@ class FakeTokenServer:
         response = web.json_response(answer)
         response.set_cookie("refresh", self.current_refresh, httponly=True, path="/auth")
         return response
+
+
+class FakeClock:
+    """A wall clock that moves only when a test says so: `clock()` reads it, `advance()` moves it."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by `seconds`."""
+        self.now += seconds
+
+
+async def until(condition: Any, turns: int = 200_000) -> None:
+    """Yield to the event loop until `condition()` is true; fail after `turns` loop turns (never sleeps)."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached within the turn budget")

@@ -1,0 +1,183 @@
+"""A token endpoint that fails: the right 503 each time, back-off, final failures, and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import aiohttp
+import pytest
+
+from tests.fakes.api_server import FakeApi
+from tests.fakes.token_server import FakeClock, FakeTokenServer
+
+
+async def assert_proxy_error(resp: aiohttp.ClientResponse, code: str, *, retry_after: bool) -> None:
+    """The answer is tokenproxy's own 503 with `code` in the header and the JSON body, and no token."""
+    assert resp.status == 503
+    assert resp.headers["X-Tokenproxy-Error"] == code
+    assert resp.content_type == "application/json"
+    body = json.loads(await resp.read())
+    assert body["error"] == code and body["detail"]
+    assert ("Retry-After" in resp.headers) is retry_after
+    if retry_after:
+        assert int(resp.headers["Retry-After"]) >= 1
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_failure_token_endpoint_down_gives_token_unavailable(
+    make_proxy, client: aiohttp.ClientSession
+) -> None:
+    """A token endpoint that refuses connections gives 503 token_unavailable with Retry-After."""
+    proxy = await make_proxy(token={"token_url": f"http://127.0.0.1:{closed_port()}/oauth/token"})
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+
+
+async def test_failure_token_endpoint_hangs_gives_token_unavailable(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """A token endpoint that never answers gives 503 token_unavailable after token.timeout."""
+    token_server.mode = "hang"
+    proxy = await make_proxy(token={"timeout": 0.3})
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+    assert token_server.count == 1
+
+
+@pytest.mark.parametrize("mode", ["500", "html", "garbage_json", "no_token"])
+async def test_failure_token_endpoint_bad_answer_gives_token_unavailable(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession, mode: str
+) -> None:
+    """A 500, an HTML page, or JSON without an access_token gives 503 token_unavailable."""
+    token_server.mode = mode
+    proxy = await make_proxy()
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+    assert token_server.count == 1
+
+
+async def test_failure_invalid_grant_is_final_login_required(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """A rejected refresh token gives 503 login_required, and later requests never call the endpoint again."""
+    clock = FakeClock()
+    token_server.mode = "invalid_grant"
+    proxy = await make_proxy(clock=clock)
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        await assert_proxy_error(resp, "login_required", retry_after=False)
+    clock.advance(3600)  # far beyond any back-off
+    for _ in range(3):
+        async with client.get(f"{proxy.url}/echo/x") as resp:
+            await assert_proxy_error(resp, "login_required", retry_after=False)
+    assert token_server.count == 1
+    assert proxy.tokens.status().dead == "login_required"
+
+
+async def test_failure_invalid_client_is_final_token_unavailable(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """A rejected client gives 503 token_unavailable, and later requests never call the endpoint again."""
+    clock = FakeClock()
+    token_server.mode = "invalid_client"
+    proxy = await make_proxy(clock=clock)
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+        assert resp.status == 503
+    clock.advance(3600)
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503
+        assert json.loads(await resp.read())["error"] == "token_unavailable"
+    assert token_server.count == 1
+    assert proxy.tokens.status().dead == "token_unavailable"
+
+
+async def test_failure_backoff_many_requests_one_token_call(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """After a failed refresh, requests during back-off fail fast with Retry-After, no endpoint call."""
+    clock = FakeClock()
+    token_server.mode = "500"
+    proxy = await make_proxy(clock=clock, token={"backoff_initial": 5.0, "backoff_max": 60.0})
+    async with client.get(f"{proxy.url}/echo/first") as resp:
+        await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+
+    async def one(i: int) -> None:
+        async with client.get(f"{proxy.url}/echo/{i}") as resp:
+            await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+            assert int(resp.headers["Retry-After"]) == 5
+
+    await asyncio.gather(*(one(i) for i in range(50)))
+    assert token_server.count == 1
+
+
+async def test_failure_backoff_grows_after_repeated_failures(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """Each failure after a back-off doubles the next wait, up to backoff_max."""
+    clock = FakeClock()
+    token_server.mode = "500"
+    proxy = await make_proxy(clock=clock, token={"backoff_initial": 5.0, "backoff_max": 12.0})
+    seen = []
+    for _ in range(4):
+        async with client.get(f"{proxy.url}/echo/x") as resp:
+            assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+            seen.append(int(resp.headers["Retry-After"]))
+        clock.advance(60)
+    assert seen == [5, 10, 12, 12]
+    assert token_server.count == 4
+
+
+async def test_failure_endpoint_back_after_backoff_recovers_by_itself(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """Once the endpoint is back and the back-off has passed, the next request gets a token."""
+    clock = FakeClock()
+    token_server.mode = "500"
+    proxy = await make_proxy(clock=clock, token={"backoff_initial": 5.0})
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503
+    token_server.mode = "ok"
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503  # still backing off: the endpoint is not asked
+    assert token_server.count == 1
+
+    clock.advance(6)
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 200
+    assert token_server.count == 2
+    assert proxy.tokens.status().failures == 0
+
+
+async def test_failure_refresh_after_401_fails_returns_upstream_401_unchanged(
+    make_proxy, token_server: FakeTokenServer, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
+    """A request whose 401 triggered a refresh that failed gets the upstream's own 401, body and challenge."""
+    proxy = await make_proxy()
+    async with client.get(f"{proxy.url}/echo/warm") as resp:
+        assert resp.status == 200
+    api.expire_all(token_server.issued_access)
+    headers = {"Authorization": f"Bearer {token_server.issued_access[0]}"}
+    async with client.get(f"{api.base_url}/echo/x", headers=headers) as direct:  # type: ignore[attr-defined]
+        expected_body = await direct.read()
+        expected_challenge = direct.headers["WWW-Authenticate"]
+    token_server.mode = "500"
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 401
+        assert await resp.read() == expected_body
+        assert resp.headers["WWW-Authenticate"] == expected_challenge
+        assert "X-Tokenproxy-Error" not in resp.headers
+    assert token_server.count == 2

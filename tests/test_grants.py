@@ -1,0 +1,192 @@
+"""Every grant against the fake endpoints, through the real proxy: what is sent, rotation, failures."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes.api_server import FakeApi
+from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, PASSWORD, USERNAME, FakeClock, FakeTokenServer
+
+JSON_BODY_MODE = {
+    "access_token_path": "data.accessToken",
+    "refresh_token_path": "data.refreshToken",
+    "expires_in_path": "data.expiresIn",
+}
+
+
+def json_grant(token_server: FakeTokenServer, mode: str) -> dict[str, Any]:
+    """The `token` section for the home-made endpoint in body or cookie mode."""
+    base = token_server.base_url  # type: ignore[attr-defined]
+    if mode == "body":
+        return {"grant": "json", "token_url": f"{base}/auth/refresh", "json": JSON_BODY_MODE}
+    return {"grant": "json", "token_url": f"{base}/auth/cookie", "json": {"refresh_cookie": "refresh"}}
+
+
+async def get_ok(client: aiohttp.ClientSession, url: str) -> None:
+    """One request through the proxy that must succeed."""
+    async with client.get(url) as resp:
+        assert resp.status == 200, await resp.read()
+
+
+async def test_grant_json_body_mode_rotates_over_refreshes(
+    make_proxy, token_server: FakeTokenServer, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
+    """The json grant posts the current refresh token and adopts the rotated one from data.refreshToken."""
+    proxy = await make_proxy(token=json_grant(token_server, "body"))
+    presented = []
+    for i in range(4):
+        before = token_server.current_refresh
+        api.expire_all(token_server.issued_access)
+        await get_ok(client, f"{proxy.url}/echo/{i}")
+        presented.append((token_server.calls[-1].json_body, before))
+
+    assert token_server.count == 4
+    assert all(body == {"refreshToken": expected} for body, expected in presented)
+    assert not token_server.reuse_detected
+
+
+async def test_grant_json_body_mode_reads_expires_in_path(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """The lifetime comes from data.expiresIn, not from the JWT's one-hour exp."""
+    clock = FakeClock()
+    token_server.lifetime = 120.0
+    proxy = await make_proxy(clock=clock, token=json_grant(token_server, "body"))
+    await get_ok(client, f"{proxy.url}/echo/x")
+
+    assert proxy.tokens.status().expires_at == clock.now + 120.0
+
+
+async def test_grant_json_cookie_mode_rotates_over_refreshes(
+    make_proxy, token_server: FakeTokenServer, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
+    """In cookie mode the refresh token travels as a cookie and the rotated one is taken from Set-Cookie."""
+    proxy = await make_proxy(token=json_grant(token_server, "cookie"))
+    for i in range(4):
+        before = token_server.current_refresh
+        api.expire_all(token_server.issued_access)
+        await get_ok(client, f"{proxy.url}/echo/{i}")
+        assert token_server.calls[-1].headers["Cookie"] == f"refresh={before}"
+
+    assert token_server.count == 4
+    assert not token_server.reuse_detected
+
+
+@pytest.mark.parametrize("endpoint", ["body", "cookie"])
+@pytest.mark.parametrize("fault", ["html", "no_token", "garbage_json"])
+async def test_grant_json_bad_answer_gives_token_unavailable(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession, endpoint: str, fault: str
+) -> None:
+    """A home-made endpoint answering non-JSON, or JSON without the token, gives token_unavailable."""
+    token_server.mode = fault
+    proxy = await make_proxy(token=json_grant(token_server, endpoint))
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+        assert json.loads(await resp.read())["error"] == "token_unavailable"
+
+
+@pytest.mark.parametrize("endpoint", ["body", "cookie"])
+async def test_grant_json_rejected_refresh_token_gives_login_required(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession, endpoint: str
+) -> None:
+    """A home-made endpoint refusing the refresh token (401 or 403) gives login_required, for good."""
+    token_server.mode = "invalid_grant"
+    proxy = await make_proxy(token=json_grant(token_server, endpoint))
+
+    for _ in range(2):
+        async with client.get(f"{proxy.url}/echo/x") as resp:
+            assert resp.status == 503
+            assert resp.headers["X-Tokenproxy-Error"] == "login_required"
+            assert json.loads(await resp.read())["error"] == "login_required"
+    assert token_server.count == 1
+
+
+async def test_grant_client_credentials_basic_sends_scope_and_audience(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """client_credentials with basic auth: client in Authorization, scope and audience in the form."""
+    proxy = await make_proxy(
+        token={
+            "grant": "client_credentials",
+            "client_auth": "basic",
+            "scope": "read write",
+            "audience": "https://api",
+        }
+    )
+    await get_ok(client, f"{proxy.url}/echo/x")
+
+    call = token_server.calls[-1]
+    assert call.form == {"grant_type": "client_credentials", "scope": "read write", "audience": "https://api"}
+    expected = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+    assert call.headers["Authorization"] == f"Basic {expected}"
+
+
+async def test_grant_client_credentials_post_sends_client_in_form(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """client_credentials with post auth: client_id and secret in the form, no scope when unset."""
+    proxy = await make_proxy(token={"grant": "client_credentials", "client_auth": "post"})
+    await get_ok(client, f"{proxy.url}/echo/x")
+
+    call = token_server.calls[-1]
+    expected = {"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+    assert call.form == expected
+    assert "Authorization" not in call.headers
+
+
+async def test_grant_client_credentials_expiry_refreshes_with_same_credentials(
+    make_proxy, token_server: FakeTokenServer, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
+    """An expired client_credentials token is replaced by asking again with the client's credentials."""
+    proxy = await make_proxy(token={"grant": "client_credentials"})
+    await get_ok(client, f"{proxy.url}/echo/warm")
+    api.expire_all(token_server.issued_access)
+    await get_ok(client, f"{proxy.url}/echo/again")
+
+    assert token_server.count == 2
+    assert [c.form["grant_type"] for c in token_server.calls] == ["client_credentials"] * 2
+
+
+async def test_grant_password_sends_username_and_password(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """The password grant sends the configured user's name and password and gets a token."""
+    proxy = await make_proxy(token={"grant": "password", "username": USERNAME, "password": PASSWORD})
+    await get_ok(client, f"{proxy.url}/echo/x")
+
+    form = token_server.calls[-1].form
+    assert (form["grant_type"], form["username"], form["password"]) == ("password", USERNAME, PASSWORD)
+
+
+async def test_grant_password_wrong_password_gives_503(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """A wrong password (invalid_grant) is a configuration fault, final: token_unavailable, no second call."""
+    proxy = await make_proxy(token={"grant": "password", "username": USERNAME, "password": "wrong-pw"})
+
+    for _ in range(2):
+        async with client.get(f"{proxy.url}/echo/x") as resp:
+            assert resp.status == 503
+            assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+    assert token_server.count == 1
+
+
+async def test_grant_static_token_sent_without_token_calls(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """The static grant sends the configured token and never calls a token endpoint."""
+    access = token_server.new_access()
+    proxy = await make_proxy(token={"grant": "static", "access_token": access})
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 200
+        headers = dict((await resp.json())["headers"])
+    assert headers["Authorization"] == f"Bearer {access}"
+    assert token_server.count == 0
