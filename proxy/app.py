@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .access import AccessRules
 from .admin import build_admin_app
@@ -163,7 +164,7 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
         config.server.allow_from, config.server.client_token, config.server.client_token_header
     )
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def forward(request: web.Request) -> web.StreamResponse:
         return await request.app[FORWARDER].handle(request)
 
     async def guarded_handler(request: web.Request) -> web.StreamResponse:
@@ -180,9 +181,17 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
         # get 503 shutting_down at once instead of holding up the shutdown.
         await app[TOKENS].close()
 
+    # Every request goes to the one handler, whatever the router makes of its
+    # target: a middleware runs even for targets no route matches (CONNECT's
+    # authority form), which the forwarder then refuses with its own answer.
+    @web.middleware
+    async def everything_to_forwarder(request: web.Request, handler: Handler) -> web.StreamResponse:  # noqa: ARG001
+        return await (guarded_handler if rules.active else forward)(request)
+
+    app.middlewares.append(everything_to_forwarder)
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(release_waiters)
-    app.router.add_route("*", "/{tail:.*}", guarded_handler if rules.active else handler)
+    app.router.add_route("*", "/{tail:.*}", forward)
     return app
 
 

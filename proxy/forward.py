@@ -47,6 +47,28 @@ class Upstream:
         assert parsed.host is not None and parsed.port is not None
         return cls(parsed.scheme, parsed.raw_host or parsed.host, parsed.port, parsed.raw_path.rstrip("/"))
 
+    def origin_form_of(self, target: str) -> str | None:
+        """The path and query of an absolute-form target naming this upstream's host (RFC 9112 §3.2.2).
+
+        `http://` and `https://` both count, so a tool that can only be given an
+        HTTP proxy works; any other host, or an explicit other port, gives None.
+        """
+        scheme, sep, rest = target.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            return None
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i != -1), default=len(rest))
+        authority, remainder = rest[:cut], rest[cut:]
+        if "@" in authority:
+            return None
+        host, _, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
+        if not host:
+            host, port = authority, ""
+        if host.lower().strip("[]") != self.host.lower().strip("[]"):
+            return None
+        if port and port != str(self.port) and port != ("443" if scheme.lower() == "https" else "80"):
+            return None
+        return remainder if remainder.startswith("/") else "/" + remainder
+
     def url_for(self, target: str) -> URL:
         """The upstream URL for an origin-form request target, path and query byte for byte."""
         path, _, query = target.partition("?")
@@ -135,7 +157,10 @@ class Forwarder:
             raise BadRequest("CONNECT is not supported: tokenproxy is a reverse proxy")
         target = request.raw_path
         if not target.startswith("/"):
-            raise BadRequest("the request target must be a path (origin form)")
+            origin_form = self._upstream.origin_form_of(target)
+            if origin_form is None:
+                raise BadRequest("the request names another host than the upstream; tokenproxy forwards only there")
+            target = origin_form
         url = self._upstream.url_for(target)
         headers = CIMultiDict(request_headers(request.raw_headers, self._drop))
         body = await read_body(request, self._replay_limit)

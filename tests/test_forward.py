@@ -627,11 +627,6 @@ async def test_upstream_hanging_gives_504_timeout(
     assert api.hang_entered.is_set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.py routes through `/{tail:.*}`, which an authority-form CONNECT target never matches: "
-    "aiohttp answers its own 404 before Forwarder.handle can refuse it",
-)
 async def test_connect_method_gives_400_bad_request(make_proxy: Any, api: FakeApi) -> None:
     """CONNECT is refused with 400 bad_request; nothing reaches the API."""
     proxy = await make_proxy()
@@ -648,6 +643,29 @@ async def test_absolute_form_other_host_gives_400_bad_request(make_proxy: Any, a
     resp = await raw_exchange(
         proxy.url,
         b"GET http://other.example/echo HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+    )
+    assert_proxy_error(resp.status, resp.all, resp.body, 400, "bad_request")
+    assert api.requests == 0
+
+
+async def test_absolute_form_upstream_host_forwarded_as_origin_form(make_proxy: Any, api: FakeApi) -> None:
+    """Absolute form naming the upstream's own host (as an HTTP_PROXY client sends it) is forwarded, path and query intact."""
+    proxy = await make_proxy()
+    host = URL(api.base_url).host  # type: ignore[attr-defined]
+    resp = await raw_exchange(
+        proxy.url,
+        f"GET http://{host}/echo/abs?a=1&a=2 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert resp.status == 200
+    assert json.loads(resp.body)["raw_path"] == "/echo/abs?a=1&a=2"
+
+
+async def test_absolute_form_with_userinfo_gives_400(make_proxy: Any, api: FakeApi) -> None:
+    """An absolute-form target with userinfo (`http://x@host/`) cannot smuggle another host: 400."""
+    proxy = await make_proxy()
+    resp = await raw_exchange(
+        proxy.url,
+        b"GET http://127.0.0.1@other.example/echo HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
     )
     assert_proxy_error(resp.status, resp.all, resp.body, 400, "bad_request")
     assert api.requests == 0
