@@ -27,6 +27,7 @@ from .admin import build_admin_app
 from .config import Config, TokenConfig, is_loopback, parse_listen
 from .errors import error_response
 from .forward import Forwarder, Upstream
+from .metrics import Metrics, TokenGauges
 from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
 from .store import FileStore, NullStore, Store
 from .tokens import Clock, RefreshPolicy, TokenManager, credential_id
@@ -35,6 +36,7 @@ logger = logging.getLogger("tokenproxy")
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
 TOKENS = web.AppKey("tokens", TokenManager)
+METRICS = web.AppKey("metrics", Metrics)
 
 # Headers aiohttp's client would add on its own; a proxy sends only what the client sent.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -111,7 +113,9 @@ def token_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
-def make_token_manager(config: Config, session: aiohttp.ClientSession, clock: Clock = time.time) -> TokenManager:
+def make_token_manager(
+    config: Config, session: aiohttp.ClientSession, clock: Clock = time.time, metrics: Metrics | None = None
+) -> TokenManager:
     """A TokenManager for the configured credential, resumed from its state file."""
     tok = config.token
     manager = TokenManager(
@@ -122,6 +126,7 @@ def make_token_manager(config: Config, session: aiohttp.ClientSession, clock: Cl
         refresh_token=tok.refresh_token or None,
         credential=credential_id(tok.grant, tok.token_url or tok.json.url, tok.client_id, tok.username),
         clock=clock,
+        metrics=metrics,
     )
     manager.resume()
     return manager
@@ -130,6 +135,16 @@ def make_token_manager(config: Config, session: aiohttp.ClientSession, clock: Cl
 def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     """The proxy's aiohttp Application: one catch-all handler, resources in a cleanup context."""
     app = web.Application()
+
+    def token_gauges() -> TokenGauges | None:
+        manager = app.get(TOKENS)
+        if manager is None:
+            return None
+        status = manager.status()
+        expires_in = None if status.expires_at is None else status.expires_at - clock()
+        return TokenGauges(status.waiting, expires_in, status.generation)
+
+    app[METRICS] = Metrics(token_gauges)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         up = config.upstream
@@ -143,7 +158,8 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             skip_auto_headers=_NO_AUTO_HEADERS,
         )
         tokens_http = token_session(config)
-        manager = make_token_manager(config, tokens_http, clock)
+        metrics = app[METRICS]
+        manager = make_token_manager(config, tokens_http, clock, metrics)
         app[TOKENS] = manager
         app[FORWARDER] = Forwarder(
             session,
@@ -152,6 +168,7 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             refresh_on=frozenset(config.token.refresh_on),
             replay_limit=config.retry.replay_limit,
             drop_headers=(config.server.client_token_header,) if config.server.client_token else (),
+            metrics=metrics,
         )
         try:
             yield
@@ -278,10 +295,12 @@ async def serve(config: Config) -> None:
             "tokenproxy listening on %s, forwarding to %s (grant %s)", url, config.upstream.url, config.token.grant
         )
         if config.server.admin_listen:
-            admin_runner = web.AppRunner(build_admin_app(lambda: app[TOKENS]), access_log=None)
+            admin_runner = web.AppRunner(
+                build_admin_app(lambda: app[TOKENS], app[METRICS].render), access_log=None
+            )
             await admin_runner.setup()
             admin_url = await _start_site(admin_runner, config.server.admin_listen)
-            logger.info("admin listening on %s (/healthz /readyz /status)", admin_url)
+            logger.info("admin listening on %s (/healthz /readyz /status /metrics)", admin_url)
         await stop.wait()
         logger.info("shutting down: waiting up to %gs for requests in flight", config.server.shutdown_timeout)
     finally:

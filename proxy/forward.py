@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,9 +24,13 @@ from .body import RequestBody, read_body
 from .errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable, error_response
 from .headers import challenge_error, request_drop_set, request_headers, response_headers
 from .log import access_line
+from .metrics import Metrics
 from .tokens import Token, TokenManager
 
 logger = logging.getLogger("tokenproxy.forward")
+
+# Our own answers that count as queue rejections in the metrics.
+_QUEUE_CODES = frozenset({"queue_full", "queue_timeout", "shutting_down"})
 
 # A refresh-status answer is kept (to hand back if the refresh fails) only up to this size.
 REJECTION_BODY_LIMIT = 64 * 1024
@@ -118,7 +123,9 @@ class Forwarder:
         refresh_on: frozenset[int],
         replay_limit: int,
         drop_headers: tuple[str, ...] = (),
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._drop = request_drop_set(drop_headers)
         self._session = session
         self._upstream = upstream
@@ -138,10 +145,14 @@ class Forwarder:
             return response
         except ProxyError as error:
             status = error.status
+            if self._metrics is not None and error.code in _QUEUE_CODES:
+                self._metrics.queue_rejected(error.code)
             if state.started_relay:
                 raise
             return error_response(error)
         finally:
+            if self._metrics is not None:
+                self._metrics.request_done(state.sent_status if state.sent_status is not None else status)
             access_line(
                 request.method,
                 request.raw_path.partition("?")[0],
@@ -175,13 +186,19 @@ class Forwarder:
             if isinstance(kept, web.Response):
                 renewed = await self._tokens.renew(token, challenge)
                 if renewed is None:
+                    if self._metrics is not None:
+                        self._metrics.rejection_passed_through()
                     return kept
+                if self._metrics is not None:
+                    self._metrics.resent()
                 state.resent = True
                 state.generation = renewed.generation
                 upstream = await self._send(request.method, url, headers, body, renewed)
             else:
                 # Not replayable: the client gets this answer, and its own retry a new token.
                 self._tokens.renew_later(token, challenge)
+                if self._metrics is not None:
+                    self._metrics.rejection_passed_through()
                 prefix = kept or b""
         return await self._relay(request, upstream, state, prefix)
 
@@ -193,9 +210,12 @@ class Forwarder:
             headers[hdrs.CONTENT_LENGTH] = str(body.length)
         data = body.data if body.data else body.stream
         with upstream_errors():
-            return await self._session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
-            )
+            if self._metrics is None:
+                return await self._session.request(method, url, headers=headers, data=data, allow_redirects=False)
+            started = time.perf_counter()
+            response = await self._session.request(method, url, headers=headers, data=data, allow_redirects=False)
+            self._metrics.upstream_answered(time.perf_counter() - started)
+            return response
 
     async def _keep_rejection(self, upstream: aiohttp.ClientResponse) -> web.Response | bytes | None:
         """Read and release a small refresh-status answer so it can be handed back unchanged.

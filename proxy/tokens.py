@@ -33,6 +33,7 @@ from .errors import (
 )
 from .grants import Grant, TokenResponse
 from .log import fingerprint
+from .metrics import Metrics
 from .store import SavedState, Store
 
 logger = logging.getLogger("tokenproxy.tokens")
@@ -183,7 +184,9 @@ class TokenManager:
         refresh_token: str | None = None,
         credential: str = "",
         clock: Clock = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._grant = grant
         self._store = store
         self._session = session
@@ -373,21 +376,31 @@ class TokenManager:
     async def _refresh(self) -> Token | ProxyError:
         """The one refresh: fetch, persist, publish. Returns the error instead of raising it,
         so a refresh-ahead nobody awaits leaves no unretrieved exception."""
-        started = self._clock()
+        timer = time.perf_counter()
         try:
-            try:
-                async with asyncio.timeout(self._policy.timeout):
-                    response = await self._grant.fetch(self._session, self._refresh_token)
-            except TimeoutError:
-                return self._failed(GrantError("token endpoint did not answer in time"), started)
-            except GrantError as exc:
-                return self._failed(exc, started)
-            except Exception as exc:  # noqa: BLE001 - the task boundary: a bug must not kill waiters
-                logger.error("refresh failed unexpectedly (%s)", type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG))
-                return self._failed(GrantError(f"internal error ({type(exc).__name__})"), started)
-            return await self._publish(response, started)
+            result = await self._fetch_and_publish()
         finally:
             self._refresh_task = None
+        if self._metrics is not None:
+            outcome = "ok" if isinstance(result, Token) else result.code
+            self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
+        return result
+
+    async def _fetch_and_publish(self) -> Token | ProxyError:
+        started = self._clock()
+        try:
+            async with asyncio.timeout(self._policy.timeout):
+                response = await self._grant.fetch(self._session, self._refresh_token)
+        except TimeoutError:
+            return self._failed(GrantError("token endpoint did not answer in time"), started)
+        except GrantError as exc:
+            return self._failed(exc, started)
+        except Exception as exc:  # noqa: BLE001 - the task boundary: a bug must not kill waiters
+            logger.error(
+                "refresh failed unexpectedly (%s)", type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG)
+            )
+            return self._failed(GrantError(f"internal error ({type(exc).__name__})"), started)
+        return await self._publish(response, started)
 
     async def _publish(self, response: TokenResponse, started: float) -> Token:
         previous = self._token
