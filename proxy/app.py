@@ -15,7 +15,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -24,10 +24,11 @@ from aiohttp.typedefs import Handler
 
 from .access import AccessRules
 from .admin import build_admin_app
-from .config import Config, TokenConfig, is_loopback, parse_listen
+from .config import Config, ConfigError, TokenConfig, is_loopback, parse_listen, secrets_of
 from .errors import error_response
 from .forward import Forwarder, Upstream
 from .metrics import Metrics, TokenGauges
+from .log import setup_logging
 from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
 from .store import FileStore, NullStore, Store
 from .tokens import Clock, RefreshPolicy, TokenManager, credential_id
@@ -132,6 +133,69 @@ def make_token_manager(
     return manager
 
 
+class LiveSettings:
+    """The settings a reload may change that are read per request.
+
+    Owned by the composition root: created by build_app, replaced attribute
+    by attribute only by apply_reload, on the event loop.
+    """
+
+    def __init__(self, rules: AccessRules) -> None:
+        self.rules = rules
+
+
+LIVE = web.AppKey("live", LiveSettings)
+
+# Keys whose change needs a restart: they shape listeners, pools and TLS set up once.
+RESTART_ONLY = (
+    "server.listen",
+    "server.admin_listen",
+    "server.socket_mode",
+    "upstream.connect_timeout",
+    "upstream.read_timeout",
+    "upstream.verify_tls",
+    "upstream.ca_file",
+    "upstream.max_connections",
+    "token.state_file",
+)
+
+
+def _dotted(config: Config, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def apply_reload(app: web.Application, old: Config, new: Config) -> list[str]:
+    """Put a reloaded, valid config into force without dropping connections.
+
+    Returns notes for the log: restart-only keys that changed (kept as they
+    were) and whether the current token was kept.
+    """
+    notes = [
+        f"{key} changed; it takes effect after a restart"
+        for key in RESTART_ONLY
+        if _dotted(old, key) != _dotted(new, key)
+    ]
+    tok = new.token
+    kept = app[TOKENS].reconfigure(
+        build_grant(tok),
+        build_policy(new),
+        refresh_token=tok.refresh_token or None,
+        credential=credential_id(tok.grant, tok.token_url or tok.json.url, tok.client_id, tok.username),
+    )
+    notes.append("current token kept" if kept else "credential changed: a new token will be fetched")
+    app[FORWARDER].reconfigure(
+        Upstream.parse(new.upstream.url),
+        refresh_on=frozenset(tok.refresh_on),
+        replay_limit=new.retry.replay_limit,
+        drop_headers=(new.server.client_token_header,) if new.server.client_token else (),
+    )
+    app[LIVE].rules = AccessRules.build(
+        new.server.allow_from, new.server.client_token, new.server.client_token_header
+    )
+    return notes
+
+
 def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     """The proxy's aiohttp Application: one catch-all handler, resources in a cleanup context."""
     app = web.Application()
@@ -177,20 +241,12 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             await session.close()
             await tokens_http.close()
 
-    rules = AccessRules.build(
+    live = LiveSettings(AccessRules.build(
         config.server.allow_from, config.server.client_token, config.server.client_token_header
-    )
+    ))
+    app[LIVE] = live
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        return await request.app[FORWARDER].handle(request)
-
-    async def guarded_handler(request: web.Request) -> web.StreamResponse:
-        refusal = rules.check(request.remote, request.headers)
-        if refusal is not None:
-            response = error_response(refusal)
-            if refusal.status == 407:
-                response.headers["Proxy-Authenticate"] = 'Bearer realm="tokenproxy"'
-            return response
         return await request.app[FORWARDER].handle(request)
 
     async def release_waiters(app: web.Application) -> None:
@@ -203,7 +259,15 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     # authority form), which the forwarder then refuses with its own answer.
     @web.middleware
     async def everything_to_forwarder(request: web.Request, handler: Handler) -> web.StreamResponse:  # noqa: ARG001
-        return await (guarded_handler if rules.active else forward)(request)
+        rules = live.rules
+        if rules.active:
+            refusal = rules.check(request.remote, request.headers)
+            if refusal is not None:
+                response = error_response(refusal)
+                if refusal.status == 407:
+                    response.headers["Proxy-Authenticate"] = 'Bearer realm="tokenproxy"'
+                return response
+        return await request.app[FORWARDER].handle(request)
 
     app.middlewares.append(everything_to_forwarder)
     app.cleanup_ctx.append(resources)
@@ -259,8 +323,24 @@ async def _start_site(runner: web.BaseRunner, listen: str, socket_mode: int = 0o
     return f"http://{bound[0]}:{bound[1]}" if ":" not in str(bound[0]) else f"http://[{bound[0]}]:{bound[1]}"
 
 
-async def serve(config: Config) -> None:
-    """Run the proxy until SIGINT or SIGTERM; a second signal stops at once.
+def _reload(app: web.Application, current: Config, reload: Callable[[], Config]) -> Config:
+    """SIGHUP: read the config again; put it in force if valid, else keep the old one."""
+    try:
+        new = reload()
+    except ConfigError as error:
+        for problem in error.problems:
+            logger.error("config reload rejected, the old config stays in force: %s", problem)
+        return current
+    setup_logging(new.log.level, new.log.format, secrets_of(new), access_log=new.log.access_log)
+    for warning in startup_warnings(new):
+        logger.warning("%s", warning)
+    for note in apply_reload(app, current, new):
+        logger.info("config reloaded: %s", note)
+    return new
+
+
+async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Run the proxy until SIGINT or SIGTERM; a second signal stops at once; SIGHUP reloads.
 
     On the first signal: stop accepting, answer waiting requests with
     503 shutting_down, let in-flight requests and streams finish for up to
@@ -284,8 +364,16 @@ async def serve(config: Config) -> None:
             return
         stop.set()
 
+    current = config
+
+    def on_hangup() -> None:
+        nonlocal current
+        if reload is not None:
+            current = _reload(app, current, reload)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         if config.server.fetch_on_start:
             token = await app[TOKENS].get()
@@ -309,5 +397,5 @@ async def serve(config: Config) -> None:
             if admin_runner is not None:
                 await admin_runner.cleanup()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

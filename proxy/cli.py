@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .config import Config, ConfigError, find_config_path, load_config
+from .config import Config, ConfigError, find_config_path, load_config, secrets_of
 from .errors import ProxyError
 from .log import setup_logging
 
@@ -27,11 +27,6 @@ def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> C
         return load_config(find_config_path(config_path, os.environ), overrides)
     except ConfigError as error:
         _fail_config(error)
-
-
-def _secrets(config: Config) -> tuple[str, ...]:
-    tok = config.token
-    return tuple(s for s in (tok.client_secret, tok.refresh_token, tok.access_token, tok.password) if s)
 
 
 _config_option = click.option(
@@ -64,10 +59,16 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     """Run the proxy until Ctrl-C or SIGTERM."""
     from .app import serve
 
-    config = _load(config_path, {"server.listen": listen, "upstream.url": upstream, "log.level": log_level})
-    setup_logging(config.log.level, config.log.format, _secrets(config), access_log=config.log.access_log)
+    overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
+    config = _load(config_path, overrides)
+    setup_logging(config.log.level, config.log.format, secrets_of(config), access_log=config.log.access_log)
+
+    def reload() -> Config:
+        # SIGHUP: the same file and command-line overrides, read again.
+        return load_config(find_config_path(config_path, os.environ), overrides)
+
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, reload))
     except OSError as exc:
         click.echo(f"tokenproxy: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)
@@ -100,7 +101,7 @@ async def _one_token(config: Config) -> tuple[str, float, str, int]:
 def check(config_path: str | None) -> None:
     """Validate the config, obtain one token and print its expiry (never the token)."""
     config = _load(config_path)
-    setup_logging("critical", "text", _secrets(config))
+    setup_logging("critical", "text", secrets_of(config))
     try:
         _, expires_at, fp, generation = asyncio.run(_one_token(config))
     except ProxyError as error:
@@ -119,7 +120,7 @@ def check(config_path: str | None) -> None:
 def token(config_path: str | None) -> None:
     """Print a valid access token on standard output, for scripts."""
     config = _load(config_path)
-    setup_logging("critical", "text", _secrets(config))
+    setup_logging("critical", "text", secrets_of(config))
     try:
         value, _, _, _ = asyncio.run(_one_token(config))
     except ProxyError as error:

@@ -129,6 +129,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+def secrets_of(config: Config) -> tuple[str, ...]:
+    """Every configured secret, for the log's redaction filter."""
+    tok, server = config.token, config.server
+    values = (tok.client_secret, tok.refresh_token, tok.access_token, tok.password, server.client_token)
+    return tuple(value for value in values if value)
+
+
 class ConfigError(Exception):
     """The configuration is unusable; `problems` has one line per problem."""
 

@@ -133,6 +133,15 @@ class Forwarder:
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
 
+    def reconfigure(
+        self, upstream: Upstream, *, refresh_on: frozenset[int], replay_limit: int, drop_headers: tuple[str, ...]
+    ) -> None:
+        """Take reloaded settings; requests already under way finish with what they started with."""
+        self._upstream = upstream
+        self._refresh_on = refresh_on
+        self._replay_limit = replay_limit
+        self._drop = request_drop_set(drop_headers)
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Forward one client request and relay the answer; never raises for the client to see."""
         loop = asyncio.get_running_loop()

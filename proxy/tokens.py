@@ -196,6 +196,7 @@ class TokenManager:
         self._seed = fingerprint(refresh_token) if refresh_token else ""
         self._refresh_token = refresh_token or None
         self._token: Token | None = None
+        self._generation = 0  # last generation issued; never goes back, even across a reload
         # The highest generation the upstream refused with a refresh status; 0 = none.
         self._rejected = 0
         self._refresh_task: asyncio.Task[Token | ProxyError] | None = None
@@ -229,12 +230,42 @@ class TokenManager:
             state.generation,
             self._policy.refresh_before,
         )
+        self._generation = state.generation
         logger.info(
             "resumed token %s generation %d from state file, expires in %.0fs",
             self._token.fingerprint,
             state.generation,
             state.expires_at - self._clock(),
         )
+
+    def reconfigure(self, grant: Grant, policy: RefreshPolicy, *, refresh_token: str | None, credential: str) -> bool:
+        """Take a reloaded configuration; True when the current token still applies and is kept.
+
+        A different credential (token URL, client, grant) or a newly configured
+        refresh token (a new login) drops the current token; the next request
+        fetches one. Final failures and back-off are forgotten either way: the
+        configuration they were about has changed. A refresh already in flight
+        finishes with the grant it started with.
+        """
+        seed = fingerprint(refresh_token) if refresh_token else ""
+        keep = credential == self._credential and (not seed or seed == self._seed)
+        self._grant = grant
+        self._policy = policy
+        if not keep:
+            self._credential = credential
+            self._seed = seed
+            self._refresh_token = refresh_token or None
+            self._token = None
+        elif self._token is not None:
+            token = self._token
+            self._token = make_token(
+                token.value, token.expires_at, token.obtained_at, token.generation, policy.refresh_before
+            )
+        self._dead = None
+        self._failures = 0
+        self._backoff_until = 0.0
+        self._last_error = None
+        return keep
 
     async def close(self) -> None:
         """Answer every waiter with `shutting_down` and stop a refresh in flight."""
@@ -403,12 +434,11 @@ class TokenManager:
         return await self._publish(response, started)
 
     async def _publish(self, response: TokenResponse, started: float) -> Token:
-        previous = self._token
         token = make_token(
             response.access_token,
             expiry_of(response, started, self._policy.default_lifetime),
             started,
-            (previous.generation if previous else 0) + 1,
+            self._generation + 1,
             self._policy.refresh_before,
         )
         if response.refresh_token:
@@ -428,6 +458,7 @@ class TokenManager:
         except OSError as exc:
             logger.error("could not write the state file (%s); the new token is kept in memory only", exc.strerror)
         self._token = token
+        self._generation = token.generation
         self._failures = 0
         self._backoff_until = 0.0
         self._last_error = None

@@ -1,0 +1,150 @@
+"""The process lifecycle as a platform engineer sees it: SIGTERM, SIGHUP, JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fakes.token_server import CLIENT_SECRET
+from tests.test_cli import read_until, write_config
+
+
+class Running:
+    """A `tokenproxy run` subprocess, its URL and everything it logged so far."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, seen: list[str]) -> None:
+        self.proc, self.url, self.seen = proc, url, seen
+
+    async def expect(self, pattern: str) -> None:
+        assert self.proc.stderr is not None
+        await read_until(self.proc.stderr, pattern, self.seen)
+
+    async def finish(self) -> str:
+        assert self.proc.stderr is not None
+        rest = await asyncio.wait_for(self.proc.stderr.read(), 30)
+        await asyncio.wait_for(self.proc.wait(), 30)
+        return "".join(self.seen) + rest.decode()
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path, token_server, api) -> AsyncIterator:
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(extra_config: str = "", path: Path | None = None) -> Running:
+        path = path or write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json", extra_config)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "-c", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
+        )
+        procs.append(proc)
+        seen: list[str] = []
+        assert proc.stderr is not None
+        match = await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+)", seen)
+        return Running(proc, f"http://127.0.0.1:{match.group(1)}", seen)
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_lifecycle_sigterm_lets_a_stream_in_flight_finish(start_proxy, api) -> None:
+    """SIGTERM during a streaming response: the stream completes, then the process exits 0."""
+    running = await start_proxy()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{running.url}/sse") as resp:
+            assert resp.status == 200
+            first = await resp.content.readuntil(b"\n\n")
+            assert first == b"data: first\n\n"
+            running.proc.send_signal(signal.SIGTERM)
+            await running.expect("shutting down")
+            api.sse_gate.set()
+            rest = await resp.content.read()
+    assert rest == b"data: second\n\n"
+    await running.finish()
+    assert running.proc.returncode == 0
+
+
+async def test_lifecycle_sigterm_answers_waiting_requests_shutting_down(start_proxy, token_server) -> None:
+    """SIGTERM while requests wait for a token: they get 503 shutting_down, and the process exits 0."""
+    token_server.gate = asyncio.Event()
+    running = await start_proxy()
+    async with aiohttp.ClientSession() as session:
+        waiting = asyncio.ensure_future(session.get(f"{running.url}/echo/wait"))
+        await token_server.entered.wait()
+        running.proc.send_signal(signal.SIGTERM)
+        resp = await waiting
+        body = await resp.json()
+        resp.release()
+    assert resp.status == 503
+    assert resp.headers["X-Tokenproxy-Error"] == "shutting_down"
+    assert body["error"] == "shutting_down"
+    token_server.gate.set()
+    await running.finish()
+    assert running.proc.returncode == 0
+
+
+async def test_lifecycle_sighup_good_config_applies_and_keeps_token(start_proxy, token_server, api, tmp_path) -> None:
+    """SIGHUP with a new scope: the current token is kept, the next refresh sends the new scope."""
+    running = await start_proxy("min_refresh_interval = 0.0")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{running.url}/echo/a") as resp:
+            assert resp.status == 200
+        path = tmp_path / "c.toml"
+        path.write_text(path.read_text().replace("[token]\n", '[token]\nscope = "read write"\n'))
+        running.proc.send_signal(signal.SIGHUP)
+        await running.expect("config reloaded: current token kept")
+        async with session.get(f"{running.url}/echo/b") as resp:
+            assert resp.status == 200
+        assert token_server.count == 1
+        api.expire_all(token_server.issued_access)
+        async with session.get(f"{running.url}/echo/c") as resp:
+            assert resp.status == 200
+    assert token_server.count == 2
+    assert token_server.calls[-1].form["scope"] == "read write"
+    running.proc.send_signal(signal.SIGTERM)
+    await running.finish()
+
+
+async def test_lifecycle_sighup_bad_config_rejected_old_stays(start_proxy, tmp_path) -> None:
+    """SIGHUP with an invalid config: each problem is logged with its key, and the old config keeps serving."""
+    running = await start_proxy()
+    path = tmp_path / "c.toml"
+    path.write_text(path.read_text().replace('[upstream]\nurl = "', '[upstream]\nbogus = 1\nurl = "x'))
+    running.proc.send_signal(signal.SIGHUP)
+    await running.expect(r"config reload rejected, the old config stays in force: upstream\.bogus: unknown key")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{running.url}/echo/still") as resp:
+            assert resp.status == 200
+    running.proc.send_signal(signal.SIGTERM)
+    log = await running.finish()
+    assert "upstream.url: must be an http(s) URL" in log
+    assert running.proc.returncode == 0
+
+
+async def test_lifecycle_json_logs_parse_line_by_line(start_proxy, token_server, tmp_path) -> None:
+    """log.format = json: every line on stderr is one JSON object; access lines carry their fields."""
+    running = await start_proxy('[log]\nformat = "json"\n')
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{running.url}/echo/json?secret=q") as resp:
+            assert resp.status == 200
+    await running.expect(r'"logger": "tokenproxy.access"')
+    running.proc.send_signal(signal.SIGTERM)
+    log = await running.finish()
+    records = [json.loads(line) for line in log.splitlines() if line.strip()]
+    access = [r for r in records if r["logger"] == "tokenproxy.access"]
+    assert access[0]["status"] == 200 and access[0]["path"] == "/echo/json" and access[0]["generation"] == 1
+    refresh = [r for r in records if r["message"].startswith("refresh ok")]
+    assert len(refresh) == 1
+    for secret in [*token_server.issued_access, token_server.current_refresh, CLIENT_SECRET]:
+        assert secret not in log
