@@ -138,12 +138,20 @@ def token(config_path: str | None) -> None:
     type=click.Path(file_okay=False),
     help="Where the demo keeps its state file (default: a temporary folder).",
 )
-def demo(listen: str, lifetime: float, state_dir: str | None) -> None:
+@click.option(
+    "--burst",
+    default=0,
+    type=click.IntRange(min=0, max=10000),
+    help="Wait for the token to expire, send N concurrent requests, summarise; exit 0 only if all "
+    "succeeded with one refresh.",
+)
+def demo(listen: str, lifetime: float, state_dir: str | None, burst: int) -> None:
     """Start a demo token server, a demo API and the proxy in front of them, all on 127.0.0.1."""
     from .demo import run_demo
 
-    setup_logging("info", "text")
-    asyncio.run(run_demo(listen, lifetime, Path(state_dir) if state_dir else None))
+    setup_logging("warning" if burst else "info", "text")
+    ok = asyncio.run(run_demo(listen, lifetime, Path(state_dir) if state_dir else None, burst=burst))
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

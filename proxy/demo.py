@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import jwt
 from aiohttp import web
 
@@ -61,9 +62,10 @@ class DemoAuthServer:
             return web.json_response({"error": "invalid_grant"}, status=400)
         self.used.add(self.current_refresh)
         self.current_refresh = "rt-" + secrets.token_urlsafe(16)
-        now = int(time.time())
+        now = time.time()
         access = jwt.encode(
-            {"sub": "demo-user", "iat": now, "exp": now + int(self.lifetime), "jti": secrets.token_hex(4)},
+            # exp as a fraction, so the API's view of expiry and expires_in agree exactly.
+            {"sub": "demo-user", "iat": int(now), "exp": now + self.lifetime, "jti": secrets.token_hex(4)},
             self.signing_key,
             algorithm="HS256",
         )
@@ -71,7 +73,7 @@ class DemoAuthServer:
             {
                 "access_token": access,
                 "token_type": "Bearer",
-                "expires_in": int(self.lifetime),
+                "expires_in": self.lifetime,
                 "refresh_token": self.current_refresh,
             }
         )
@@ -128,14 +130,14 @@ async def _start(app: web.Application, host: str = "127.0.0.1", port: int = 0) -
     return runner, runner.addresses[0][1]
 
 
-async def run_demo(
-    listen: str,
-    lifetime: float,
-    state_dir: Path | None,
-    *,
-    until: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Start the three servers, print what to try, and run until Ctrl-C (or `until` returns)."""
+async def run_demo(listen: str, lifetime: float, state_dir: Path | None, *, burst: int = 0) -> bool:
+    """Start the three servers and print what to try; run until Ctrl-C, or fire a burst.
+
+    With `burst` > 0: wait for the demo token to expire, send that many
+    concurrent requests through the proxy, print a summary, and return True
+    only if all succeeded with exactly one refresh.
+    """
+    ok = True
     signing_key = secrets.token_hex(32)
     auth = DemoAuthServer(signing_key, lifetime)
     api = DemoApi(signing_key)
@@ -186,8 +188,8 @@ async def run_demo(
                 f"Press Ctrl-C to stop.",
                 flush=True,
             )
-            if until is not None:
-                await until()
+            if burst > 0:
+                ok = await run_burst(f"http://127.0.0.1:{proxy_port}", auth, burst, lifetime)
             else:
                 stop = asyncio.Event()
                 loop = asyncio.get_running_loop()
@@ -198,8 +200,61 @@ async def run_demo(
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()
+    return ok
 
 
-def describe_calls(auth: DemoAuthServer) -> str:
-    """A one-line summary of the demo token server's traffic."""
-    return json.dumps({"calls": auth.calls, "revoked": auth.revoked})
+def progress(label: str, done: float, total: float, suffix: str = "", width: int = 30) -> None:
+    """Draw (or redraw) a one-line progress bar on standard output."""
+    filled = int(width * min(1.0, done / total)) if total else width
+    end = "\n" if done >= total else ""
+    print(f"\r{label:<28} [{'#' * filled}{'.' * (width - filled)}] {suffix}", end=end, flush=True)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The value below which `fraction` of `values` lie (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+async def run_burst(proxy_url: str, auth: DemoAuthServer, count: int, lifetime: float) -> bool:
+    """Get a token, wait until it has expired, then send `count` requests at once; report and judge."""
+    connector = aiohttp.TCPConnector(limit=count)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(f"{proxy_url}/burst/warm-up") as resp:
+            warm = await resp.json()
+            if resp.status != 200:
+                print(f"warm-up request failed: {resp.status}")
+                return False
+        expires_in = float(warm["token_expires_in"]) + 0.2
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < expires_in:
+            progress("waiting for the token to expire", elapsed, expires_in, f"{expires_in - elapsed:4.1f}s")
+            await asyncio.sleep(min(0.1, expires_in - elapsed))
+        progress("waiting for the token to expire", expires_in, expires_in, "expired")
+
+        calls_before = auth.calls
+        latencies: list[float] = []
+        statuses: list[int] = []
+
+        async def one(index: int) -> None:
+            began = time.perf_counter()
+            try:
+                async with session.post(f"{proxy_url}/burst/{index}", data=f"request {index}".encode()) as resp:
+                    body = await resp.read()
+                    ok = resp.status == 200 and json.loads(body)["body_bytes"] == len(f"request {index}")
+                    statuses.append(resp.status if ok else -resp.status)
+            except aiohttp.ClientError:
+                statuses.append(0)
+            latencies.append(time.perf_counter() - began)
+            progress("burst", len(statuses), count, f"{len(statuses)}/{count}")
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+    refreshes = auth.calls - calls_before
+    succeeded = sum(1 for status in statuses if status == 200)
+    print(
+        f"requests {count}  ok {succeeded}  failed {count - succeeded}  refreshes {refreshes}  "
+        f"p50 {percentile(latencies, 0.5) * 1000:.1f}ms  p99 {percentile(latencies, 0.99) * 1000:.1f}ms"
+    )
+    passed = succeeded == count and refreshes == 1
+    print("PASS: every request succeeded with one refresh" if passed else "FAIL")
+    return passed

@@ -244,3 +244,14 @@ async def test_cli_run_fetch_on_start_failure_exits_1(tmp_path: Path, token_serv
     assert code == 1
     assert "tokenproxy: no token at start: token_unavailable" in err
     assert "listening on" not in err
+
+
+@pytest.mark.timeout(90)
+async def test_cli_demo_burst_200_succeeds_with_one_refresh() -> None:
+    """`tokenproxy demo --burst 200` waits for expiry, sends 200 at once, and reports one refresh; exit 0."""
+    code, out, err = await run_cli("demo", "--burst", "200", "--lifetime", "4", timeout=80)
+    assert code == 0, out + err
+    summary = [line for line in out.replace("\r", "\n").splitlines() if line.startswith("requests ")]
+    assert summary and "requests 200  ok 200  failed 0  refreshes 1" in summary[0]
+    assert "PASS" in out
+    assert "waiting for the token to expire" in out
