@@ -255,3 +255,46 @@ async def test_cli_demo_burst_200_succeeds_with_one_refresh() -> None:
     assert summary and "requests 200  ok 200  failed 0  refreshes 1" in summary[0]
     assert "PASS" in out
     assert "waiting for the token to expire" in out
+
+
+async def test_cli_run_without_c_parser_forwards_any_method_token(tmp_path: Path, token_server, api) -> None:
+    """With AIOHTTP_NO_EXTENSIONS=1 (pure-Python parser) a method token llhttp does not know, such as FOO, is forwarded."""
+    received: list[bytes] = []
+
+    async def raw_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A raw upstream: aiohttp's own server in this process would refuse FOO itself.
+        head = await reader.readuntil(b"\r\n\r\n")
+        received.append(head)
+        line = head.split(b"\r\n", 1)[0]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(line), line))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(raw_upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    path.write_text(path.read_text().replace(api.base_url, f"http://127.0.0.1:{port}"))
+    proc = await asyncio.create_subprocess_exec(
+        *TOKENPROXY, "run", "-c", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET, "AIOHTTP_NO_EXTENSIONS": "1"},
+    )
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        match = await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+)", seen)
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(match.group(1)))
+        writer.write(b"FOO /echo/foo?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 20)
+        server.close()
+        await server.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == b"FOO /echo/foo?x=1 HTTP/1.1"
+    assert b"\r\nAuthorization: Bearer ey" in received[0]
