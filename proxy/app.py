@@ -96,8 +96,6 @@ def build_policy(config: Config) -> RefreshPolicy:
 
 def ssl_context(config: Config) -> ssl.SSLContext | bool:
     """TLS settings for outgoing connections: verified by default, with an optional extra CA."""
-    if config.server.allow_any:
-        warnings.append("server.allow_any is true: anyone who can reach the proxy can use its token")
     if not config.upstream.verify_tls:
         return False
     context = ssl.create_default_context()

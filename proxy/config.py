@@ -198,7 +198,7 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str, env: Mapping[str, str], problems: list[str]) -> Any:
     """Check one value against its declared type; interpolate strings."""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{key}: must be a table, got {value!r}")
             return tp()

@@ -40,8 +40,13 @@ class TokenResponse:
 class Grant(Protocol):
     """A way of obtaining an access token."""
 
-    name: str
-    uses_refresh_token: bool
+    @property
+    def name(self) -> str:
+        """The grant's name, for logs and metrics."""
+
+    @property
+    def uses_refresh_token(self) -> bool:
+        """True when each call spends (and may rotate) a refresh token."""
 
     async def fetch(self, session: aiohttp.ClientSession, refresh_token: str | None) -> TokenResponse:
         """Ask the endpoint once; raise GrantError when no token comes back."""
