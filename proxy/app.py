@@ -26,8 +26,9 @@ from .access import AccessRules
 from .admin import build_admin_app
 from .config import Config, ConfigError, TokenConfig, is_loopback, parse_listen, secrets_of
 from .errors import error_response
-from .forward import Forwarder, Upstream
+from .forward import Forwarder, Upstream, redirect_rewriter
 from .metrics import Metrics, TokenGauges
+from .server import ProxyRunner, ServerLimits
 from .log import setup_logging
 from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
 from .store import FileStore, NullStore, Store
@@ -278,14 +279,28 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     """An AppRunner with the server settings a proxy needs.
 
     `handler_cancellation` cancels a handler whose client went away, which
-    frees its waiting place and drops its upstream request.
+    frees its waiting place and drops its upstream request. The limits on
+    what a client may send and hold (server.py) come from `[server]`; with
+    `upstream.rewrite_redirects`, Locations naming the upstream are
+    re-pointed at the proxy as each answer is prepared.
     """
-    return web.AppRunner(
+    server = config.server
+    if config.upstream.rewrite_redirects:
+        app.on_response_prepare.append(redirect_rewriter(lambda: app[FORWARDER].upstream))
+    return ProxyRunner(
         app,
+        limits=ServerLimits(
+            max_connections=server.max_connections,
+            header_timeout=server.header_timeout,
+            keepalive_timeout=server.keepalive_timeout,
+            max_headers=server.max_headers,
+            max_header_size=server.max_header_size,
+            max_request_line=server.max_request_line,
+        ),
         handler_cancellation=True,
         auto_decompress=False,
         access_log=None,
-        shutdown_timeout=config.server.shutdown_timeout,
+        shutdown_timeout=server.shutdown_timeout,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .config import Config, ConfigError, find_config_path, load_config, secrets_of
+from .config import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
 from .errors import ProxyError
 from .log import setup_logging
 
@@ -20,6 +21,11 @@ def _fail_config(error: ConfigError) -> NoReturn:
     for problem in error.problems:
         click.echo(f"config: {problem}" if not problem.startswith("config:") else problem, err=True)
     sys.exit(2)
+
+
+def _file_warnings(config_path: str | None) -> list[str]:
+    """Warnings about the config file itself: a literal secret in a file others can read."""
+    return config_file_warnings(find_config_path(config_path, os.environ))
 
 
 def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -62,6 +68,8 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
     config = _load(config_path, overrides)
     setup_logging(config.log.level, config.log.format, secrets_of(config), access_log=config.log.access_log)
+    for warning in _file_warnings(config_path):
+        logging.getLogger("tokenproxy").warning("config: %s", warning)
 
     def reload() -> Config:
         # SIGHUP: the same file and command-line overrides, read again.
@@ -102,6 +110,8 @@ def check(config_path: str | None) -> None:
     """Validate the config, obtain one token and print its expiry (never the token)."""
     config = _load(config_path)
     setup_logging("critical", "text", secrets_of(config))
+    for warning in _file_warnings(config_path):
+        click.echo(f"warning: config: {warning}", err=True)
     try:
         _, expires_at, fp, generation = asyncio.run(_one_token(config))
     except ProxyError as error:

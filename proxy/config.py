@@ -39,6 +39,12 @@ class ServerConfig:
     client_token_header: str = "Proxy-Authorization"
     allow_any: bool = False
     socket_mode: int = 0o600
+    max_connections: int = 512
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_headers: int = 100
+    max_header_size: int = 8190
+    max_request_line: int = 8190
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class UpstreamConfig:
     verify_tls: bool = True
     ca_file: str = ""
     max_connections: int = 100
+    rewrite_redirects: bool = False
 
 
 @dataclass(frozen=True)
@@ -301,6 +308,12 @@ def _validate(config: Config, problems: list[str]) -> None:
 
     if config.server.shutdown_timeout < 0:
         problems.append(f"server.shutdown_timeout: must not be negative, got {config.server.shutdown_timeout!r}")
+    for name in ("header_timeout", "keepalive_timeout"):
+        if getattr(server, name) <= 0:
+            problems.append(f"server.{name}: must be greater than 0, got {getattr(server, name)!r}")
+    for name, least in (("max_connections", 1), ("max_headers", 1), ("max_header_size", 64), ("max_request_line", 64)):
+        if getattr(server, name) < least:
+            problems.append(f"server.{name}: must be at least {least}, got {getattr(server, name)!r}")
     up = config.upstream
     _check_url("upstream.url", up.url, problems)
     for name in ("connect_timeout", "read_timeout"):
@@ -387,6 +400,55 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     table = raw.setdefault(section, {})
     if isinstance(table, dict):
         table[name] = value
+
+
+# Keys whose values are credentials: written out literally in a file others can read, they leak.
+SECRET_KEYS = ("token.client_secret", "token.refresh_token", "token.access_token", "token.password", "server.client_token")
+
+
+def literal_secrets(raw: Mapping[str, Any]) -> list[str]:
+    """The secret keys whose value in a parsed config file is literal text, not only `${VAR}` references.
+
+    A `${VAR:-default}` with a non-empty default counts as literal: the default is in the file.
+    """
+    found = []
+    for dotted in SECRET_KEYS:
+        section, _, name = dotted.partition(".")
+        table = raw.get(section)
+        value = table.get(name) if isinstance(table, Mapping) else None
+        if isinstance(value, str) and interpolate(value, {}, dotted, []):
+            found.append(dotted)
+    return found
+
+
+def exposed_secrets_warning(path: str, mode: int, raw: Mapping[str, Any]) -> str | None:
+    """A warning when a config file its group or other users may read holds a literal secret, else None.
+
+    Pure: the file's permission bits and parsed contents are passed in. The
+    warning names the keys, never their values.
+    """
+    if not mode & 0o044:
+        return None
+    keys = literal_secrets(raw)
+    if not keys:
+        return None
+    return (
+        f"{path} is readable by other users and holds {', '.join(keys)} as literal text: "
+        "chmod 600 the file, or write ${VAR} there and set the variable"
+    )
+
+
+def config_file_warnings(path: Path | None) -> list[str]:
+    """Warnings about the config file itself, for `run` and `check` (read after load_config accepted it)."""
+    if path is None:
+        return []
+    try:
+        mode = path.stat().st_mode
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    warning = exposed_secrets_warning(str(path), mode & 0o777, raw)
+    return [warning] if warning else []
 
 
 def find_config_path(explicit: str | None, env: Mapping[str, str]) -> Path | None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -34,6 +35,9 @@ _QUEUE_CODES = frozenset({"queue_full", "queue_timeout", "shutting_down"})
 
 # A refresh-status answer is kept (to hand back if the refresh fails) only up to this size.
 REJECTION_BODY_LIMIT = 64 * 1024
+
+# A Host header that can name the proxy in a rewritten Location: host or [v6], optional port.
+_AUTHORITY = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,29 @@ class Upstream:
             return None
         return remainder if remainder.startswith("/") else "/" + remainder
 
+    def client_location(self, location: str, client_origin: str) -> str | None:
+        """`location` re-pointed at `client_origin`, when it names this upstream's origin and base path.
+
+        For `upstream.rewrite_redirects`. Any other Location (another host,
+        another scheme or port, userinfo, outside the base path, or relative,
+        which already resolves against the proxy) gives None: left as it is.
+        """
+        scheme, sep, rest = location.partition("://")
+        if not sep or scheme.lower() != self.scheme:
+            return None
+        cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i != -1), default=len(rest))
+        authority, remainder = rest[:cut].lower(), rest[cut:]
+        host = (f"[{self.host}]" if ":" in self.host else self.host).lower()
+        default_port = 443 if self.scheme == "https" else 80
+        if authority != f"{host}:{self.port}" and not (authority == host and self.port == default_port):
+            return None
+        if not remainder.startswith(self.base_path):
+            return None
+        remainder = remainder[len(self.base_path) :]
+        if remainder[:1] not in ("", "/", "?", "#"):
+            return None  # /v1 is the base, /v10 is not under it
+        return client_origin + (remainder if remainder.startswith("/") else "/" + remainder)
+
     def url_for(self, target: str) -> URL:
         """The upstream URL for an origin-form request target, path and query byte for byte."""
         path, _, query = target.partition("?")
@@ -85,6 +112,28 @@ class Upstream:
             query_string=query,
             encoded=True,
         )
+
+
+def redirect_rewriter(
+    current: Callable[[], Upstream],
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """An `on_response_prepare` hook for `upstream.rewrite_redirects = true`.
+
+    A Location naming the upstream's own origin (`current()`, so a reload's
+    new URL counts) is rewritten to the address the client used to reach the
+    proxy (its Host header), so a client that follows the redirect stays
+    behind the proxy. Without a usable Host header the Location is left alone.
+    """
+
+    async def rewrite(request: web.Request, response: web.StreamResponse) -> None:
+        location = response.headers.get(hdrs.LOCATION)
+        if location is None or not _AUTHORITY.fullmatch(request.host):
+            return
+        rewritten = current().client_location(location, f"{request.scheme}://{request.host}")
+        if rewritten is not None:
+            response.headers[hdrs.LOCATION] = rewritten
+
+    return rewrite
 
 
 @contextmanager
@@ -132,6 +181,11 @@ class Forwarder:
         self._tokens = tokens
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
+
+    @property
+    def upstream(self) -> Upstream:
+        """Where requests go now (a reload may change it)."""
+        return self._upstream
 
     def reconfigure(
         self, upstream: Upstream, *, refresh_on: frozenset[int], replay_limit: int, drop_headers: tuple[str, ...]

@@ -37,6 +37,7 @@ state_file = "{state}"
 {extra}
 """
     )
+    path.chmod(0o600)  # it holds a literal refresh token: readable by others, run and check would warn
     return path
 
 

@@ -1,0 +1,350 @@
+"""The listener's protocol settings: limits on what a client may send, and for how long.
+
+Owns: how the HTTP server meets hostile or broken clients before any request
+reaches the forwarder. aiohttp gives the header count and size limits and
+the idle keep-alive timeout; this module adds what it lacks:
+
+- a time limit for receiving a request's headers, counted from its first
+  byte (slowloris): 408 with the JSON error, then the connection is closed;
+- `max_connections`: one more connection gets 503 with the JSON error and is
+  closed, while the connections already open keep working;
+- the parser's refusals as tokenproxy's JSON error instead of aiohttp's text
+  page (400, or 414/431 for a request line or header over the limit), logged
+  as one line without a traceback;
+- a request body that turns out malformed after its handler started (a bad
+  chunk size mid-upload) fails that handler's reads with a 400 instead of
+  leaving it waiting for bytes that will never be parsed.
+
+Knows nothing of tokens, upstreams or the config file: `ServerLimits` is
+built by the composition root. It subclasses aiohttp's `AppRunner`, `Server`
+and `RequestHandler`, and reads a few of their private attributes
+(`_kwargs`, `_waiter`, `_messages`, `_current_request`); the tests in
+tests/test_security.py and tests/test_malformed.py pin that behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http import RawRequestMessage
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+from .errors import BadRequest, ProxyError, error_response
+
+logger = logging.getLogger("tokenproxy.server")
+
+# An over-the-limit connection is kept this long after its 503 (reading and
+# discarding what the client still sends, so the answer is not lost to a
+# reset), and at most this many such connections are kept at a time.
+REFUSAL_LINGER = 2.0
+MAX_REFUSING = 64
+
+
+class RequestTimeout(ProxyError):
+    """The request's headers did not arrive within `server.header_timeout`."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyConnections(ProxyError):
+    """`server.max_connections` connections are already open."""
+
+    status = 503
+    code = "too_many_connections"
+
+
+class HeadersTooLarge(ProxyError):
+    """More headers than `server.max_headers`, or one longer than `server.max_header_size`."""
+
+    status = 431
+    code = "headers_too_large"
+
+
+class TargetTooLong(ProxyError):
+    """A request line longer than `server.max_request_line`."""
+
+    status = 414
+    code = "target_too_long"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may send and hold; the defaults are the config's."""
+
+    max_connections: int = 512
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_headers: int = 100
+    max_header_size: int = 8190
+    max_request_line: int = 8190
+
+    def handler_kwargs(self) -> dict[str, Any]:
+        """The limits aiohttp's RequestHandler enforces itself."""
+        return {
+            "keepalive_timeout": self.keepalive_timeout,
+            "max_headers": self.max_headers,
+            "max_field_size": self.max_header_size,
+            "max_line_size": self.max_request_line,
+        }
+
+
+def raw_answer(error: ProxyError) -> bytes:
+    """A complete HTTP/1.1 answer for `error` that closes the connection, for when no request exists."""
+    body = json.dumps({"error": error.code, "detail": error.detail}).encode()
+    lines = [
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        f"X-Tokenproxy-Error: {error.code}",
+        "Connection: close",
+    ]
+    if error.retry_after is not None:
+        lines.append(f"Retry-After: {max(1, error.retry_after)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def parser_refusal(exc: HttpProcessingError, limits: ServerLimits) -> ProxyError:
+    """The answer to a request aiohttp's parser refused; the detail never quotes the request's bytes."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        start = exc.args[0] if exc.args and isinstance(exc.args[0], (bytes, bytearray)) else b""
+        # The parser raises the same exception for both limits; tell them apart
+        # by which limit was hit, or (when both are equal) by what the line
+        # looks like: a request target (C parser) or request line (pure-Python
+        # parser), never `Name: value`.
+        is_target = limit == limits.max_request_line and (
+            limits.max_request_line != limits.max_header_size or _REQUEST_START.match(bytes(start)) is not None
+        )
+        if is_target:
+            return TargetTooLong(f"the request line is longer than {limits.max_request_line} bytes")
+        return HeadersTooLarge(f"a request header is longer than {limits.max_header_size} bytes")
+    # These carry the offending bytes in their message: say what is wrong without them.
+    for kind, what in _QUOTING_ERRORS:
+        if isinstance(exc, kind):
+            return BadRequest(f"malformed request: {what}")
+    # The rest start with a fixed description (llhttp's, or aiohttp's own sentence).
+    reason = (exc.message or type(exc).__name__).split("\n", 1)[0].split(":", 1)[0].strip()
+    if reason == "Too many headers received":
+        return HeadersTooLarge(f"the request has more than {limits.max_headers} headers")
+    return BadRequest(f"malformed request: {reason[:100]}")
+
+
+# A request target (`/…`, `*`, `scheme://…`) or a request line (`METHOD SP …`).
+_REQUEST_START = re.compile(rb"[/*]|[A-Za-z][A-Za-z0-9+.-]*://|[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+
+_QUOTING_ERRORS: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (InvalidURLError, "the request target is not a valid URL"),
+    (BadHttpMethod, "the request method is not valid"),
+    (BadStatusLine, "the request line is not valid HTTP/1.x"),
+    (InvalidHeader, "a request header is not valid"),
+)
+
+
+class _Handler(RequestHandler):
+    """aiohttp's RequestHandler plus the header time limit, JSON refusals and connection counting."""
+
+    __slots__ = ("_counted", "_head_timer", "_server")
+
+    def __init__(self, server: ProxyServer, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._server = server
+        self._head_timer: asyncio.TimerHandle | None = None  # armed while a request's headers arrive
+        self._counted = True  # this connection holds one of server.max_connections
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued:
+            # A request head is complete (or refused): its time limit is met.
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            if self._current_request is not None:
+                self._fail_running_body()
+        elif self._head_timer is None:
+            # Bytes that did not complete a head while the connection waits for
+            # a request: its first bytes. The rest of the head has header_timeout.
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
+
+    def _fail_running_body(self) -> None:
+        # The parser refused bytes while a request is being handled: they were
+        # that request's body (a bad chunk size mid-upload), which will now never
+        # end. Fail its reads rather than let the handler wait for the client.
+        message = self._messages[-1][0]
+        request = self._current_request
+        if not isinstance(message, RawRequestMessage) and request is not None and not request.content.is_eof():
+            request.content.set_exception(RequestPayloadError("the request body is malformed"))
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        waiter = self._waiter
+        if self.transport is None or self._messages or waiter is None or waiter.done():
+            return
+        logger.info(
+            "closed a connection from %s: its request headers were not complete within %gs (server.header_timeout)",
+            _peer(self.transport),
+            self._server.limits.header_timeout,
+        )
+        self.transport.write(self._server.timeout_answer)
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._counted:
+            self._counted = False
+            self._server.connection_closed()
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """tokenproxy's JSON answer instead of aiohttp's text page; parser refusals logged in one line."""
+        if request.writer.output_size > 0:
+            # Part of an answer is out already; aiohttp closes the connection.
+            return super().handle_error(request, status, exc, message)
+        error: ProxyError
+        if status == 400 and isinstance(exc, HttpProcessingError):
+            error = parser_refusal(exc, self._server.limits)
+            logger.info("refused a request from %s: %s (%d)", request.remote, error.detail, error.status)
+        elif isinstance(exc, RequestPayloadError):
+            error = BadRequest("the request body is malformed or incomplete")
+            logger.info("refused a request from %s: %s", request.remote, error.detail)
+        else:
+            super().handle_error(request, status, exc, message)  # logs it, with its traceback
+            error = ProxyError("tokenproxy failed to handle the request")
+            error.status = status
+        response = error_response(error)
+        response.force_close()
+        return response
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "a client"
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection over `max_connections`: answered 503 at once, drained briefly, closed."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        refusing = self._server.refusing
+        if len(refusing) >= MAX_REFUSING:
+            transport.abort()
+            return
+        self._transport = transport
+        refusing.add(transport)
+        transport.write(self._server.busy_answer)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        """Whatever the client sends is discarded."""
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._transport is not None:
+            self._server.refusing.discard(self._transport)
+
+
+class ProxyServer(web.Server):
+    """aiohttp's low-level server with a connection limit; makes `_Handler`s.
+
+    State owned by the event loop (only touched in its callbacks): the count
+    of open connections and the transports being refused.
+    """
+
+    def __init__(self, handler: Any, *, limits: ServerLimits, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+        self.open_connections = 0  # admitted and not yet lost
+        self.refusing: set[asyncio.Transport] = set()
+        self._full_logged = False
+        # Built once: the answers written when there is no request to answer.
+        self.timeout_answer = raw_answer(
+            RequestTimeout(f"the request headers did not arrive within {limits.header_timeout:g}s")
+        )
+        self.busy_answer = raw_answer(
+            TooManyConnections(
+                f"the proxy already has {limits.max_connections} open connections (server.max_connections)",
+                retry_after=1,
+            )
+        )
+
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        """The protocol for one new connection: a request handler, or a refusal when full."""
+        if self.open_connections >= self.limits.max_connections:
+            if not self._full_logged:
+                self._full_logged = True
+                logger.warning(
+                    "server.max_connections (%d) reached: new connections get 503 until some close",
+                    self.limits.max_connections,
+                )
+            return _Refusal(self)
+        self.open_connections += 1
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+    def connection_closed(self) -> None:
+        """One admitted connection is gone."""
+        self.open_connections -= 1
+        if self.open_connections < self.limits.max_connections:
+            self._full_logged = False
+
+    def pre_shutdown(self) -> None:
+        """Close connections being refused along with the idle ones."""
+        for transport in list(self.refusing):
+            transport.abort()
+        self.refusing.clear()
+        super().pre_shutdown()
+
+
+class ProxyRunner(web.AppRunner):
+    """An AppRunner whose server is a `ProxyServer` with the given limits."""
+
+    def __init__(self, app: web.Application, *, limits: ServerLimits, **kwargs: Any) -> None:
+        super().__init__(app, **limits.handler_kwargs(), **kwargs)
+        self._limits = limits
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return ProxyServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            limits=self._limits,
+            **plain._kwargs,
+        )
