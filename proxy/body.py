@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import StreamReader, web
+from aiohttp import StreamReader, hdrs, web
+from aiohttp.web_protocol import RequestPayloadError
+
+from .errors import BadRequest
 
 CHUNK = 64 * 1024
 
@@ -40,7 +43,21 @@ async def _stream(prefix: bytes, content: StreamReader) -> AsyncIterator[bytes]:
 
 
 async def read_body(request: web.BaseRequest, replay_limit: int) -> RequestBody:
-    """Decide, reading at most `replay_limit + 1` bytes, how this request's body travels."""
+    """Decide, reading at most `replay_limit + 1` bytes, how this request's body travels.
+
+    Raises BadRequest for a transfer coding other than chunked (its meaning
+    would be lost once the proxy de-chunks) or a body that breaks off malformed.
+    """
+    codings = request.headers.get(hdrs.TRANSFER_ENCODING)
+    if codings is not None and codings.strip().lower() != "chunked":
+        raise BadRequest("transfer codings other than chunked are not supported (use Content-Encoding)")
+    try:
+        return await _read_body(request, replay_limit)
+    except RequestPayloadError:
+        raise BadRequest("the request body was malformed") from None
+
+
+async def _read_body(request: web.BaseRequest, replay_limit: int) -> RequestBody:
     length = request.content_length
     if not request.body_exists:
         return RequestBody(b"" if length == 0 else None, None, length)

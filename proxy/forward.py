@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -32,6 +33,9 @@ logger = logging.getLogger("tokenproxy.forward")
 
 # Our own answers that count as queue rejections in the metrics.
 _QUEUE_CODES = frozenset({"queue_full", "queue_timeout", "shutting_down"})
+
+# The access-log status of a request whose client disconnected before its answer.
+CLIENT_CLOSED = 499
 
 # A refresh-status answer is kept (to hand back if the refresh fails) only up to this size.
 REJECTION_BODY_LIMIT = 64 * 1024
@@ -144,7 +148,48 @@ def upstream_errors() -> Iterator[None]:
     except asyncio.TimeoutError:
         raise UpstreamTimeout("the upstream did not answer within upstream.read_timeout") from None
     except aiohttp.ClientError as exc:
+        if _caused_by(exc, RequestPayloadError):
+            # The client's streamed body broke off malformed while it was being sent on.
+            raise BadRequest("the request body was malformed") from None
         raise UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})") from None
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short, bounded walk up the cause chain
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def _fail_body_when_closed(upstream: aiohttp.ClientResponse) -> Iterator[None]:
+    """Fail the body's reads if the upstream connection closes before the body ended.
+
+    aiohttp 3.14's client (C parser) closes the connection on a malformed
+    chunk but never ends the body's reader, which would hang the relay.
+    """
+    connection = upstream.connection
+    protocol = connection.protocol if connection is not None else None
+    closed = protocol.closed if protocol is not None else None
+    if closed is None:
+        yield
+        return
+
+    def lost(future: asyncio.Future[None]) -> None:
+        if not future.cancelled():
+            future.exception()
+        if not upstream.content.is_eof():
+            upstream.content.set_exception(aiohttp.ClientPayloadError("the upstream connection closed mid-body"))
+
+    closed.add_done_callback(lost)
+    try:
+        yield
+    finally:
+        closed.remove_done_callback(lost)
 
 
 class _RelayedResponse(web.StreamResponse):
@@ -212,7 +257,15 @@ class Forwarder:
                 self._metrics.queue_rejected(error.code)
             if state.started_relay:
                 raise
-            return error_response(error)
+            answer = error_response(error)
+            if isinstance(error, BadRequest):
+                # After a request we refused, its framing can't be trusted: don't read another on this connection.
+                answer.force_close()
+            return answer
+        except asyncio.CancelledError:
+            # The client went away (its handler is cancelled): nginx's 499 says so in the log.
+            status = CLIENT_CLOSED
+            raise
         finally:
             if self._metrics is not None:
                 self._metrics.request_done(state.sent_status if state.sent_status is not None else status)
@@ -230,6 +283,8 @@ class Forwarder:
         if request.method == hdrs.METH_CONNECT:
             raise BadRequest("CONNECT is not supported: tokenproxy is a reverse proxy")
         target = request.raw_path
+        if not target.isascii():
+            raise BadRequest("the request target must be ASCII; percent-encode other bytes")
         if not target.startswith("/"):
             origin_form = self._upstream.origin_form_of(target)
             if origin_form is None:
@@ -319,7 +374,7 @@ class Forwarder:
             if prefix:
                 await out.write(prefix)
             try:
-                with upstream_errors():
+                with upstream_errors(), _fail_body_when_closed(upstream):
                     async for chunk in upstream.content.iter_any():
                         await out.write(chunk)
             except ProxyError as error:

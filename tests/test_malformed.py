@@ -40,6 +40,8 @@ REFUSED = {
     "plus-signed content-length": b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: +5\r\n\r\nhello",
     "transfer-encoding not ending in chunked": b"POST /echo HTTP/1.1\r\n" + H
     + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "gzip transfer coding before chunked": b"POST /echo HTTP/1.1\r\n" + H
+    + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     "transfer-encoding xchunked": b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
     "chunk size not hex": b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     "chunk size overflow": b"POST /echo HTTP/1.1\r\n" + H
@@ -302,22 +304,10 @@ BROKEN_OFF = {
 }
 
 
-# aiohttp 3.14's client (C parser): when llhttp refuses a response's chunk framing
-# mid-body it closes the connection but never fails the body's reader, and drops
-# the sock_read timer, so the relay waits for the next chunk for ever.
-_HANGS_IN_AIOHTTP = pytest.mark.xfail(
-    strict=True,
-    raises=(asyncio.TimeoutError, AssertionError),
-    reason="aiohttp client (C parser) never ends a response body after a malformed chunk; "
-    "forward.py needs to fail the body when the upstream connection closes (see the lead's note)",
-)
-
-
-@pytest.mark.parametrize(
-    "scripted",
-    [pytest.param(s, marks=_HANGS_IN_AIOHTTP) if s == "bad_chunk" else s for s in BROKEN_OFF],
-    indirect=True,
-)
+# "bad_chunk" covers an aiohttp 3.14 client bug (C parser): the connection is
+# closed on a malformed chunk but the body's reader is never ended;
+# forward._fail_body_when_closed ends it.
+@pytest.mark.parametrize("scripted", list(BROKEN_OFF), indirect=True)
 async def test_upstream_breaks_off_answer_client_connection_closed_logged_once_pool_recovers(
     make_proxy: Any, scripted: ScriptedUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -357,3 +347,43 @@ async def test_upstream_malformed_status_line_gets_502_and_pool_recovers(
         assert resp.status == 200 and resp.body == b"ok"
         assert scripted.requests == 2
     no_tracebacks(caplog)
+
+
+async def test_parser_bad_chunk_mid_streamed_upload_gets_400_not_502(make_proxy: Any, upstream: CountingUpstream) -> None:
+    """A body over replay_limit, already streaming upstream, that turns malformed: the client's fault, 400."""
+    proxy = await make_proxy(upstream={"url": upstream.url}, retry={"replay_limit": 10})
+    reader, writer = await open_raw(proxy.url)
+    try:
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(b"20\r\n" + b"x" * 32 + b"\r\nzz\r\nmore\r\n")
+        data = await read_to_eof(reader)
+    finally:
+        await close_raw(writer)
+    resp = parse_response(data)
+    assert_proxy_error(resp.status, resp.all, resp.body, 400, "bad_request")
+
+
+async def test_client_gone_while_waiting_logged_as_499(
+    make_proxy: Any, token_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up while its request waits for a token is logged with status 499, not 500."""
+    from tests.fakes.token_server import until
+
+    token_server.gate = asyncio.Event()
+    proxy = await make_proxy()
+    reader, writer = await open_raw(proxy.url)
+    writer.write(b"GET /echo/gone HTTP/1.1\r\nHost: c\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(token_server.entered.wait(), RAW_BOUND)
+    await close_raw(writer)
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "tokenproxy.access"]
+
+    await until(lambda: bool(logged()))
+    assert '"GET /echo/gone" 499 ' in logged()[0]
+    token_server.gate.set()
