@@ -15,18 +15,17 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp import hdrs, web
 
 from .access import AccessRules
 from .admin import build_admin_app
 from .config import Config, ConfigError, TokenConfig, is_loopback, parse_listen, secrets_of
-from .errors import error_response
-from .forward import Forwarder, Upstream, redirect_rewriter
+from .errors import ExpectationFailed, error_response
+from .forward import Forwarder, Upstream
 from .metrics import Metrics, TokenGauges
 from .server import ProxyRunner, ServerLimits
 from .log import setup_logging
@@ -144,6 +143,8 @@ class LiveSettings:
 
 
 LIVE = web.AppKey("live", LiveSettings)
+Entry = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+ENTRY: web.AppKey[Entry] = web.AppKey("entry")
 
 # Keys whose change needs a restart: they shape listeners, pools and TLS set up once.
 RESTART_ONLY = (
@@ -156,7 +157,6 @@ RESTART_ONLY = (
     "server.max_headers",
     "server.max_header_size",
     "server.max_request_line",
-    "upstream.rewrite_redirects",
     "upstream.connect_timeout",
     "upstream.read_timeout",
     "upstream.verify_tls",
@@ -195,6 +195,7 @@ def apply_reload(app: web.Application, old: Config, new: Config) -> list[str]:
         refresh_on=frozenset(tok.refresh_on),
         replay_limit=new.retry.replay_limit,
         drop_headers=(new.server.client_token_header,) if new.server.client_token else (),
+        rewrite_redirects=new.upstream.rewrite_redirects,
     )
     app[LIVE].rules = AccessRules.build(
         new.server.allow_from, new.server.client_token, new.server.client_token_header
@@ -238,6 +239,7 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             refresh_on=frozenset(config.token.refresh_on),
             replay_limit=config.retry.replay_limit,
             drop_headers=(config.server.client_token_header,) if config.server.client_token else (),
+            rewrite_redirects=config.upstream.rewrite_redirects,
             metrics=metrics,
         )
         try:
@@ -252,19 +254,17 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     ))
     app[LIVE] = live
 
-    async def forward(request: web.Request) -> web.StreamResponse:
-        return await request.app[FORWARDER].handle(request)
-
     async def release_waiters(app: web.Application) -> None:
         # Runs before aiohttp waits for in-flight handlers: waiting requests
         # get 503 shutting_down at once instead of holding up the shutdown.
         await app[TOKENS].close()
 
-    # Every request goes to the one handler, whatever the router makes of its
-    # target: a middleware runs even for targets no route matches (CONNECT's
-    # authority form), which the forwarder then refuses with its own answer.
-    @web.middleware
-    async def everything_to_forwarder(request: web.Request, handler: Handler) -> web.StreamResponse:  # noqa: ARG001
+    async def entry(request: web.BaseRequest) -> web.StreamResponse:
+        """Every request on the proxy port: no router, since every target goes to the forwarder."""
+        if request.version >= (1, 1) and hdrs.EXPECT in request.headers:
+            if request.headers[hdrs.EXPECT].lower() != "100-continue":
+                return error_response(ExpectationFailed("only Expect: 100-continue is understood"))
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         rules = live.rules
         if rules.active:
             refusal = rules.check(request.remote, request.headers)
@@ -273,12 +273,11 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
                 if refusal.status == 407:
                     response.headers["Proxy-Authenticate"] = 'Bearer realm="tokenproxy"'
                 return response
-        return await request.app[FORWARDER].handle(request)
+        return await app[FORWARDER].handle(request)
 
-    app.middlewares.append(everything_to_forwarder)
+    app[ENTRY] = entry
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(release_waiters)
-    app.router.add_route("*", "/{tail:.*}", forward)
     return app
 
 
@@ -287,15 +286,13 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
 
     `handler_cancellation` cancels a handler whose client went away, which
     frees its waiting place and drops its upstream request. The limits on
-    what a client may send and hold (server.py) come from `[server]`; with
-    `upstream.rewrite_redirects`, Locations naming the upstream are
-    re-pointed at the proxy as each answer is prepared.
+    what a client may send and hold (server.py) come from `[server]`. Every
+    request goes straight to the app's one entry handler (no router).
     """
     server = config.server
-    if config.upstream.rewrite_redirects:
-        app.on_response_prepare.append(redirect_rewriter(lambda: app[FORWARDER].upstream))
     return ProxyRunner(
         app,
+        handler=app[ENTRY],
         limits=ServerLimits(
             max_connections=server.max_connections,
             header_timeout=server.header_timeout,

@@ -91,6 +91,13 @@ class BadRequest(ProxyError):
     code = "bad_request"
 
 
+class ExpectationFailed(ProxyError):
+    """An `Expect` header other than 100-continue."""
+
+    status = 417
+    code = "bad_request"
+
+
 class GrantError(Exception):
     """A token endpoint failed to give a token.
 

@@ -118,26 +118,16 @@ class Upstream:
         )
 
 
-def redirect_rewriter(
-    current: Callable[[], Upstream],
-) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """An `on_response_prepare` hook for `upstream.rewrite_redirects = true`.
+def rewritten_location(upstream: Upstream, location: str, request: web.BaseRequest) -> str | None:
+    """For `upstream.rewrite_redirects`: a Location naming the upstream's own origin, re-pointed at the proxy.
 
-    A Location naming the upstream's own origin (`current()`, so a reload's
-    new URL counts) is rewritten to the address the client used to reach the
-    proxy (its Host header), so a client that follows the redirect stays
-    behind the proxy. Without a usable Host header the Location is left alone.
+    The proxy's address is the one the client used (its Host header), so a
+    client that follows the redirect stays behind the proxy. Without a usable
+    Host header, or for any other Location, None: leave it alone.
     """
-
-    async def rewrite(request: web.Request, response: web.StreamResponse) -> None:
-        location = response.headers.get(hdrs.LOCATION)
-        if location is None or not _AUTHORITY.fullmatch(request.host):
-            return
-        rewritten = current().client_location(location, f"{request.scheme}://{request.host}")
-        if rewritten is not None:
-            response.headers[hdrs.LOCATION] = rewritten
-
-    return rewrite
+    if not _AUTHORITY.fullmatch(request.host):
+        return None
+    return upstream.client_location(location, f"{request.scheme}://{request.host}")
 
 
 @contextmanager
@@ -217,9 +207,11 @@ class Forwarder:
         refresh_on: frozenset[int],
         replay_limit: int,
         drop_headers: tuple[str, ...] = (),
+        rewrite_redirects: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics
+        self._rewrite_redirects = rewrite_redirects
         self._drop = request_drop_set(drop_headers)
         self._session = session
         self._upstream = upstream
@@ -233,9 +225,16 @@ class Forwarder:
         return self._upstream
 
     def reconfigure(
-        self, upstream: Upstream, *, refresh_on: frozenset[int], replay_limit: int, drop_headers: tuple[str, ...]
+        self,
+        upstream: Upstream,
+        *,
+        refresh_on: frozenset[int],
+        replay_limit: int,
+        drop_headers: tuple[str, ...],
+        rewrite_redirects: bool,
     ) -> None:
         """Take reloaded settings; requests already under way finish with what they started with."""
+        self._rewrite_redirects = rewrite_redirects
         self._upstream = upstream
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
@@ -368,6 +367,10 @@ class Forwarder:
         try:
             out = _RelayedResponse(status=upstream.status, reason=upstream.reason)
             out.headers.extend(response_headers(upstream.raw_headers))
+            if self._rewrite_redirects and hdrs.LOCATION in out.headers:
+                location = rewritten_location(self._upstream, out.headers[hdrs.LOCATION], request)
+                if location is not None:
+                    out.headers[hdrs.LOCATION] = location
             state.started_relay = True
             await out.prepare(request)
             state.sent_status = out.status

@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -335,12 +336,29 @@ class ProxyServer(web.Server):
 class ProxyRunner(web.AppRunner):
     """An AppRunner whose server is a `ProxyServer` with the given limits."""
 
-    def __init__(self, app: web.Application, *, limits: ServerLimits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        limits: ServerLimits,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **limits.handler_kwargs(), **kwargs)
         self._limits = limits
+        self._handler = handler
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
+        if self._handler is not None:
+            # One handler for every request, with plain BaseRequests: the
+            # Application still owns the lifecycle, but its router is skipped.
+            return ProxyServer(
+                self._handler,
+                handler_cancellation=plain.handler_cancellation,
+                limits=self._limits,
+                **plain._kwargs,
+            )
         return ProxyServer(
             plain.request_handler,
             request_factory=plain.request_factory,
