@@ -25,7 +25,7 @@ from .access import AccessRules
 from .admin import build_admin_app
 from .config import Config, ConfigError, TokenConfig, is_loopback, parse_listen, secrets_of
 from .errors import ExpectationFailed, error_response
-from .forward import Forwarder, Upstream
+from .forward import Forwarder, PassThroughRequest, Upstream
 from .metrics import Metrics, TokenGauges
 from .server import ProxyRunner, ServerLimits
 from .log import setup_logging
@@ -39,8 +39,6 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 TOKENS = web.AppKey("tokens", TokenManager)
 METRICS = web.AppKey("metrics", Metrics)
 
-# Headers aiohttp's client would add on its own; a proxy sends only what the client sent.
-_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 def build_grant(token: TokenConfig) -> Grant:
@@ -226,7 +224,7 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.read_timeout),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_NO_AUTO_HEADERS,
+            request_class=PassThroughRequest,
         )
         tokens_http = token_session(config)
         metrics = app[METRICS]

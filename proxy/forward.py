@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,6 +36,9 @@ _QUEUE_CODES = frozenset({"queue_full", "queue_timeout", "shutting_down"})
 
 # The access-log status of a request whose client disconnected before its answer.
 CLIENT_CLOSED = 499
+
+# Answers with a Content-Length up to this size send their head together with their body.
+SMALL_BODY = 64 * 1024
 
 # A refresh-status answer is kept (to hand back if the refresh fails) only up to this size.
 REJECTION_BODY_LIMIT = 64 * 1024
@@ -182,6 +185,23 @@ def _fail_body_when_closed(upstream: aiohttp.ClientResponse) -> Iterator[None]:
         closed.remove_done_callback(lost)
 
 
+# Headers aiohttp's client would add on its own; a proxy sends only what the client sent.
+_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (name, None) for name in sorted(("Accept", "Accept-Encoding", "Content-Type", "User-Agent"))
+)
+
+
+class PassThroughRequest(aiohttp.ClientRequest):
+    """A client request that adds none of aiohttp's default headers (Accept, User-Agent, ...).
+
+    Same effect as `skip_auto_headers`, without building that set per request.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        """Add nothing; remember what payloads must not add either."""
+        self._skip_auto_headers = _NO_AUTO_HEADERS
+
+
 class _RelayedResponse(web.StreamResponse):
     """A StreamResponse that adds no Content-Type or Server header the upstream did not send."""
 
@@ -193,6 +213,16 @@ class _RelayedResponse(web.StreamResponse):
             self.headers.popall(hdrs.CONTENT_TYPE, None)
         if not had_server:
             self.headers.popall(hdrs.SERVER, None)
+
+
+class _SizedRelayedResponse(_RelayedResponse):
+    """For an answer of known, small length: the head waits for the first body bytes.
+
+    Head and body then leave in one write instead of two; an open-ended
+    stream (SSE, no length) keeps its head going out at once.
+    """
+
+    _send_headers_immediately = False
 
 
 class Forwarder:
@@ -365,7 +395,9 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Send the upstream's status, headers and body to the client as they arrive."""
         try:
-            out = _RelayedResponse(status=upstream.status, reason=upstream.reason)
+            length = upstream.content_length
+            relayed = _SizedRelayedResponse if length is not None and length <= SMALL_BODY else _RelayedResponse
+            out = relayed(status=upstream.status, reason=upstream.reason)
             out.headers.extend(response_headers(upstream.raw_headers))
             if self._rewrite_redirects and hdrs.LOCATION in out.headers:
                 location = rewritten_location(self._upstream, out.headers[hdrs.LOCATION], request)

@@ -1,18 +1,21 @@
 """Counters and gauges for /metrics, in Prometheus text format (prometheus-client).
 
-Owns: one registry per running proxy (no module-level state), the metric
-names, and cheap recording calls for the hot path (label children bound
-once). Gauges that describe the token manager are read at scrape time from
-a callback, so nothing is updated per request for them.
+Owns: one set of metrics per running proxy (no module-level state) and the
+metric names. Recording is a few integer additions on the event loop thread
+(no locks: everything that records runs on that one thread); prometheus-client
+renders them at scrape time through a collector, as it does the token
+manager's gauges, which are read from a callback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import bisect
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -28,12 +31,99 @@ class TokenGauges:
     generation: int | None
 
 
-class _TokenCollector(Collector):
-    def __init__(self, source: Callable[[], TokenGauges | None]) -> None:
-        self._source = source
+class Histogram:
+    """Observations counted into fixed buckets; cheap to record, rendered on scrape."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        gauges = self._source()
+    def __init__(self, buckets: Sequence[float] = _LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        """The Prometheus family: cumulative buckets, sum and count."""
+        cumulative, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+
+
+class Metrics(Collector):
+    """The proxy's metrics. Record from the event loop; read by scraping `render()`."""
+
+    def __init__(self, token_gauges: Callable[[], TokenGauges | None] = lambda: None) -> None:
+        self._token_gauges = token_gauges
+        self._requests = [0] * len(_STATUS_CLASSES)
+        self._upstream_latency = Histogram()
+        self._resends = 0
+        self._passed_through = 0
+        self._refreshes: Counter[tuple[str, str]] = Counter()
+        self._refresh_duration = Histogram()
+        self._queue_rejections: Counter[str] = Counter()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def request_done(self, status: int) -> None:
+        """Count one answered client request."""
+        self._requests[min(max(status // 100, 1), 5) - 1] += 1
+
+    def upstream_answered(self, seconds: float) -> None:
+        """Record the time to an upstream's response headers."""
+        self._upstream_latency.observe(seconds)
+
+    def resent(self) -> None:
+        """Count one resend after a renewal."""
+        self._resends += 1
+
+    def rejection_passed_through(self) -> None:
+        """Count one 401 handed to the client unchanged."""
+        self._passed_through += 1
+
+    def refresh_done(self, grant: str, result: str, seconds: float) -> None:
+        """Count one refresh (`ok` or an error code) and its duration."""
+        self._refreshes[(grant, result)] += 1
+        self._refresh_duration.observe(seconds)
+
+    def queue_rejected(self, reason: str) -> None:
+        """Count one request refused while (or instead of) waiting: queue_full, queue_timeout, shutting_down."""
+        self._queue_rejections[reason] += 1
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        """Every metric, as prometheus-client families (called on scrape)."""
+        requests = CounterMetricFamily(
+            "tokenproxy_requests", "Client requests answered, by status class.", labels=["status_class"]
+        )
+        for name, value in zip(_STATUS_CLASSES, self._requests, strict=True):
+            requests.add_metric([name], value)
+        yield requests
+        yield self._upstream_latency.family(
+            "tokenproxy_upstream_latency_seconds", "Time from sending a request upstream to its response headers."
+        )
+        yield CounterMetricFamily("tokenproxy_resends", "Requests resent with a renewed token.", value=self._resends)
+        yield CounterMetricFamily(
+            "tokenproxy_rejections_passed_through",
+            "Refresh-status answers (401) handed to the client unchanged.",
+            value=self._passed_through,
+        )
+        refreshes = CounterMetricFamily(
+            "tokenproxy_refreshes", "Token refreshes, by grant and result.", labels=["grant", "result"]
+        )
+        for (grant, result), value in sorted(self._refreshes.items()):
+            refreshes.add_metric([grant, result], value)
+        yield refreshes
+        yield self._refresh_duration.family("tokenproxy_refresh_duration_seconds", "Time a token refresh took.")
+        rejections = CounterMetricFamily(
+            "tokenproxy_queue_rejections", "Requests refused while waiting for a token, by reason.", labels=["reason"]
+        )
+        for reason in ("queue_full", "queue_timeout", "shutting_down"):
+            rejections.add_metric([reason], self._queue_rejections[reason])
+        yield rejections
+        gauges = self._token_gauges()
         if gauges is None:
             return
         yield GaugeMetricFamily(
@@ -47,73 +137,10 @@ class _TokenCollector(Collector):
             )
         if gauges.generation is not None:
             yield GaugeMetricFamily(
-                "tokenproxy_token_generation", "Successful refreshes so far (the token's generation).",
+                "tokenproxy_token_generation",
+                "Successful refreshes so far (the token's generation).",
                 value=gauges.generation,
             )
-
-
-class Metrics:
-    """The proxy's metrics. Recording is safe from any request; reading is a scrape."""
-
-    def __init__(self, token_gauges: Callable[[], TokenGauges | None] = lambda: None) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        requests = Counter(
-            "tokenproxy_requests", "Client requests answered, by status class.", ["status_class"],
-            registry=self.registry,
-        )
-        self._requests = {cls: requests.labels(cls) for cls in _STATUS_CLASSES}
-        self._upstream_latency = Histogram(
-            "tokenproxy_upstream_latency_seconds",
-            "Time from sending a request upstream to its response headers.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._resends = Counter(
-            "tokenproxy_resends", "Requests resent with a renewed token.", registry=self.registry
-        )
-        self._passed_through = Counter(
-            "tokenproxy_rejections_passed_through",
-            "Refresh-status answers (401) handed to the client unchanged.",
-            registry=self.registry,
-        )
-        self._refreshes = Counter(
-            "tokenproxy_refreshes", "Token refreshes, by grant and result.", ["grant", "result"],
-            registry=self.registry,
-        )
-        self._refresh_duration = Histogram(
-            "tokenproxy_refresh_duration_seconds", "Time a token refresh took.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
-        self._queue_rejections = Counter(
-            "tokenproxy_queue_rejections", "Requests refused while waiting for a token, by reason.", ["reason"],
-            registry=self.registry,
-        )
-        self.registry.register(_TokenCollector(token_gauges))
-
-    def request_done(self, status: int) -> None:
-        """Count one answered client request."""
-        self._requests[_STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]].inc()
-
-    def upstream_answered(self, seconds: float) -> None:
-        """Record the time to an upstream's response headers."""
-        self._upstream_latency.observe(seconds)
-
-    def resent(self) -> None:
-        """Count one resend after a renewal."""
-        self._resends.inc()
-
-    def rejection_passed_through(self) -> None:
-        """Count one 401 handed to the client unchanged."""
-        self._passed_through.inc()
-
-    def refresh_done(self, grant: str, result: str, seconds: float) -> None:
-        """Count one refresh (`ok` or an error code) and its duration."""
-        self._refreshes.labels(grant, result).inc()
-        self._refresh_duration.observe(seconds)
-
-    def queue_rejected(self, reason: str) -> None:
-        """Count one request refused while (or instead of) waiting: queue_full, queue_timeout, shutting_down."""
-        self._queue_rejections.labels(reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
