@@ -48,9 +48,8 @@ class AccessRules:
 
     def check(self, remote: str | None, headers: Mapping[str, str]) -> ProxyError | None:
         """None when the client may go on; else the error to answer (403, or 407 without a credential)."""
-        if self.allow_from:
-            if not remote or not self._address_allowed(remote):
-                return Forbidden("this client address may not use the proxy (server.allow_from)")
+        if self.allow_from and (not remote or not self._address_allowed(remote)):
+            return Forbidden("this client address may not use the proxy (server.allow_from)")
         if self.client_token:
             sent = headers.get(self.token_header)
             if sent is None:

@@ -81,7 +81,9 @@ def build_admin_app(tokens: StatusSource, metrics_text: Callable[[], bytes] | No
     if metrics_text is not None:
 
         async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=metrics_text(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+            return web.Response(
+                body=metrics_text(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+            )
 
         app.router.add_get("/metrics", metrics)
     return app

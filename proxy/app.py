@@ -26,10 +26,10 @@ from .admin import build_admin_app
 from .config import Config, ConfigError, TokenConfig, is_loopback, parse_listen, secrets_of
 from .errors import ExpectationFailed, error_response
 from .forward import Forwarder, PassThroughRequest, Upstream
+from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
+from .log import setup_logging
 from .metrics import Metrics, TokenGauges
 from .server import ProxyRunner, ServerLimits
-from .log import setup_logging
-from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
 from .store import FileStore, NullStore, Store
 from .tokens import Clock, RefreshPolicy, TokenManager, credential_id
 

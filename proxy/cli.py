@@ -117,8 +117,8 @@ def check(config_path: str | None) -> None:
     except ProxyError as error:
         click.echo(f"check: {error.code}: {error.detail}", err=True)
         sys.exit(1)
-    when = datetime.datetime.fromtimestamp(expires_at, datetime.timezone.utc).isoformat(timespec="seconds")
-    remaining = expires_at - datetime.datetime.now(datetime.timezone.utc).timestamp()
+    when = datetime.datetime.fromtimestamp(expires_at, datetime.UTC).isoformat(timespec="seconds")
+    remaining = expires_at - datetime.datetime.now(datetime.UTC).timestamp()
     click.echo(
         f"ok: grant {config.token.grant}, token {fp} (generation {generation}), "
         f"expires {when} (in {remaining:.0f}s)"

@@ -267,7 +267,7 @@ def _check_url(key: str, value: str, problems: list[str], required: bool = True)
         problems.append(f"{key}: must be an http(s) URL, got {value!r}")
         return
     try:
-        parts.port
+        _ = parts.port  # raises for a port that is not a number in range
     except ValueError:
         problems.append(f"{key}: has an invalid port, got {value!r}")
     if parts.query or parts.fragment:
@@ -403,7 +403,13 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 # Keys whose values are credentials: written out literally in a file others can read, they leak.
-SECRET_KEYS = ("token.client_secret", "token.refresh_token", "token.access_token", "token.password", "server.client_token")
+SECRET_KEYS = (
+    "token.client_secret",
+    "token.refresh_token",
+    "token.access_token",
+    "token.password",
+    "server.client_token",
+)
 
 
 def literal_secrets(raw: Mapping[str, Any]) -> list[str]:

@@ -437,7 +437,7 @@ class Forwarder:
 class _Journey:
     """What the access line reports about one request."""
 
-    __slots__ = ("resent", "generation", "started_relay", "sent_status")
+    __slots__ = ("generation", "resent", "sent_status", "started_relay")
 
     def __init__(self) -> None:
         self.resent = False

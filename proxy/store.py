@@ -6,6 +6,7 @@ file + fsync + rename, directory 0700). Knows nothing of grants or requests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -83,10 +84,8 @@ class FileStore:
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)
         except BaseException:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
             raise
         dir_fd = os.open(directory, os.O_RDONLY)
         try:

@@ -426,7 +426,7 @@ class TokenManager:
             return self._failed(GrantError("token endpoint did not answer in time"), started)
         except GrantError as exc:
             return self._failed(exc, started)
-        except Exception as exc:  # noqa: BLE001 - the task boundary: a bug must not kill waiters
+        except Exception as exc:
             logger.error(
                 "refresh failed unexpectedly (%s)", type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG)
             )

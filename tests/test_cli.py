@@ -154,10 +154,9 @@ async def test_cli_run_serves_until_sigterm(tmp_path: Path, token_server, api) -
         assert proc.stderr is not None
         match = await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+)", seen)
         url = f"http://127.0.0.1:{match.group(1)}"
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{url}/echo/cli?q=1") as resp:
-                assert resp.status == 200
-                assert (await resp.json())["raw_path"] == "/echo/cli?q=1"
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/echo/cli?q=1") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["raw_path"] == "/echo/cli?q=1"
         await read_until(proc.stderr, r'"GET /echo/cli" 200 .* resent=no gen=1', seen)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -227,9 +226,8 @@ async def test_cli_run_fetch_on_start_and_admin_listener(tmp_path: Path, token_s
         assert token_server.count == 1
         await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+)", seen)
         admin = await read_until(proc.stderr, r"admin listening on (http://127\.0\.0\.1:\d+)", seen)
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{admin.group(1)}/readyz") as resp:
-                assert resp.status == 200
+        async with aiohttp.ClientSession() as session, session.get(f"{admin.group(1)}/readyz") as resp:
+            assert resp.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 20)

@@ -33,8 +33,9 @@ def test_config_example_file_is_valid_and_complete() -> None:
     """config.example.toml parses, and names every key the schema has."""
     raw = tomllib.loads((ROOT / "config.example.toml").read_text())
     parse_config(raw, {"CLIENT_SECRET": "s", "REFRESH_TOKEN": "r"})
-    from proxy.config import Config
     import dataclasses
+
+    from proxy.config import Config
 
     def keys(cls, prefix=""):
         for f in dataclasses.fields(cls):

@@ -61,15 +61,14 @@ async def start_proxy(tmp_path: Path, token_server, api) -> AsyncIterator:
 async def test_lifecycle_sigterm_lets_a_stream_in_flight_finish(start_proxy, api) -> None:
     """SIGTERM during a streaming response: the stream completes, then the process exits 0."""
     running = await start_proxy()
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{running.url}/sse") as resp:
-            assert resp.status == 200
-            first = await resp.content.readuntil(b"\n\n")
-            assert first == b"data: first\n\n"
-            running.proc.send_signal(signal.SIGTERM)
-            await running.expect("shutting down")
-            api.sse_gate.set()
-            rest = await resp.content.read()
+    async with aiohttp.ClientSession() as session, session.get(f"{running.url}/sse") as resp:
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        assert first == b"data: first\n\n"
+        running.proc.send_signal(signal.SIGTERM)
+        await running.expect("shutting down")
+        api.sse_gate.set()
+        rest = await resp.content.read()
     assert rest == b"data: second\n\n"
     await running.finish()
     assert running.proc.returncode == 0
@@ -123,9 +122,8 @@ async def test_lifecycle_sighup_bad_config_rejected_old_stays(start_proxy, tmp_p
     path.write_text(path.read_text().replace('[upstream]\nurl = "', '[upstream]\nbogus = 1\nurl = "x'))
     running.proc.send_signal(signal.SIGHUP)
     await running.expect(r"config reload rejected, the old config stays in force: upstream\.bogus: unknown key")
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{running.url}/echo/still") as resp:
-            assert resp.status == 200
+    async with aiohttp.ClientSession() as session, session.get(f"{running.url}/echo/still") as resp:
+        assert resp.status == 200
     running.proc.send_signal(signal.SIGTERM)
     log = await running.finish()
     assert "upstream.url: must be an http(s) URL" in log
@@ -135,9 +133,8 @@ async def test_lifecycle_sighup_bad_config_rejected_old_stays(start_proxy, tmp_p
 async def test_lifecycle_json_logs_parse_line_by_line(start_proxy, token_server, tmp_path) -> None:
     """log.format = json: every line on stderr is one JSON object; access lines carry their fields."""
     running = await start_proxy('[log]\nformat = "json"\n')
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{running.url}/echo/json?secret=q") as resp:
-            assert resp.status == 200
+    async with aiohttp.ClientSession() as session, session.get(f"{running.url}/echo/json?secret=q") as resp:
+        assert resp.status == 200
     await running.expect(r'"logger": "tokenproxy.access"')
     running.proc.send_signal(signal.SIGTERM)
     log = await running.finish()
