@@ -12,38 +12,11 @@ import base64
 import gzip
 import json
 import shutil
-import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 import requests
-
-HTTPBIN = """
-import logging, sys
-logging.disable(logging.WARNING)
-from httpbin import app
-from werkzeug.serving import make_server
-server = make_server("127.0.0.1", 0, app, threaded=True)
-print(server.server_port, flush=True)
-server.serve_forever()
-"""
-
-
-@pytest.fixture
-async def httpbin() -> AsyncIterator[str]:
-    """httpbin on a free 127.0.0.1 port, for the length of one test."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HTTPBIN, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        assert proc.stdout is not None
-        port = int(await asyncio.wait_for(proc.stdout.readline(), 30))
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 @pytest.fixture
