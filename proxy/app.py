@@ -72,6 +72,11 @@ def build_grant(token: TokenConfig) -> Grant:
     )
 
 
+def credential_of(token: TokenConfig) -> str:
+    """What identifies the credential a token belongs to: grant, endpoint, client, user."""
+    return credential_id(token.grant, token.token_url or token.json.url, token.client_id, token.username)
+
+
 def build_store(token: TokenConfig) -> Store:
     """The state file store, or one that keeps nothing when `state_file` is empty."""
     return FileStore(Path(token.state_file)) if token.state_file else NullStore()
@@ -121,7 +126,7 @@ def make_token_manager(
         session,
         build_policy(config),
         refresh_token=tok.refresh_token or None,
-        credential=credential_id(tok.grant, tok.token_url or tok.json.url, tok.client_id, tok.username),
+        credential=credential_of(tok),
         clock=clock,
         metrics=metrics,
     )
@@ -185,7 +190,7 @@ def apply_reload(app: web.Application, old: Config, new: Config) -> list[str]:
         build_grant(tok),
         build_policy(new),
         refresh_token=tok.refresh_token or None,
-        credential=credential_id(tok.grant, tok.token_url or tok.json.url, tok.client_id, tok.username),
+        credential=credential_of(tok),
     )
     notes.append("current token kept" if kept else "credential changed: a new token will be fetched")
     app[FORWARDER].reconfigure(
