@@ -669,3 +669,14 @@ async def test_absolute_form_with_userinfo_gives_400(make_proxy: Any, api: FakeA
     )
     assert_proxy_error(resp.status, resp.all, resp.body, 400, "bad_request")
     assert api.requests == 0
+
+
+async def test_expect_other_than_100_continue_gets_417(make_proxy: Any, api: FakeApi) -> None:
+    """An Expect the proxy does not understand is refused with 417 and the JSON error; nothing is forwarded."""
+    proxy = await make_proxy()
+    resp = await raw_exchange(
+        proxy.url,
+        b"POST /echo/x HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    assert_proxy_error(resp.status, resp.all, resp.body, 417, "bad_request")
+    assert api.requests == 0
