@@ -39,7 +39,7 @@ class ServerConfig:
     client_token_header: str = "Proxy-Authorization"
     allow_any: bool = False
     socket_mode: int = 0o600
-    max_connections: int = 512
+    max_connections: int = 2048
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     max_headers: int = 100

@@ -44,7 +44,11 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
     )
     if done.returncode == 3:
         pytest.skip(f"the bench's tools are missing: {done.stderr.strip()[-500:]}")
@@ -79,7 +83,8 @@ def test_quick_bench_measures_every_scenario(quick_run: tuple[dict[str, Any], Pa
         for direction in ("download", "upload"):
             _assert_numbers(scen["streaming"][direction][name], ("peak_rss_mib",), f"{direction} {name}")
         _assert_numbers(
-            scen["memory"][name], ("idle_mib", "with_idle_connections_mib", "after_small_mib", "after_large_mib"),
+            scen["memory"][name],
+            ("idle_mib", "with_idle_connections_mib", "after_small_mib", "after_large_mib"),
             f"memory {name}",
         )
     storms = scen["storm"]["tokenproxy-cc"]
