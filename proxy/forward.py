@@ -110,7 +110,10 @@ class Upstream:
 
     def url_for(self, target: str) -> URL:
         """The upstream URL for an origin-form request target, path and query byte for byte."""
-        path, _, query = target.partition("?")
+        path, mark, query = target.partition("?")
+        if mark and not query:
+            # yarl cannot hold an empty query; an encoded path may end in the bare `?`.
+            path += "?"
         return URL.build(
             scheme=self.scheme,
             host=self.host,
