@@ -252,11 +252,6 @@ class Forwarder:
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
 
-    @property
-    def upstream(self) -> Upstream:
-        """Where requests go now (a reload may change it)."""
-        return self._upstream
-
     def reconfigure(
         self,
         upstream: Upstream,
@@ -299,13 +294,15 @@ class Forwarder:
             status = CLIENT_CLOSED
             raise
         finally:
+            # Once the answer has begun, its status is what the client got, even if it then hung up.
+            if state.sent_status is not None:
+                status = state.sent_status
             if self._metrics is not None:
-                self._metrics.request_done(state.sent_status if state.sent_status is not None else status)
+                self._metrics.request_done(status)
             access_line(
                 request.method,
                 request.raw_path.partition("?")[0],
-                # Once the answer has begun, its status is what the client got, even if it then hung up.
-                state.sent_status if state.sent_status is not None else status,
+                status,
                 loop.time() - started,
                 state.resent,
                 state.generation,

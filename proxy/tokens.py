@@ -197,6 +197,7 @@ class TokenManager:
         self._refresh_token = refresh_token or None
         self._token: Token | None = None
         self._generation = 0  # last generation issued; never goes back, even across a reload
+        self._login = 0  # grows when a reload changes the credential: a refresh begun before is void
         # The highest generation the upstream refused with a refresh status; 0 = none.
         self._rejected = 0
         self._refresh_task: asyncio.Task[Token | ProxyError] | None = None
@@ -245,13 +246,15 @@ class TokenManager:
         refresh token (a new login) drops the current token; the next request
         fetches one. Final failures and back-off are forgotten either way: the
         configuration they were about has changed. A refresh already in flight
-        finishes with the grant it started with.
+        finishes with the grant it started with; if the credential changed, its
+        token is discarded and its waiters get 503 token_unavailable.
         """
         seed = fingerprint(refresh_token) if refresh_token else ""
         keep = credential == self._credential and (not seed or seed == self._seed)
         self._grant = grant
         self._policy = policy
         if not keep:
+            self._login += 1
             self._credential = credential
             self._seed = seed
             self._refresh_token = refresh_token or None
@@ -419,6 +422,7 @@ class TokenManager:
 
     async def _fetch_and_publish(self) -> Token | ProxyError:
         started = self._clock()
+        login = self._login
         try:
             async with asyncio.timeout(self._policy.timeout):
                 response = await self._grant.fetch(self._session, self._refresh_token)
@@ -431,6 +435,10 @@ class TokenManager:
                 "refresh failed unexpectedly (%s)", type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG)
             )
             return self._failed(GrantError(f"internal error ({type(exc).__name__})"), started)
+        if login != self._login:
+            # A reload changed the credential while this refresh ran: its token
+            # belongs to the old one and must not be used or saved.
+            return TokenUnavailable("the configuration changed during the refresh; retry", retry_after=1)
         return await self._publish(response, started)
 
     async def _publish(self, response: TokenResponse, started: float) -> Token:

@@ -145,3 +145,28 @@ async def test_lifecycle_json_logs_parse_line_by_line(start_proxy, token_server,
     assert len(refresh) == 1
     for secret in [*token_server.issued_access, token_server.current_refresh, CLIENT_SECRET]:
         assert secret not in log
+
+
+async def test_lifecycle_reload_changing_credential_voids_refresh_in_flight(make_proxy, token_server, api, client) -> None:
+    """A reload that changes the credential while a refresh runs: that token is never sent or saved; the next request gets a new one."""
+    import dataclasses
+    from pathlib import Path
+
+    from proxy.app import apply_reload
+
+    token_server.gate = asyncio.Event()
+    proxy = await make_proxy(token={"grant": "client_credentials"})
+    waiting = asyncio.ensure_future(client.get(f"{proxy.url}/echo/during"))
+    await token_server.entered.wait()
+    new = dataclasses.replace(proxy.config, token=dataclasses.replace(proxy.config.token, username="someone-else"))
+    assert "credential changed: a new token will be fetched" in apply_reload(proxy.app, proxy.config, new)
+    token_server.gate.set()
+    resp = await waiting
+    assert resp.status == 503
+    assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+    resp.release()
+    async with client.get(f"{proxy.url}/echo/after") as after:
+        assert after.status == 200
+    voided, used = token_server.issued_access
+    assert api.tokens_seen == [used]
+    assert voided not in Path(proxy.config.token.state_file).read_text()
