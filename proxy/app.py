@@ -25,13 +25,16 @@ from .access import AccessRules
 from .admin import build_admin_app
 from .config import Config, ConfigError, TokenConfig, is_loopback, parse_listen, secrets_of
 from .errors import ExpectationFailed, error_response
-from .forward import Forwarder, PassThroughRequest, Upstream
+from .fast_client import FastClient
+from .forward import Forwarder
 from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
 from .log import setup_logging
 from .metrics import Metrics, TokenGauges
 from .server import ProxyRunner, ServerLimits
+from .session_client import SessionClient
 from .store import FileStore, NullStore, Store
 from .tokens import Clock, RefreshPolicy, TokenManager, credential_id
+from .upstream import Upstream, UpstreamClient
 
 logger = logging.getLogger("tokenproxy")
 
@@ -107,6 +110,18 @@ def ssl_context(config: Config) -> ssl.SSLContext | bool:
     return context
 
 
+def upstream_client(config: Config) -> UpstreamClient:
+    """The way to the upstream that `upstream.client` names, with its pool and timeouts."""
+    up = config.upstream
+    kind = FastClient if up.client == "fast" else SessionClient
+    return kind(
+        max_connections=up.max_connections,
+        connect_timeout=up.connect_timeout,
+        read_timeout=up.read_timeout,
+        tls=ssl_context(config),
+    )
+
+
 def token_session(config: Config) -> aiohttp.ClientSession:
     """A small session for the token endpoint: no cookie jar, its own pool."""
     return aiohttp.ClientSession(
@@ -160,11 +175,13 @@ RESTART_ONLY = (
     "server.max_headers",
     "server.max_header_size",
     "server.max_request_line",
+    "server.loop",
     "upstream.connect_timeout",
     "upstream.read_timeout",
     "upstream.verify_tls",
     "upstream.ca_file",
     "upstream.max_connections",
+    "upstream.client",
     "token.state_file",
 )
 
@@ -222,21 +239,13 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         up = config.upstream
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=up.max_connections, limit_per_host=up.max_connections, ssl=ssl_context(config)
-            ),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.read_timeout),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            request_class=PassThroughRequest,
-        )
+        client = upstream_client(config)
         tokens_http = token_session(config)
         metrics = app[METRICS]
         manager = make_token_manager(config, tokens_http, clock, metrics)
         app[TOKENS] = manager
         app[FORWARDER] = Forwarder(
-            session,
+            client,
             Upstream.parse(up.url),
             manager,
             refresh_on=frozenset(config.token.refresh_on),
@@ -249,7 +258,7 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             yield
         finally:
             await manager.close()
-            await session.close()
+            await client.close()
             await tokens_http.close()
 
     live = LiveSettings(AccessRules.build(
@@ -359,6 +368,17 @@ def _reload(app: web.Application, current: Config, reload: Callable[[], Config])
     return new
 
 
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop `server.loop` names; asyncio's own where uvloop is not installed."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.new_event_loop
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
     """Run the proxy until SIGINT or SIGTERM; a second signal stops at once; SIGHUP reloads.
 
@@ -400,7 +420,12 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
             logger.info("first token %s obtained before listening", token.fingerprint)
         url = await _start_site(runner, config.server.listen, config.server.socket_mode)
         logger.info(
-            "tokenproxy listening on %s, forwarding to %s (grant %s)", url, config.upstream.url, config.token.grant
+            "tokenproxy listening on %s, forwarding to %s (grant %s, %s client, %s loop)",
+            url,
+            config.upstream.url,
+            config.token.grant,
+            config.upstream.client,
+            "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
         )
         if config.server.admin_listen:
             admin_runner = web.AppRunner(

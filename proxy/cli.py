@@ -63,7 +63,7 @@ def main() -> None:
 )
 def run(config_path: str | None, listen: str | None, upstream: str | None, log_level: str | None) -> None:
     """Run the proxy until Ctrl-C or SIGTERM."""
-    from .app import serve
+    from .app import event_loop_factory, serve
 
     overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
     config = _load(config_path, overrides)
@@ -76,7 +76,8 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
         return load_config(find_config_path(config_path, os.environ), overrides)
 
     try:
-        asyncio.run(serve(config, reload))
+        with asyncio.Runner(loop_factory=event_loop_factory(config.server.loop)) as runner:
+            runner.run(serve(config, reload))
     except OSError as exc:
         click.echo(f"tokenproxy: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)

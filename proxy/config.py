@@ -22,6 +22,10 @@ from urllib.parse import urlsplit
 
 GRANTS = ("refresh_token", "client_credentials", "password", "json", "static")
 CLIENT_AUTHS = ("basic", "post", "none")
+# How the proxy reaches the upstream: its own lean keep-alive pool, or aiohttp's ClientSession.
+UPSTREAM_CLIENTS = ("fast", "session")
+# The event loop: uvloop where it is installed (Linux, macOS), else asyncio's own.
+EVENT_LOOPS = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -45,6 +49,7 @@ class ServerConfig:
     max_headers: int = 100
     max_header_size: int = 8190
     max_request_line: int = 8190
+    loop: str = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class UpstreamConfig:
     ca_file: str = ""
     max_connections: int = 100
     rewrite_redirects: bool = False
+    client: str = "fast"
 
 
 @dataclass(frozen=True)
@@ -306,6 +312,8 @@ def _validate(config: Config, problems: list[str]) -> None:
     if not 0 <= server.socket_mode <= 0o777:
         problems.append(f"server.socket_mode: must be a file mode like 0o600, got {server.socket_mode!r}")
 
+    if server.loop not in EVENT_LOOPS:
+        problems.append(f"server.loop: must be one of {', '.join(EVENT_LOOPS)}, got {server.loop!r}")
     if config.server.shutdown_timeout < 0:
         problems.append(f"server.shutdown_timeout: must not be negative, got {config.server.shutdown_timeout!r}")
     for name in ("header_timeout", "keepalive_timeout"):
@@ -319,6 +327,8 @@ def _validate(config: Config, problems: list[str]) -> None:
     for name in ("connect_timeout", "read_timeout"):
         if getattr(up, name) <= 0:
             problems.append(f"upstream.{name}: must be greater than 0, got {getattr(up, name)!r}")
+    if up.client not in UPSTREAM_CLIENTS:
+        problems.append(f"upstream.client: must be one of {', '.join(UPSTREAM_CLIENTS)}, got {up.client!r}")
     if up.max_connections < 1:
         problems.append(f"upstream.max_connections: must be at least 1, got {up.max_connections!r}")
     if up.ca_file and not Path(up.ca_file).expanduser().is_file():

@@ -59,17 +59,29 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _filter(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> Pairs:
+# The few drop sets in use, as lower-case bytes: names are compared without decoding them.
+_AS_BYTES: dict[frozenset[str], frozenset[bytes]] = {}
+
+
+def _bytes_of(drop: frozenset[str]) -> frozenset[bytes]:
+    found = _AS_BYTES.get(drop)
+    if found is None:
+        # Names are tokens (ASCII); Latin-1 maps any stray byte one to one.
+        found = frozenset(name.encode("latin-1", "replace") for name in drop)
+        if len(_AS_BYTES) < 64:
+            _AS_BYTES[drop] = found
+    return found
+
+
+def _kept(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> list[tuple[bytes, bytes]]:
     raw = tuple(raw)
     extra = _connection_listed(raw)
-    if extra:
-        drop = drop | extra
-    out: Pairs = []
-    for name, value in raw:
-        text = _text(name)
-        if text.lower() not in drop:
-            out.append((text, _text(value)))
-    return out
+    dropped = _bytes_of(drop | extra if extra else drop)
+    return [(name, value) for name, value in raw if name.lower() not in dropped]
+
+
+def _filter(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> Pairs:
+    return as_text(_kept(raw, drop))
 
 
 def request_drop_set(extra: Iterable[str] = ()) -> frozenset[str]:
@@ -80,6 +92,18 @@ def request_drop_set(extra: Iterable[str] = ()) -> frozenset[str]:
 def request_headers(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str] = _REQUEST_DROP) -> Pairs:
     """The client's headers that go upstream, before the proxy adds its own."""
     return _filter(raw, drop)
+
+
+def request_header_bytes(
+    raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str] = _REQUEST_DROP
+) -> list[tuple[bytes, bytes]]:
+    """The same headers as `request_headers`, as the bytes the client sent."""
+    return _kept(raw, drop)
+
+
+def as_text(pairs: Iterable[tuple[bytes, bytes]]) -> Pairs:
+    """Header bytes as the strs aiohttp writes back as the same bytes (see `_text`)."""
+    return [(_text(name), _text(value)) for name, value in pairs]
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:

@@ -15,6 +15,7 @@ import enum
 import hashlib
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from .metrics import Metrics
 from .store import SavedState, Store
 
 logger = logging.getLogger("tokenproxy.tokens")
+
+# What an access token may consist of to be sent as `Bearer <token>`: visible ASCII (RFC 6750 §2.1 is stricter).
+_SENDABLE = re.compile(r"[\x21-\x7e]+")
 
 Clock = Callable[[], float]
 
@@ -439,6 +443,9 @@ class TokenManager:
             # A reload changed the credential while this refresh ran: its token
             # belongs to the old one and must not be used or saved.
             return TokenUnavailable("the configuration changed during the refresh; retry", retry_after=1)
+        if not _SENDABLE.fullmatch(response.access_token):
+            # A control character or a space would break (or inject into) the request head.
+            return self._failed(GrantError("the access token has characters a header cannot carry"), started)
         return await self._publish(response, started)
 
     async def _publish(self, response: TokenResponse, started: float) -> Token:

@@ -85,9 +85,18 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 
+UPSTREAM_CLIENTS = ("fast", "session")
+
+
+@pytest.fixture(params=UPSTREAM_CLIENTS)
+def upstream_client(request: pytest.FixtureRequest) -> str:
+    """`upstream.client`: every test that starts a proxy runs once with each way to the upstream."""
+    return str(request.param)
+
+
 @pytest.fixture
 async def make_proxy(
-    token_server: FakeTokenServer, api: FakeApi, tmp_path: Path
+    token_server: FakeTokenServer, api: FakeApi, tmp_path: Path, upstream_client: str
 ) -> AsyncIterator[ProxyFactory]:
     """Start a proxy in front of the fake API; keyword sections override the test defaults."""
     started: list[Proxy] = []
@@ -95,7 +104,12 @@ async def make_proxy(
     async def start(clock: Callable[[], float] = time.time, **sections: dict[str, Any]) -> Proxy:
         raw = {
             "server": {"listen": "127.0.0.1:0"},
-            "upstream": {"url": api.base_url, "connect_timeout": 5.0, "read_timeout": 10.0},  # type: ignore[attr-defined]
+            "upstream": {
+                "url": api.base_url,  # type: ignore[attr-defined]
+                "connect_timeout": 5.0,
+                "read_timeout": 10.0,
+                "client": upstream_client,
+            },
             "token": {
                 "grant": "refresh_token",
                 "token_url": f"{token_server.base_url}/oauth/token",  # type: ignore[attr-defined]

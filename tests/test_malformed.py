@@ -297,10 +297,11 @@ async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[ScriptedUpst
         yield server
 
 
+# What the one log line gives as the reason (the session path's wording, or the fast path's).
 BROKEN_OFF = {
-    "reset": "could not be reached",
-    "bad_chunk": "could not be reached",
-    "stall": "read_timeout",
+    "reset": ("could not be reached", "closed the connection before its answer was complete"),
+    "bad_chunk": ("could not be reached", "answer was not valid HTTP"),
+    "stall": ("read_timeout",),
 }
 
 
@@ -327,7 +328,7 @@ async def test_upstream_breaks_off_answer_client_connection_closed_logged_once_p
 
     lines = [r for r in caplog.records if r.name.startswith("tokenproxy") and r.levelno >= logging.WARNING]
     assert len(lines) == 1
-    assert "/broken" in lines[0].getMessage() and reason in lines[0].getMessage()
+    assert "/broken" in lines[0].getMessage() and any(text in lines[0].getMessage() for text in reason)
     no_tracebacks(caplog)
 
     resp = await raw_exchange(proxy.url, b"GET /next HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")

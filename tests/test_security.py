@@ -23,7 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from proxy.config import exposed_secrets_warning, literal_secrets
-from proxy.forward import Upstream
+from proxy.upstream import Upstream
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
 from tests.test_cli import read_until, run_cli, write_config

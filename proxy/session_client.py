@@ -1,0 +1,185 @@
+"""Reaching the upstream through aiohttp's ClientSession (`upstream.client = "session"`).
+
+Owns: the one boundary where aiohttp's client errors become UpstreamUnreachable
+/ UpstreamTimeout / BadRequest, and the session options a proxy needs (no
+cookie jar, no automatic headers, no decompression, no redirects followed).
+The fallback for `fast_client.py`, and the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
+
+import aiohttp
+from aiohttp import hdrs
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
+from .headers import as_text
+from .upstream import Outgoing, RawHeaders
+
+
+@contextmanager
+def upstream_errors() -> Iterator[None]:
+    """The one place where aiohttp's client errors become our answers."""
+    try:
+        yield
+    except asyncio.TimeoutError:
+        raise UpstreamTimeout("the upstream did not answer within upstream.read_timeout") from None
+    except aiohttp.ClientError as exc:
+        if _caused_by(exc, RequestPayloadError):
+            # The client's streamed body broke off malformed while it was being sent on.
+            raise BadRequest("the request body was malformed") from None
+        raise UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})") from None
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short, bounded walk up the cause chain
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def _fail_body_when_closed(upstream: aiohttp.ClientResponse) -> Iterator[None]:
+    """Fail the body's reads if the upstream connection closes before the body ended.
+
+    aiohttp 3.14's client (C parser) closes the connection on a malformed
+    chunk but never ends the body's reader, which would hang the relay.
+    """
+    connection = upstream.connection
+    protocol = connection.protocol if connection is not None else None
+    closed = protocol.closed if protocol is not None else None
+    if closed is None:
+        yield
+        return
+
+    def lost(future: asyncio.Future[None]) -> None:
+        if not future.cancelled():
+            future.exception()
+        if not upstream.content.is_eof():
+            upstream.content.set_exception(aiohttp.ClientPayloadError("the upstream connection closed mid-body"))
+
+    closed.add_done_callback(lost)
+    try:
+        yield
+    finally:
+        closed.remove_done_callback(lost)
+
+
+# Headers aiohttp's client would add on its own; a proxy sends only what the client sent.
+_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (name, None) for name in sorted(("Accept", "Accept-Encoding", "Content-Type", "User-Agent"))
+)
+
+
+class PassThroughRequest(aiohttp.ClientRequest):
+    """A client request that adds none of aiohttp's default headers (Accept, User-Agent, ...).
+
+    Same effect as `skip_auto_headers`, without building that set per request.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        """Add nothing; remember what payloads must not add either."""
+        self._skip_auto_headers = _NO_AUTO_HEADERS
+
+
+class SessionAnswer:
+    """An UpstreamAnswer over aiohttp's ClientResponse."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        """The status code."""
+        return self._response.status
+
+    @property
+    def reason(self) -> str:
+        """The reason phrase."""
+        return self._response.reason or ""
+
+    @property
+    def raw_headers(self) -> RawHeaders:
+        """The headers as received."""
+        return self._response.raw_headers
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The headers by name."""
+        return self._response.headers
+
+    @property
+    def content_length(self) -> int | None:
+        """The announced body length, if any."""
+        return self._response.content_length
+
+    def at_eof(self) -> bool:
+        """True once the whole body has been read."""
+        return self._response.content.at_eof()
+
+    async def read(self, limit: int) -> bytes:
+        """Up to `limit` body bytes; b"" at the end."""
+        with upstream_errors(), _fail_body_when_closed(self._response):
+            return await self._response.content.read(limit)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives."""
+        with upstream_errors(), _fail_body_when_closed(self._response):
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+
+    def release(self) -> None:
+        """Back to the pool (aiohttp closes it instead if the body was not read to the end)."""
+        if not self._response.closed and not self._response.content.at_eof():
+            self._response.close()
+        self._response.release()
+
+    def close(self) -> None:
+        """Drop the connection."""
+        self._response.close()
+
+
+class SessionClient:
+    """An UpstreamClient on one shared aiohttp ClientSession with a keep-alive pool."""
+
+    def __init__(
+        self, *, max_connections: int, connect_timeout: float, read_timeout: float, tls: ssl.SSLContext | bool
+    ) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections, ssl=tls),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            request_class=PassThroughRequest,
+        )
+
+    async def send(self, request: Outgoing, authorization: str) -> SessionAnswer:
+        """Send `request`; its errors come back as ProxyError."""
+        headers = CIMultiDict(as_text(request.headers))
+        headers[hdrs.AUTHORIZATION] = authorization
+        body = request.body
+        if body.length is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(body.length)
+        data = body.data if body.data else body.stream
+        url = request.upstream.url_for(request.target)
+        with upstream_errors():
+            response = await self._session.request(
+                request.method, url, headers=headers, data=data, allow_redirects=False
+            )
+        return SessionAnswer(response)
+
+    async def close(self) -> None:
+        """Close the session and its pool."""
+        await self._session.close()
