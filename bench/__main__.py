@@ -10,6 +10,7 @@ wrk or nginx is missing and cannot be installed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -53,8 +54,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="about a second per scenario, tiny counts")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where latest.* go")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="scenarios, comma-separated")
-    parser.add_argument("--contenders", default=",".join(c.name for c in CONTENDERS), help="comma-separated")
+    parser.add_argument(
+        "--contenders",
+        default=",".join(c.name for c in CONTENDERS if c.default),
+        help="comma-separated; also: " + ", ".join(c.name for c in CONTENDERS if not c.default),
+    )
     parser.add_argument("--no-install", action="store_true", help="use what is installed, install nothing")
+    parser.add_argument("--seconds", type=int, help="length of each measured wrk run (exploring; the table uses 10)")
+    parser.add_argument("--repeats", type=int, help="runs per median (exploring; the table uses 3)")
+    parser.add_argument("--levels", help="scaling connection counts, comma-separated (exploring)")
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -126,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so everything is stopped by PID
     settings = Settings.quick_run() if args.quick else Settings.full()
+    if args.seconds is not None:
+        settings = dataclasses.replace(settings, seconds=args.seconds)
+    if args.repeats is not None:
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+    if args.levels:
+        settings = dataclasses.replace(settings, levels=tuple(int(n) for n in args.levels.split(",")))
     started = time.time()
     try:
         tools = ensure_tools(install=not args.no_install)

@@ -45,6 +45,9 @@ class Contender:
     label: str
     proxy: bool = True  # False for `direct`: there is no proxy process to measure
     refreshes: bool = False  # True when it obtains tokens from the token server
+    upstream_client: str = "fast"  # tokenproxy's `upstream.client`
+    loop: str = "uvloop"  # tokenproxy's `server.loop`
+    default: bool = True  # False: run only when named in --contenders (diagnostic variants)
 
 
 CONTENDERS: tuple[Contender, ...] = (
@@ -54,6 +57,16 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("baseline", "plain aiohttp proxy (bench/baseline_proxy.py)"),
     Contender("tokenproxy-static", "tokenproxy, static grant"),
     Contender("tokenproxy-cc", "tokenproxy, client_credentials", refreshes=True),
+    # Variants of tokenproxy-static, to measure one choice at a time.
+    Contender("tokenproxy-session", "tokenproxy, static, ClientSession path", upstream_client="session", default=False),
+    Contender("tokenproxy-asyncio", "tokenproxy, static, asyncio loop", loop="asyncio", default=False),
+    Contender(
+        "tokenproxy-session-asyncio",
+        "tokenproxy, static, ClientSession path, asyncio loop",
+        upstream_client="session",
+        loop="asyncio",
+        default=False,
+    ),
 )
 BY_NAME = {c.name: c for c in CONTENDERS}
 
@@ -91,6 +104,8 @@ def tokenproxy_toml(
     max_waiting: int = 1000,
     max_client_connections: int = 2048,
     refresh_before: float = 30.0,
+    upstream_client: str = "fast",
+    loop: str = "uvloop",
 ) -> str:
     """A tokenproxy config for the bench: quiet logs, no state file, short shutdown.
 
@@ -109,6 +124,9 @@ def tokenproxy_toml(
             f"refresh_before = {refresh_before}"
         )
     server_extra = f"max_connections = {max_client_connections}\n" if _has_key("server", "max_connections") else ""
+    if _has_key("server", "loop"):
+        server_extra += f'loop = "{loop}"\n'
+    upstream_extra = f'client = "{upstream_client}"\n' if _has_key("upstream", "client") else ""
     return f"""\
 [server]
 listen = "{HOST}:{port}"
@@ -116,7 +134,7 @@ shutdown_timeout = 2.0
 {server_extra}
 [upstream]
 url = "http://{HOST}:{upstream_port}"
-
+{upstream_extra}
 [token]
 {token}
 state_file = ""
@@ -268,7 +286,7 @@ class Stage:
             ]
             proc = start("baseline", args, log, port=port, cwd=REPO)
         else:
-            grant = "static" if contender.name == "tokenproxy-static" else "client_credentials"
+            grant = "client_credentials" if contender.refreshes else "static"
             config = self.run_dir / f"{contender.name}-{port}.toml"
             config.write_text(
                 tokenproxy_toml(
@@ -278,6 +296,8 @@ class Stage:
                     self.token_port,
                     max_waiting=max_waiting,
                     max_client_connections=max_client_connections,
+                    upstream_client=contender.upstream_client,
+                    loop=contender.loop,
                 )
             )
             args = [sys.executable, "-m", "proxy", "run", "-c", str(config)]

@@ -28,6 +28,7 @@ from .errors import ExpectationFailed, error_response
 from .fast_client import FastClient
 from .forward import Forwarder
 from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
+from .listener import BatchAcceptSite
 from .log import setup_logging
 from .metrics import Metrics, TokenGauges
 from .server import ProxyRunner, ServerLimits
@@ -333,20 +334,21 @@ def startup_warnings(config: Config) -> list[str]:
     return warnings
 
 
-async def _start_site(runner: web.BaseRunner, listen: str, socket_mode: int = 0o600) -> str:
+async def start_listener(runner: web.BaseRunner, listen: str, socket_mode: int = 0o600, backlog: int = 128) -> str:
+    """Listen on `listen`; `backlog` connections may wait to be accepted (the kernel caps it at somaxconn)."""
     if listen.startswith("unix:"):
         path = listen[len("unix:") :]
         # Create the socket with no access for others, then widen to socket_mode:
         # there is no moment when another user could connect.
         old_umask = os.umask(0o177)
         try:
-            await web.UnixSite(runner, path).start()
+            await web.UnixSite(runner, path, backlog=backlog).start()
         finally:
             os.umask(old_umask)
         os.chmod(path, socket_mode)
         return f"unix:{path}"
     host, port = parse_listen(listen)
-    site = web.TCPSite(runner, host, port)
+    site = BatchAcceptSite(runner, host, port, backlog=backlog)
     await site.start()
     bound = runner.addresses[-1] if runner.addresses else (host, port)
     return f"http://{bound[0]}:{bound[1]}" if ":" not in str(bound[0]) else f"http://[{bound[0]}]:{bound[1]}"
@@ -415,10 +417,16 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
-        if config.server.fetch_on_start:
+        # A static token costs nothing to take up front: the first burst of clients finds it
+        # ready instead of queueing (and overflowing queue.max_waiting) for it.
+        if config.server.fetch_on_start or config.token.grant == "static":
             token = await app[TOKENS].get()
             logger.info("first token %s obtained before listening", token.fingerprint)
-        url = await _start_site(runner, config.server.listen, config.server.socket_mode)
+        # A burst of new connections (a fleet of clients, a storm) waits in the accept queue
+        # instead of having its SYNs dropped and retried a second later: as deep as we may hold.
+        url = await start_listener(
+            runner, config.server.listen, config.server.socket_mode, backlog=config.server.max_connections
+        )
         logger.info(
             "tokenproxy listening on %s, forwarding to %s (grant %s, %s client, %s loop)",
             url,
@@ -432,7 +440,7 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
                 build_admin_app(lambda: app[TOKENS], app[METRICS].render), access_log=None
             )
             await admin_runner.setup()
-            admin_url = await _start_site(admin_runner, config.server.admin_listen)
+            admin_url = await start_listener(admin_runner, config.server.admin_listen)
             logger.info("admin listening on %s (/healthz /readyz /status /metrics)", admin_url)
         await stop.wait()
         logger.info("shutting down: waiting up to %gs for requests in flight", config.server.shutdown_timeout)

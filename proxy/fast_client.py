@@ -62,6 +62,7 @@ class _Connection(BaseProtocol):
         self._writer: asyncio.Task[None] | None = None
         self._body_sent = False
         self._timer: asyncio.TimerHandle | None = None
+        self._timing = False  # an exchange is waiting on the upstream
         self._read_timeout = pool.read_timeout
         self._last_read = 0.0
 
@@ -194,7 +195,7 @@ class _Connection(BaseProtocol):
 
     def finish(self) -> bool:
         """End the exchange; True when the connection can carry another request."""
-        self._stop_timer()
+        self._timing = False
         writer, self._writer = self._writer, None
         if writer is not None and not writer.done():
             self.reusable = False
@@ -223,6 +224,7 @@ class _Connection(BaseProtocol):
             self.transport.close()
 
     def _start_timer(self) -> None:
+        self._timing = True
         self._last_read = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
@@ -233,11 +235,12 @@ class _Connection(BaseProtocol):
             self._timer = None
 
     def _on_timer(self) -> None:
-        # One timer per exchange, moved on lazily: data_received only notes the time.
+        # One timer per connection, moved on lazily: an exchange and data_received only
+        # note the time, so a busy connection costs one timer per read_timeout, not per request.
         self._timer = None
         payload = self._payload
-        if payload is not None and payload.is_eof():
-            return  # the whole answer is in
+        if not self._timing or (payload is not None and payload.is_eof()):
+            return  # idle, or the whole answer is in: the next exchange re-arms it
         now = self._loop.time()
         if self._reading_paused:
             self._last_read = now  # our reader is slow, not the upstream

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import TOKENS, build_app, make_runner
+from proxy.app import TOKENS, build_app, make_runner, start_listener
 from proxy.config import Config, parse_config
 from proxy.tokens import TokenManager
 from tests.fakes.api_server import FakeApi
@@ -128,10 +128,8 @@ async def make_proxy(
         app = build_app(config, clock=clock)
         runner = make_runner(app, config)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        proxy = Proxy(f"http://127.0.0.1:{port}", config, app, runner)
+        url = await start_listener(runner, "127.0.0.1:0", backlog=config.server.max_connections)
+        proxy = Proxy(url, config, app, runner)
         started.append(proxy)
         return proxy
 

@@ -20,13 +20,17 @@ from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
 TOKENPROXY = [sys.executable, "-m", "proxy"]
 
 
-def write_config(path: Path, token_server: FakeTokenServer, api: FakeApi, state: Path, extra: str = "") -> Path:
+def write_config(
+    path: Path, token_server: FakeTokenServer, api: FakeApi, state: Path, extra: str = "", server: str = "", upstream: str = ""
+) -> Path:
     path.write_text(
         f"""
 [server]
 listen = "127.0.0.1:0"
+{server}
 [upstream]
 url = "{api.base_url}"
+{upstream}
 [token]
 grant = "refresh_token"
 token_url = "{token_server.base_url}/oauth/token"
@@ -137,9 +141,15 @@ async def test_cli_token_prints_a_valid_access_token(tmp_path: Path, token_serve
     assert out.strip() == token_server.issued_access[-1]
 
 
-async def test_cli_run_serves_until_sigterm(tmp_path: Path, token_server, api) -> None:
-    """`tokenproxy run` serves requests with the bearer, logs an access line, and exits 0 on SIGTERM."""
-    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+@pytest.mark.parametrize(("loop", "client"), [("uvloop", "fast"), ("asyncio", "session")])
+async def test_cli_run_serves_until_sigterm(tmp_path: Path, token_server, api, loop: str, client: str) -> None:
+    """`tokenproxy run` serves a burst of new connections with the bearer, logs access lines, exits 0 on SIGTERM.
+
+    With each event loop and each way to the upstream; the start line names both.
+    """
+    path = write_config(
+        tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=f'loop = "{loop}"', upstream=f'client = "{client}"'
+    )
     proc = await asyncio.create_subprocess_exec(
         *TOKENPROXY,
         "run",
@@ -152,12 +162,24 @@ async def test_cli_run_serves_until_sigterm(tmp_path: Path, token_server, api) -
     seen: list[str] = []
     try:
         assert proc.stderr is not None
-        match = await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+)", seen)
+        match = await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+).*, (\w+) client, (\w+) loop", seen)
+        assert (match.group(2), match.group(3)) == (client, loop)
         url = f"http://127.0.0.1:{match.group(1)}"
         async with aiohttp.ClientSession() as session, session.get(f"{url}/echo/cli?q=1") as resp:
             assert resp.status == 200
             assert (await resp.json())["raw_path"] == "/echo/cli?q=1"
         await read_until(proc.stderr, r'"GET /echo/cli" 200 .* resent=no gen=1', seen)
+        # 300 clients connecting at once, each on a connection of its own: every one is served.
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def one(i: int) -> tuple[int, str]:
+                async with session.get(f"{url}/echo/burst-{i}") as resp:
+                    return resp.status, (await resp.json())["raw_path"]
+
+            answers = await asyncio.gather(*(one(i) for i in range(300)))
+        assert answers == [(200, f"/echo/burst-{i}") for i in range(300)]
+        assert len(api.tokens_seen) == 301 and set(api.tokens_seen) == {token_server.issued_access[0]}
     finally:
         proc.send_signal(signal.SIGTERM)
         rest = await asyncio.wait_for(proc.stderr.read(), 20)  # type: ignore[union-attr]

@@ -142,3 +142,14 @@ def test_config_overrides_from_command_line_win(tmp_path: Path) -> None:
     config = load_config(path, {"server.listen": "127.0.0.1:9999", "upstream.url": "http://b.example"}, env={})
     assert config.server.listen == "127.0.0.1:9999"
     assert config.upstream.url == "http://b.example"
+
+
+def test_config_client_and_loop_choices_named() -> None:
+    """`upstream.client` and `server.loop` accept only their documented values; the defaults are the fast ones."""
+    problems = problems_of({"server": {"loop": "trio"}, "upstream": {"url": "http://a", "client": "curl"}, "token": {"grant": "static", "access_token": "t"}})
+    assert problems == [
+        "server.loop: must be one of uvloop, asyncio, got 'trio'",
+        "upstream.client: must be one of fast, session, got 'curl'",
+    ]
+    config = parse_config({"upstream": {"url": "http://a"}, "token": {"grant": "static", "access_token": "t"}}, {})
+    assert (config.server.loop, config.upstream.client) == ("uvloop", "fast")

@@ -14,10 +14,11 @@ ALLOWED = {
     "demo": {"app", "config"},
     "access": {"errors"},
     "app": {
-        "access", "admin", "forward", "fast_client", "session_client", "upstream", "server",
+        "access", "admin", "forward", "fast_client", "session_client", "upstream", "server", "listener",
         "tokens", "grants", "store", "config", "log", "metrics", "errors",
     },
     "server": {"errors"},
+    "listener": set(),
     "admin": {"tokens", "metrics"},
     "forward": {"upstream", "tokens", "headers", "body", "errors", "log", "metrics"},
     "fast_client": {"upstream", "errors"},
