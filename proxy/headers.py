@@ -34,14 +34,14 @@ _REQUEST_DROP: frozenset[str] = HOP_BY_HOP | {"host", "authorization", "content-
 _RESPONSE_DROP: frozenset[str] = HOP_BY_HOP
 
 
-def _connection_listed(raw: Iterable[tuple[bytes, bytes]]) -> frozenset[str]:
+def _listed_names(values: Iterable[bytes]) -> frozenset[str]:
+    """The header names that `Connection` header values list."""
     names: set[str] = set()
-    for name, value in raw:
-        if name.lower() == b"connection":
-            for token in value.decode("latin-1").split(","):
-                token = token.strip().lower()
-                if token:
-                    names.add(token)
+    for value in values:
+        for token in value.decode("latin-1").split(","):
+            token = token.strip().lower()
+            if token:
+                names.add(token)
     return frozenset(names)
 
 
@@ -74,10 +74,24 @@ def _bytes_of(drop: frozenset[str]) -> frozenset[bytes]:
 
 
 def _kept(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> list[tuple[bytes, bytes]]:
-    raw = tuple(raw)
-    extra = _connection_listed(raw)
-    dropped = _bytes_of(drop | extra if extra else drop)
-    return [(name, value) for name, value in raw if name.lower() not in dropped]
+    # One pass in the common case; a second only when a Connection header names more to drop.
+    dropped = _bytes_of(drop)
+    kept: list[tuple[bytes, bytes]] = []
+    listed: list[bytes] = []
+    for pair in raw:
+        name = pair[0].lower()
+        if name == b"connection":
+            listed.append(pair[1])
+        if name not in dropped:
+            kept.append(pair)
+    if listed and not all(value.lower() in _PLAIN_CONNECTION for value in listed):
+        extra = _bytes_of(_listed_names(listed))
+        kept = [pair for pair in kept if pair[0].lower() not in extra]
+    return kept
+
+
+# `Connection` values that name nothing beyond what is dropped anyway (the usual ones).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
 def _filter(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> Pairs:

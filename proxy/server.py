@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -160,13 +161,24 @@ _QUOTING_ERRORS: tuple[tuple[type[HttpProcessingError], str], ...] = (
 class _Handler(RequestHandler):
     """aiohttp's RequestHandler plus the header time limit, JSON refusals and connection counting."""
 
-    __slots__ = ("_counted", "_head_timer", "_server")
+    __slots__ = ("_counted", "_head_timer", "_server", "_tls")
 
     def __init__(self, server: ProxyServer, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self._server = server
         self._head_timer: asyncio.TimerHandle | None = None  # armed while a request's headers arrive
         self._counted = True  # this connection holds one of server.max_connections
+        self._tls: ssl.SSLContext | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Note the connection's TLS context once (aiohttp asks the transport again for every request)."""
+        self._tls = transport.get_extra_info("sslcontext")
+        super().connection_made(transport)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of this connection, if any."""
+        return self._tls if self.transport is not None else None
 
     def data_received(self, data: bytes) -> None:
         queued = len(self._messages)

@@ -169,6 +169,24 @@ class ManagerStatus:
     dead: str | None  # code of a final failure (login_required, token_unavailable)
 
 
+def _outcome(task: asyncio.Task[Token | ProxyError]) -> Token | ProxyError:
+    """What a finished refresh gives its waiters (it returns errors rather than raising them)."""
+    if task.cancelled():
+        return ShuttingDown("tokenproxy is shutting down")
+    error = task.exception()
+    if error is not None:
+        return TokenUnavailable(f"internal error ({type(error).__name__})")
+    return task.result()
+
+
+def _wake(waiters: set[asyncio.Future[Token | ProxyError]], outcome: Token | ProxyError) -> None:
+    """Hand `outcome` to every waiter still waiting, in one pass."""
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(outcome)
+    waiters.clear()
+
+
 class TokenManager:
     """The current token for one credential, and the one refresh that replaces it.
 
@@ -205,6 +223,10 @@ class TokenManager:
         # The highest generation the upstream refused with a refresh status; 0 = none.
         self._rejected = 0
         self._refresh_task: asyncio.Task[Token | ProxyError] | None = None
+        # The requests waiting for the refresh under way, each on a future of its own: the
+        # refresh's end wakes them in one pass (asyncio.wait on one shared task would cost
+        # O(waiters) per waiter to unhook, O(n²) in a storm of 10 000).
+        self._refresh_waiters: set[asyncio.Future[Token | ProxyError]] = set()
         self._waiting = 0
         self._failures = 0
         self._backoff_until = 0.0
@@ -278,6 +300,7 @@ class TokenManager:
         """Answer every waiter with `shutting_down` and stop a refresh in flight."""
         if not self._closing.done():
             self._closing.set_result(None)
+        _wake(self._refresh_waiters, ShuttingDown("tokenproxy is shutting down"))
         task = self._refresh_task
         if task is not None and not task.done():
             # Let a refresh that is already talking to the endpoint finish and
@@ -387,28 +410,31 @@ class TokenManager:
                 f"{self._waiting} requests already wait for a token (queue.max_waiting)", retry_after=1
             )
         if task is None:
-            task = self._start_refresh()
+            self._start_refresh()
+        waiters = self._refresh_waiters
+        waiter: asyncio.Future[Token | ProxyError] = asyncio.get_running_loop().create_future()
+        waiters.add(waiter)
         self._waiting += 1
         try:
-            done, _ = await asyncio.wait(
-                (task, self._closing), timeout=self._policy.wait_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            async with asyncio.timeout(self._policy.wait_timeout):
+                result = await waiter
+        except TimeoutError:
+            raise QueueTimeout(
+                f"no token within {self._policy.wait_timeout:g}s (queue.wait_timeout)", retry_after=1
+            ) from None
         finally:
             self._waiting -= 1
-        if task in done:
-            result = task.result()
-            if isinstance(result, ProxyError):
-                raise result.again()
-            return result
-        if self._closing.done():
-            raise ShuttingDown("tokenproxy is shutting down")
-        raise QueueTimeout(
-            f"no token within {self._policy.wait_timeout:g}s (queue.wait_timeout)", retry_after=1
-        )
+            waiters.discard(waiter)
+        if isinstance(result, ProxyError):
+            raise result.again()
+        return result
 
     def _start_refresh(self) -> asyncio.Task[Token | ProxyError]:
         task = asyncio.get_running_loop().create_task(self._refresh(), name="tokenproxy-refresh")
+        waiters: set[asyncio.Future[Token | ProxyError]] = set()
+        task.add_done_callback(lambda done: _wake(waiters, _outcome(done)))
         self._refresh_task = task
+        self._refresh_waiters = waiters
         return task
 
     async def _refresh(self) -> Token | ProxyError:
