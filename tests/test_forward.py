@@ -249,6 +249,16 @@ async def test_request_header_utf8_value_arrives_byte_for_byte(make_proxy: Any) 
     assert [v.encode("latin-1") for v in seen] == [value]
 
 
+async def test_request_header_non_utf8_value_keeps_its_characters(make_proxy: Any, upstream_client: str) -> None:
+    """An obs-text (Latin-1) value: the fast path sends its bytes unchanged; the session path its characters as UTF-8."""
+    proxy = await make_proxy()
+    resp = await raw_exchange(
+        proxy.url, b"GET /echo HTTP/1.1\r\nHost: c\r\nX-Name: caf\xe9\r\nConnection: close\r\n\r\n"
+    )
+    seen = [v.encode("latin-1") for k, v in echo_headers(resp.json()) if k == "X-Name"]
+    assert seen == ([b"caf\xe9"] if upstream_client == "fast" else ["caf\u00e9".encode()])
+
+
 async def test_request_hop_by_hop_headers_not_forwarded(make_proxy: Any) -> None:
     """Connection, Keep-Alive, TE, Trailer, Upgrade, Proxy-* and Connection-named headers stop at the proxy."""
     proxy = await make_proxy()

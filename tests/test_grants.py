@@ -190,3 +190,17 @@ async def test_grant_static_token_sent_without_token_calls(
         headers = dict((await resp.json())["headers"])
     assert headers["Authorization"] == f"Bearer {access}"
     assert token_server.count == 0
+
+
+@pytest.mark.parametrize("bad", ["two words", "line\r\nX-Injected: 1", "tab\there", "caf\u00e9"])
+async def test_grant_token_that_cannot_be_a_header_refused_never_sent(
+    make_proxy, api: FakeApi, client: aiohttp.ClientSession, bad: str
+) -> None:
+    """A token with a space, CR/LF, a control or non-ASCII character: 503 token_unavailable, nothing reaches the API."""
+    proxy = await make_proxy(token={"grant": "static", "access_token": bad})
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+        assert "header" in (await resp.json())["detail"]
+    assert api.requests == 0
