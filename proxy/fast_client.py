@@ -36,6 +36,9 @@ READ_LIMIT = 2**16
 # Seconds an unused kept-alive connection stays open (aiohttp's connector keeps them 15 s too).
 IDLE_TIMEOUT = 15.0
 
+# Connections one request may be tried on: closing ones skipped, one resend after a silent close.
+_MAX_ATTEMPTS = 4
+
 _CONNECT_TIMEOUT = "the upstream did not accept a connection within upstream.connect_timeout"
 _READ_TIMEOUT = "the upstream did not answer within upstream.read_timeout"
 _BROKE_OFF = "the upstream closed the connection before its answer was complete"
@@ -44,6 +47,10 @@ _MALFORMED = "the upstream's answer was not valid HTTP"
 
 class _ClosedUnanswered(Exception):
     """The connection closed before any byte of the answer: the request may be sent again."""
+
+
+class _NotSent(Exception):
+    """The connection was already closing when the request was to be written: nothing was sent."""
 
 
 class _Connection(BaseProtocol):
@@ -65,6 +72,11 @@ class _Connection(BaseProtocol):
         self._timing = False  # an exchange is waiting on the upstream
         self._read_timeout = pool.read_timeout
         self._last_read = 0.0
+
+    @property
+    def usable(self) -> bool:
+        """Open, and not already closing (the upstream's FIN may be in, its loss not yet reported)."""
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -100,6 +112,8 @@ class _Connection(BaseProtocol):
                 self.reusable = False
             self._payload = payload
             answer.set_result((message, payload))
+            if not self._timing:
+                self._start_timer()  # answered while the upload goes on: the upstream is now timed
         if upgraded or tail:
             self.reusable = False
 
@@ -157,7 +171,7 @@ class _Connection(BaseProtocol):
         self._body_sent = False
         transport = self.transport
         if transport is None or transport.is_closing():
-            raise _ClosedUnanswered()
+            raise _NotSent()
         body = request.body
         if body.stream is None:
             transport.write(head + body.data if body.data else head)
@@ -275,7 +289,7 @@ class _Pool:
             if not self._waiters:
                 while self._idle:
                     connection = self._idle.pop()
-                    if not connection.lost:
+                    if connection.usable:
                         return connection, True
                 if self._open < self._limit:
                     self._open += 1
@@ -283,8 +297,10 @@ class _Pool:
             handed = await self._wait_turn()
             if handed is None:  # a free place, already counted for us
                 return await self._connect(), False
-            if not handed.lost:
+            if handed.usable:
                 return handed, True
+            handed.finish()
+            self.release(handed, reusable=False)
 
     async def _wait_turn(self) -> _Connection | None:
         waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
@@ -355,7 +371,8 @@ class _Pool:
         self._place_freed()
 
     def _place_freed(self) -> None:
-        if self._waiters and self._open < self._limit and not self._closed:
+        # Also once closed: a request already waiting here finishes with the upstream it started with.
+        if self._waiters and self._open < self._limit:
             self._open += 1
             if not self._hand(None):
                 self._open -= 1
@@ -388,6 +405,11 @@ class _Pool:
             connection = self._idle.pop()
             if connection.transport is not None:
                 connection.transport.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called: no connection is kept alive any more."""
+        return self._closed
 
     @property
     def busy(self) -> bool:
@@ -491,6 +513,10 @@ def _request_head(request: Outgoing, authorization: str) -> bytes:
     return b"".join(parts)
 
 
+def _origin(upstream: Upstream) -> tuple[str, str, int]:
+    return (upstream.scheme, upstream.host, upstream.port)
+
+
 def _unverified_tls() -> ssl.SSLContext:
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -511,10 +537,20 @@ class FastClient:
         self._pools: dict[tuple[str, str, int], _Pool] = {}
         self._current: tuple[str, str, int] | None = None
 
+    def use(self, upstream: Upstream) -> None:
+        """New requests go to `upstream`; every other origin's connections close as their requests end."""
+        origin = _origin(upstream)
+        self._current = origin
+        for other, pool in list(self._pools.items()):
+            if other != origin:
+                pool.close()
+                if not pool.busy:
+                    del self._pools[other]
+
     def _pool_for(self, upstream: Upstream) -> _Pool:
-        origin = (upstream.scheme, upstream.host, upstream.port)
+        origin = _origin(upstream)
         pool = self._pools.get(origin)
-        if pool is None:
+        if pool is None or (pool.closed and origin == self._current):  # closed: a reload moved away and back
             tls: ssl.SSLContext | None = None
             if upstream.scheme == "https":
                 tls = self._tls if isinstance(self._tls, ssl.SSLContext) else _unverified_tls()
@@ -525,30 +561,30 @@ class FastClient:
                 read_timeout=self._read_timeout,
                 tls=tls,
             )
+            if origin != self._current:
+                pool.close()  # a request that started before a reload: served, nothing kept alive
             self._pools[origin] = pool
-        if origin != self._current:
-            # A reload moved the upstream: the old origin's connections close as their requests end.
-            for other, old in list(self._pools.items()):
-                if other != origin:
-                    old.close()
-                    if not old.busy:
-                        del self._pools[other]
-            self._current = origin
         return pool
 
     async def send(self, request: Outgoing, authorization: str) -> FastAnswer:
         """Send `request`; its errors come back as ProxyError."""
         pool = self._pool_for(request.upstream)
         head = _request_head(request, authorization)
-        reused = False
-        for attempt in (1, 2):
+        resent = False
+        for _ in range(_MAX_ATTEMPTS):
             connection, reused = await pool.acquire()
             try:
                 message, payload = await connection.exchange(head, request)
+            except _NotSent:
+                # Closing before a byte was written: any request may go out on another connection.
+                connection.finish()
+                pool.release(connection, reusable=False)
+                continue
             except _ClosedUnanswered:
                 connection.finish()
                 pool.release(connection, reusable=False)
-                if reused and attempt == 1 and request.may_resend:
+                if reused and not resent and request.may_resend:
+                    resent = True
                     continue
                 raise UpstreamUnreachable("the upstream closed the connection without answering") from None
             except BaseException:
@@ -556,7 +592,7 @@ class FastClient:
                 pool.release(connection, reusable=False)
                 raise
             return FastAnswer(message, payload, connection, pool)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        raise UpstreamUnreachable("the upstream kept closing its connections before a request could be sent")
 
     async def close(self) -> None:
         """Close every pooled connection."""

@@ -97,6 +97,7 @@ class Forwarder:
         self._drop = request_drop_set(drop_headers)
         self._client = client
         self._upstream = upstream
+        client.use(upstream)
         self._tokens = tokens
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
@@ -113,6 +114,7 @@ class Forwarder:
         """Take reloaded settings; requests already under way finish with what they started with."""
         self._rewrite_redirects = rewrite_redirects
         self._upstream = upstream
+        self._client.use(upstream)
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
         self._drop = request_drop_set(drop_headers)
@@ -221,7 +223,8 @@ class Forwarder:
                 if not chunk:
                     break
                 buffer += chunk
-        except ProxyError:
+        except BaseException:
+            # Failed, or cancelled (the client left): the half-read connection must not be held or pooled.
             upstream.close()
             raise
         if len(buffer) > REJECTION_BODY_LIMIT:

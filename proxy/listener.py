@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 from typing import Any
@@ -57,11 +58,14 @@ class _BatchListener:
             conn.setblocking(False)
             task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
             self._handshakes.add(task)
-            task.add_done_callback(self._handed_over)
+            task.add_done_callback(functools.partial(self._handed_over, conn))
 
-    def _handed_over(self, task: asyncio.Task[Any]) -> None:
+    def _handed_over(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
         self._handshakes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            conn.close()  # never became a transport: nothing else will close it
+        elif task.exception() is not None:
+            conn.close()
             logger.debug("a new connection failed before its first byte (%s)", type(task.exception()).__name__)
 
     def _resume(self, sock: socket.socket) -> None:

@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from .headers import as_text
-from .upstream import Outgoing, RawHeaders
+from .upstream import Outgoing, RawHeaders, Upstream
 
 
 @contextmanager
@@ -164,6 +164,9 @@ class SessionClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             request_class=PassThroughRequest,
         )
+
+    def use(self, upstream: Upstream) -> None:
+        """Nothing to do: aiohttp pools per host, and closes idle connections on its own."""
 
     async def send(self, request: Outgoing, authorization: str) -> SessionAnswer:
         """Send `request`; its errors come back as ProxyError."""

@@ -178,6 +178,12 @@ class UpstreamAnswer(Protocol):
 class UpstreamClient(Protocol):
     """One way of reaching the upstream: sends a request, hands back the answer's head."""
 
+    def use(self, upstream: Upstream) -> None:
+        """Where new requests go from now on (at start, and after a reload moved the upstream).
+
+        Requests already under way finish with the upstream they started with.
+        """
+
     async def send(self, request: Outgoing, authorization: str) -> UpstreamAnswer:
         """Send `request` with `authorization` as its Authorization header.
 
