@@ -234,8 +234,7 @@ class _Connection(BaseProtocol):
 
     def _drop(self) -> None:
         self.reusable = False
-        if self.transport is not None:
-            self.transport.close()
+        _shut(self.transport)
 
     def _start_timer(self) -> None:
         self._timing = True
@@ -323,35 +322,35 @@ class _Pool:
     async def _connect(self) -> _Connection:
         """Open a connection on a place already counted in `_open`."""
         loop = asyncio.get_running_loop()
+        connection = _Connection(loop, self)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self),
+                await loop.create_connection(
+                    lambda: connection,
                     self._host,
                     self._port,
                     ssl=self._tls,
                     server_hostname=self._host if self._tls is not None else None,
                 )
-        except TimeoutError:
-            self._open -= 1
-            self._place_freed()
-            raise UpstreamTimeout(_CONNECT_TIMEOUT) from None
-        except OSError as exc:
-            self._open -= 1
-            self._place_freed()
-            raise UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})") from None
-        except BaseException:
-            self._open -= 1
-            self._place_freed()
+        except BaseException as exc:
+            # Also when cancelled just after connection_made: the place is given back exactly once.
+            _shut(connection.transport)
+            self.forget(connection)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(_CONNECT_TIMEOUT) from None
+            if isinstance(exc, OSError):
+                raise UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})") from None
             raise
         return connection
 
     def release(self, connection: _Connection, *, reusable: bool) -> None:
         """Take a connection back after an exchange: to the next waiter, to the idle stack, or closed."""
-        if not reusable or connection.lost or self._closed:
+        if not reusable or not connection.usable or self._closed:
             connection.reusable = False
-            if connection.transport is not None:
-                connection.transport.close()  # its place is freed in forget(), when the loss is reported
+            _shut(connection.transport)
+            # Its place is free now, not when the loss is reported: a close may wait on an upstream
+            # that neither reads nor closes.
+            self.forget(connection)
             return
         if self._hand(connection):
             return
@@ -361,7 +360,7 @@ class _Pool:
             self._sweep = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._close_stale)
 
     def forget(self, connection: _Connection) -> None:
-        """A connection was lost: drop it from the idle stack and free its place."""
+        """A connection is gone or going: drop it from the idle stack and free its place (once)."""
         if not connection.counted:
             return
         connection.counted = False
@@ -405,6 +404,10 @@ class _Pool:
             connection = self._idle.pop()
             if connection.transport is not None:
                 connection.transport.close()
+
+    def reopen(self) -> None:
+        """Keep connections alive again (the upstream is current once more)."""
+        self._closed = False
 
     @property
     def closed(self) -> bool:
@@ -513,6 +516,16 @@ def _request_head(request: Outgoing, authorization: str) -> bytes:
     return b"".join(parts)
 
 
+def _shut(transport: asyncio.BaseTransport | None) -> None:
+    """Close a transport; at once (reset) if it still holds unsent bytes the upstream is not taking."""
+    if transport is None or transport.is_closing():
+        return
+    if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
+
+
 def _origin(upstream: Upstream) -> tuple[str, str, int]:
     return (upstream.scheme, upstream.host, upstream.port)
 
@@ -550,10 +563,15 @@ class FastClient:
     def _pool_for(self, upstream: Upstream) -> _Pool:
         origin = _origin(upstream)
         pool = self._pools.get(origin)
-        if pool is None or (pool.closed and origin == self._current):  # closed: a reload moved away and back
+        if pool is not None and pool.closed and origin == self._current:
+            pool.reopen()  # a reload moved away and back: keep its count, so the bound holds
+        if pool is None:
             tls: ssl.SSLContext | None = None
             if upstream.scheme == "https":
-                tls = self._tls if isinstance(self._tls, ssl.SSLContext) else _unverified_tls()
+                if isinstance(self._tls, ssl.SSLContext):
+                    tls = self._tls
+                else:
+                    tls = ssl.create_default_context() if self._tls else _unverified_tls()
             pool = _Pool(
                 upstream,
                 limit=self._limit,

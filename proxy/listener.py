@@ -50,7 +50,9 @@ class _BatchListener:
                 return
             except OSError as exc:
                 if exc.errno not in _RESOURCE_ERRORS:
-                    raise
+                    # A connection that failed while queued (EPROTO, ENETDOWN, ...): the next one may be fine.
+                    logger.debug("accept failed (%s)", exc.strerror)
+                    continue
                 logger.warning("cannot accept connections (%s); pausing for %.0f s", exc.strerror, _ACCEPT_RETRY_DELAY)
                 self._loop.remove_reader(sock.fileno())
                 self._loop.call_later(_ACCEPT_RETRY_DELAY, self._resume, sock)
