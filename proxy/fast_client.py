@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from aiohttp import ClientError, ClientPayloadError
 from aiohttp.base_protocol import BaseProtocol
@@ -154,6 +154,9 @@ class _Connection(BaseProtocol):
 
     async def exchange(self, head: bytes, request: Outgoing) -> tuple[RawResponseMessage, StreamReader]:
         """Send one request and wait for its answer's head."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise _NotSent()
         loop = self._loop
         self._parser = HttpResponseParser(
             self,
@@ -169,9 +172,6 @@ class _Connection(BaseProtocol):
         self._payload = None
         self._received = False
         self._body_sent = False
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise _NotSent()
         body = request.body
         if body.stream is None:
             transport.write(head + body.data if body.data else head)
@@ -469,7 +469,7 @@ class FastAnswer:
         except (ClientError, HttpProcessingError, OSError):
             raise UpstreamUnreachable(_BROKE_OFF) from None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives."""
         payload = self._payload
         try:

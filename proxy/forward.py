@@ -9,6 +9,7 @@ upstream is reached (an UpstreamClient: the fast pool or aiohttp's session).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -253,8 +254,9 @@ class Forwarder:
             if prefix:
                 await out.write(prefix)
             try:
-                async for chunk in upstream.chunks():
-                    await out.write(chunk)
+                async with contextlib.aclosing(upstream.chunks()) as chunks:
+                    async for chunk in chunks:
+                        await out.write(chunk)
             except ProxyError as error:
                 # The answer has begun and cannot be completed honestly: cut the connection.
                 logger.warning(
@@ -263,19 +265,16 @@ class Forwarder:
                     request.raw_path.partition("?")[0],
                     error.detail,
                 )
-                upstream.close()
                 if request.transport is not None:
                     request.transport.close()
                 return out
             except ConnectionResetError:
-                # The client went away between two writes, before its handler was cancelled.
-                upstream.close()
-                return out
+                return out  # the client went away between two writes, before its handler was cancelled
             await out.write_eof()
-            upstream.release()
             return out
         finally:
-            # Cancelled (client gone) or failed: drop the connection rather than pool it half-read.
+            # Read to the end: the connection may carry another request. Cancelled (client
+            # gone) or failed: drop it rather than pool it half-read.
             if upstream.at_eof():
                 upstream.release()
             else:

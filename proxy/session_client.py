@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import contextmanager
 
 import aiohttp
@@ -134,7 +134,7 @@ class SessionAnswer:
         with upstream_errors(), _fail_body_when_closed(self._response):
             return await self._response.content.read(limit)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives."""
         with upstream_errors(), _fail_body_when_closed(self._response):
             async for chunk in self._response.content.iter_any():

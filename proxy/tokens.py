@@ -232,7 +232,7 @@ class TokenManager:
         self._backoff_until = 0.0
         self._last_error: ProxyError | None = None
         self._dead: ProxyError | None = None
-        self._closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closing = False  # close() was called: no new waiting, no new refresh
 
     # -- start-up and shut-down -------------------------------------------------
 
@@ -298,8 +298,7 @@ class TokenManager:
 
     async def close(self) -> None:
         """Answer every waiter with `shutting_down` and stop a refresh in flight."""
-        if not self._closing.done():
-            self._closing.set_result(None)
+        self._closing = True
         _wake(self._refresh_waiters, ShuttingDown("tokenproxy is shutting down"))
         task = self._refresh_task
         if task is not None and not task.done():
@@ -389,10 +388,10 @@ class TokenManager:
     # -- internals --------------------------------------------------------------
 
     def _may_refresh(self, now: float) -> bool:
-        return self._dead is None and now >= self._backoff_until and not self._closing.done()
+        return self._dead is None and now >= self._backoff_until and not self._closing
 
     async def _await_refresh(self) -> Token:
-        if self._closing.done():
+        if self._closing:
             raise ShuttingDown("tokenproxy is shutting down")
         if self._dead is not None:
             raise self._dead.again()

@@ -10,7 +10,7 @@ Errors leave a client only as ProxyError (errors.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -165,7 +165,7 @@ class UpstreamAnswer(Protocol):
     async def read(self, limit: int) -> bytes:
         """Up to `limit` body bytes; b"" at the end."""
 
-    def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body, chunk by chunk as it arrives."""
 
     def release(self) -> None:
