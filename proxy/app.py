@@ -9,13 +9,15 @@ module reads the config objects directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
 import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -381,6 +383,25 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
+# CPython looks for reference cycles among the young objects each time 700 more are alive, and
+# among all objects whenever the survivors have grown by a quarter. Nearly everything a proxy allocates
+# is freed by reference counting, but a burst of requests in flight is a large, growing, live
+# heap: a storm of 10 000 paid 8 full scans (1.0 s of its 2.5 s) and found almost no garbage.
+# Looking every 10 000 allocations still collects cycles in steady load; a burst is not rescanned.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+@contextlib.contextmanager
+def sparing_gc() -> Iterator[None]:
+    """Collect reference cycles less eagerly for as long as the proxy serves (see GC_YOUNG_THRESHOLD)."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
     """Run the proxy until SIGINT or SIGTERM; a second signal stops at once; SIGHUP reloads.
 
@@ -388,6 +409,11 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
     503 shutting_down, let in-flight requests and streams finish for up to
     `server.shutdown_timeout` seconds, then close everything.
     """
+    with sparing_gc():
+        await _serve(config, reload)
+
+
+async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
     for warning in startup_warnings(config):
         logger.warning("%s", warning)
     app = build_app(config)
