@@ -20,6 +20,8 @@ from proxy.app import TOKENS, build_app, make_runner, start_listener
 from proxy.config import Config, parse_config
 from proxy.tokens import TokenManager
 from tests.fakes.api_server import FakeApi
+from tests.fakes.canary import Canary
+from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, PASSWORD, FakeTokenServer
 
 
@@ -40,6 +42,20 @@ async def token_server(aiohttp_server: Any) -> AsyncIterator[FakeTokenServer]:
     yield fake
     if fake.gate is not None:
         fake.gate.set()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[CountingUpstream]:
+    """A counting, echoing upstream on 127.0.0.1 (for what must, or must not, reach it)."""
+    async with CountingUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+async def canary() -> AsyncIterator[Canary]:
+    """A listener standing for another host, which must never be connected to."""
+    async with Canary() as server:
+        yield server
 
 
 @pytest.fixture
@@ -193,4 +209,4 @@ async def httpbin() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
-        await proc.wait()
+        await asyncio.wait_for(proc.communicate(), 30)  # reads its pipe to the end: wait() alone can hang on a full one

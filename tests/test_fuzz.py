@@ -16,33 +16,20 @@ import asyncio
 import json
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from tests.fakes.canary import Canary
+from tests.fakes.counting_upstream import CountingUpstream
 from tests.test_forward import raw_exchange
-from tests.test_security import Canary, CountingUpstream, no_tracebacks, open_raw
+from tests.test_security import no_tracebacks, open_raw
 
 SEED = 20261123
 CASES = 3000
 CONCURRENCY = 32
 CASE_BOUND = 2.0  # seconds a case may take before its client gives up (the proxy may rightly wait for more)
 HEADER_TIMEOUT = 1.0  # the proxy's header_timeout here: a truncated head gets its 408 within CASE_BOUND
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    """The counting upstream the fuzz cases go to."""
-    async with CountingUpstream() as server:
-        yield server
-
-
-@pytest.fixture
-async def canary() -> AsyncIterator[Canary]:
-    """The other host the fuzz cases try to reach."""
-    async with Canary() as server:
-        yield server
 
 
 class Generator:

@@ -64,7 +64,7 @@ async def oauth2_server(oauth2_mock_server_bin: Path) -> AsyncIterator[str]:
         yield await asyncio.wait_for(listening(), 30)
     finally:
         proc.terminate()
-        await proc.wait()
+        await asyncio.wait_for(proc.communicate(), 30)  # reads its pipe to the end: wait() alone can hang on a full one
 
 
 def verified_claims(token: str, issuer_url: str) -> dict[str, Any]:

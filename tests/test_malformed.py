@@ -15,16 +15,9 @@ from typing import Any, Self
 
 import pytest
 
+from tests.fakes.counting_upstream import CountingUpstream
 from tests.test_forward import RAW_BOUND, assert_proxy_error, parse_response, raw_exchange
-from tests.test_security import CountingUpstream, close_raw, no_tracebacks, open_raw, read_to_eof
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    """A counting, echoing upstream on 127.0.0.1."""
-    async with CountingUpstream() as server:
-        yield server
-
+from tests.test_security import close_raw, no_tracebacks, open_raw, read_to_eof
 
 # --- requests aiohttp's parser refuses -------------------------------------------------------
 

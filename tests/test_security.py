@@ -12,185 +12,23 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
 
 import pytest
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from proxy.config import exposed_secrets_warning, literal_secrets
 from proxy.upstream import Upstream
 from tests.fakes.api_server import FakeApi
+from tests.fakes.canary import Canary
+from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
 from tests.test_cli import read_until, run_cli, write_config
 from tests.test_forward import RAW_BOUND, assert_proxy_error, parse_response, raw_exchange
 
-# --- test servers ----------------------------------------------------------------------------
-
-
-class _CountingServer(web.Server):
-    """aiohttp's low-level server, telling its owner about every connection opened and lost."""
-
-    def __init__(self, handler: Any, owner: CountingUpstream) -> None:
-        super().__init__(handler, auto_decompress=False)  # bodies are opaque bytes, as for the proxy
-        self._owner = owner
-
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
-        self._owner.connections_changed(+1)
-
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        super().connection_lost(handler, exc)
-        self._owner.connections_changed(-1)
-
-
-class CountingUpstream:
-    """An upstream on 127.0.0.1 that counts connections and requests and echoes every request.
-
-    Any path echoes method, raw path and headers as JSON, except: a path
-    ending in `/redirect` answers 302 with the `to` query as Location;
-    `/upload` reads the body (`upload_started` on the first bytes,
-    `upload_aborted` when it breaks off); `/endless` streams until the
-    reader goes (`endless_aborted`).
-    """
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.requests = 0
-        self.hosts: list[str] = []  # the Host header of every request, in order
-        self.open = 0  # connections open now
-        self._changed: list[asyncio.Future[None]] = []
-        self.upload_started = asyncio.Event()
-        self.upload_aborted = asyncio.Event()
-        self.endless_aborted = asyncio.Event()
-        self._runner: web.ServerRunner | None = None
-
-    @property
-    def authority(self) -> str:
-        """host:port, as the proxy must name it in Host."""
-        return f"{URL(self.url).host}:{URL(self.url).port}"
-
-    async def __aenter__(self) -> Self:
-        """Listen on a free port of 127.0.0.1."""
-        self._runner = web.ServerRunner(_CountingServer(self._handle, self))
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        """Close the listener and every connection."""
-        assert self._runner is not None
-        await self._runner.cleanup()
-
-    def connections_changed(self, delta: int) -> None:
-        """Count a connection opened (+1) or lost (-1) and wake whoever waits for a change."""
-        self.open += delta
-        for waiter in self._changed:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._changed.clear()
-
-    async def wait_open(self, predicate: Callable[[int], bool], bound: float = RAW_BOUND) -> int:
-        """Wait until the number of open connections satisfies `predicate`; return it."""
-
-        async def until() -> int:
-            for _ in range(10_000):  # bounded: every pass waits for one change
-                if predicate(self.open):
-                    return self.open
-                waiter = asyncio.get_running_loop().create_future()
-                self._changed.append(waiter)
-                await waiter
-            raise AssertionError("connection count never settled")
-
-        return await asyncio.wait_for(until(), bound)
-
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        self.requests += 1
-        self.hosts.append(request.headers.get("Host", ""))
-        path = request.raw_path.partition("?")[0]
-        if path.endswith("/redirect"):
-            return web.Response(status=302, headers={"Location": request.query["to"]})
-        if path == "/upload":
-            return await self._upload(request)
-        if path == "/endless":
-            return await self._endless(request)
-        body = await request.read()
-        return web.json_response(
-            {
-                "method": request.method,
-                "raw_path": request.raw_path,
-                "host": request.headers.get("Host"),
-                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
-                "body_len": len(body),
-            }
-        )
-
-    async def _upload(self, request: web.BaseRequest) -> web.Response:
-        total = 0
-        try:
-            for _ in range(1_000_000):  # bounded; each pass reads one chunk
-                chunk = await request.content.readany()
-                if not chunk:
-                    break
-                total += len(chunk)
-                self.upload_started.set()
-        except ConnectionError:
-            self.upload_aborted.set()
-        return web.json_response({"length": total})
-
-    async def _endless(self, request: web.BaseRequest) -> web.StreamResponse:
-        response = web.StreamResponse()
-        await response.prepare(request)
-        try:
-            for _ in range(100_000):  # bounded: about 6.5 GB, far more than any test reads
-                await response.write(b"z" * 65536)
-        except ConnectionError:
-            self.endless_aborted.set()
-        return response
-
-
-class Canary:
-    """A listener standing for another host: counts every connection anybody makes to it."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.authority = ""
-
-    async def __aenter__(self) -> Self:
-        """Listen on a free port of 127.0.0.1."""
-        self.server = await asyncio.start_server(self._seen, "127.0.0.1", 0)
-        self.authority = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    def _seen(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        writer.close()
-
-    async def __aexit__(self, *exc: object) -> None:
-        """Stop listening."""
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    """A counting, echoing upstream on 127.0.0.1."""
-    async with CountingUpstream() as server:
-        yield server
-
-
-@pytest.fixture
-async def canary() -> AsyncIterator[Canary]:
-    """A listener that must never be connected to."""
-    async with Canary() as server:
-        yield server
+# --- raw connections to the proxy ---------------------------------------------------------
 
 
 async def open_raw(base_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
