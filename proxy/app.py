@@ -304,22 +304,27 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     what a client may send and hold (server.py) come from `[server]`. Every
     request goes straight to the app's one entry handler (no router).
     """
-    server = config.server
     return ProxyRunner(
         app,
         handler=app[ENTRY],
-        limits=ServerLimits(
-            max_connections=server.max_connections,
-            header_timeout=server.header_timeout,
-            keepalive_timeout=server.keepalive_timeout,
-            max_headers=server.max_headers,
-            max_header_size=server.max_header_size,
-            max_request_line=server.max_request_line,
-        ),
+        limits=server_limits(config),
         handler_cancellation=True,
         auto_decompress=False,
         access_log=None,
-        shutdown_timeout=server.shutdown_timeout,
+        shutdown_timeout=config.server.shutdown_timeout,
+    )
+
+
+def server_limits(config: Config) -> ServerLimits:
+    """What one client may send and hold, from `[server]`: the same on the proxy and the admin port."""
+    server = config.server
+    return ServerLimits(
+        max_connections=server.max_connections,
+        header_timeout=server.header_timeout,
+        keepalive_timeout=server.keepalive_timeout,
+        max_headers=server.max_headers,
+        max_header_size=server.max_header_size,
+        max_request_line=server.max_request_line,
     )
 
 
@@ -420,7 +425,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
     app = build_app(config)
     runner = make_runner(app, config)
     await runner.setup()
-    admin_runner: web.AppRunner | None = None
+    admin_runner: ProxyRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -463,8 +468,12 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
             "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
         )
         if config.server.admin_listen:
-            admin_runner = web.AppRunner(
-                build_admin_app(lambda: app[TOKENS], app[METRICS].render), access_log=None
+            # Probes and scrapes get the proxy port's limits: a slow or oversized request gets its
+            # 408/431 and a flood its 503 here too.
+            admin_runner = ProxyRunner(
+                build_admin_app(lambda: app[TOKENS], app[METRICS].render),
+                limits=server_limits(config),
+                access_log=None,
             )
             await admin_runner.setup()
             admin_url = await start_listener(admin_runner, config.server.admin_listen)

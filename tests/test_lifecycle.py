@@ -17,6 +17,8 @@ import pytest
 
 from tests.fakes.token_server import CLIENT_SECRET
 from tests.test_cli import read_until, write_config
+from tests.test_forward import RAW_BOUND, assert_proxy_error, parse_response, raw_exchange
+from tests.test_security import close_raw, open_raw, read_to_eof
 
 
 class Running:
@@ -237,3 +239,26 @@ async def test_lifecycle_a_burst_in_flight_costs_no_full_gc_scan(tmp_path: Path,
     assert answers == [(200, f"/echo/burst-{i}") for i in range(burst)]
     assert token_server.count == 1
     assert scans_after == scans_before
+
+
+async def test_lifecycle_admin_port_has_the_proxy_ports_limits(tmp_path: Path, token_server, api, start_proxy) -> None:
+    """The admin listener answers a slow request head with 408 and an oversized one with 431 (JSON),
+    as the proxy port does, and keeps answering probes meanwhile."""
+    server = 'admin_listen = "127.0.0.1:0"\nheader_timeout = 1.0\nmax_header_size = 256'
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=server)
+    proxy = await start_proxy(path=path)
+    assert proxy.proc.stderr is not None
+    admin = (await read_until(proxy.proc.stderr, r"admin listening on (http://127\.0\.0\.1:\d+)", proxy.seen)).group(1)
+
+    reader, writer = await open_raw(admin)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHo")  # and nothing more: only header_timeout can end this
+        async with aiohttp.ClientSession() as session, session.get(f"{admin}/healthz") as resp:
+            assert resp.status == 200  # a probe meanwhile is answered at once
+        slow = parse_response(await asyncio.wait_for(read_to_eof(reader), RAW_BOUND))
+    finally:
+        await close_raw(writer)
+    assert_proxy_error(slow.status, slow.all, slow.body, 408, "request_timeout")
+
+    big = await raw_exchange(admin, b"GET /status HTTP/1.1\r\nHost: c\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n")
+    assert_proxy_error(big.status, big.all, big.body, 431, "headers_too_large")
