@@ -190,12 +190,12 @@ class _Handler(RequestHandler):
                 self._head_timer = None
             if self._current_request is not None:
                 self._fail_running_body()
-        elif self._head_timer is None:
-            # Bytes that did not complete a head while the connection waits for
-            # a request: its first bytes. The rest of the head has header_timeout.
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
+        elif self._head_timer is None and not self._messages and self._current_request is None:
+            # Bytes that did not complete a head while no request is queued or being handled:
+            # the first bytes of the next head. The rest of it has header_timeout. (Not only
+            # while the connection's task waits for a request: the first packet of a new
+            # connection can arrive before that task has started, and must be timed too.)
+            self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
 
     def _fail_running_body(self) -> None:
         # The parser refused bytes while a request is being handled: they were

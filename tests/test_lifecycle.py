@@ -241,24 +241,35 @@ async def test_lifecycle_a_burst_in_flight_costs_no_full_gc_scan(tmp_path: Path,
     assert scans_after == scans_before
 
 
-async def test_lifecycle_admin_port_has_the_proxy_ports_limits(tmp_path: Path, token_server, api, start_proxy) -> None:
-    """The admin listener answers a slow request head with 408 and an oversized one with 431 (JSON),
-    as the proxy port does, and keeps answering probes meanwhile."""
-    server = 'admin_listen = "127.0.0.1:0"\nheader_timeout = 1.0\nmax_header_size = 256'
+async def test_lifecycle_both_ports_time_a_partial_first_packet_and_refuse_big_heads(
+    tmp_path: Path, token_server, api, start_proxy
+) -> None:
+    """On the proxy port and the admin port alike: a new connection whose first packet is an
+    incomplete head, then silence, gets 408 after header_timeout (that packet can arrive before the
+    connection's request loop has started); an oversized header gets 431; probes are answered meanwhile.
+    """
+    server = 'admin_listen = "127.0.0.1:0"\nheader_timeout = 0.5\nmax_header_size = 256'
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=server)
     proxy = await start_proxy(path=path)
     assert proxy.proc.stderr is not None
     admin = (await read_until(proxy.proc.stderr, r"admin listening on (http://127\.0\.0\.1:\d+)", proxy.seen)).group(1)
 
-    reader, writer = await open_raw(admin)
-    try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHo")  # and nothing more: only header_timeout can end this
+    async def stalled(url: str) -> bytes:
+        reader, writer = await open_raw(url)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: c\r\nX-Half: ")  # and nothing more
+            return await asyncio.wait_for(read_to_eof(reader), RAW_BOUND)
+        finally:
+            await close_raw(writer)
+
+    for url in (proxy.url, admin) * 6:  # fresh connections each time: the race is at a connection's start
+        waiting = asyncio.ensure_future(stalled(url))
         async with aiohttp.ClientSession() as session, session.get(f"{admin}/healthz") as resp:
             assert resp.status == 200  # a probe meanwhile is answered at once
-        slow = parse_response(await asyncio.wait_for(read_to_eof(reader), RAW_BOUND))
-    finally:
-        await close_raw(writer)
-    assert_proxy_error(slow.status, slow.all, slow.body, 408, "request_timeout")
+        slow = parse_response(await waiting)
+        assert_proxy_error(slow.status, slow.all, slow.body, 408, "request_timeout")
 
-    big = await raw_exchange(admin, b"GET /status HTTP/1.1\r\nHost: c\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n")
-    assert_proxy_error(big.status, big.all, big.body, 431, "headers_too_large")
+    for url in (proxy.url, admin):
+        big = await raw_exchange(url, b"GET /status HTTP/1.1\r\nHost: c\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n")
+        assert_proxy_error(big.status, big.all, big.body, 431, "headers_too_large")
+    assert api.tokens_seen == []  # nothing reached the upstream
