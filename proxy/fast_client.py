@@ -127,7 +127,10 @@ class _Connection(BaseProtocol):
         self.reusable = False
         self._stop_timer()
         parser, payload = self._parser, self._payload
-        if parser is not None:
+        if parser is not None and exc is not None and payload is not None and not payload.is_eof():
+            # Reset, not closed: a body that runs until the close broke off rather than ended.
+            self._fail(UpstreamUnreachable(_BROKE_OFF))
+        elif parser is not None:
             try:
                 parser.feed_eof()  # completes a body that runs until the connection closes
             except (HttpProcessingError, ValueError):

@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import json
 import socket
+import struct
 from typing import Any
 
 import aiohttp
+import pytest
 from yarl import URL
 
 from tests.fakes.raw_upstream import RawUpstream, Request, answer
@@ -455,3 +457,34 @@ async def test_request_head_utf8_value_and_repeated_headers_arrive_byte_for_byte
     assert [(k, v) for k, v in request.headers if k.lower() not in proxy_own] == sent
     for name, value in sent:
         assert b"\r\n" + name + b": " + value + b"\r\n" in request.head
+
+
+async def test_body_until_close_cut_by_a_reset_reaches_client_cut_not_complete(
+    make_proxy: Any, client: aiohttp.ClientSession, upstream_client: str
+) -> None:
+    """An answer framed by the connection's end (no length, not chunked) is complete when the upstream
+    closes; when it resets the connection mid-body instead, the client's answer is broken off too.
+
+    A clean close after such a body still ends it normally (checked first).
+    """
+    if upstream_client == "session":
+        pytest.skip("aiohttp's ClientSession counts a reset after a body framed by the close as its end")
+    reset = asyncio.Event()
+
+    async def until_close(request: Request) -> bool:
+        await request.conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 1000)
+        if request.target == "/reset":
+            await asyncio.wait_for(reset.wait(), RAW_BOUND)  # the client has the head: the relay is under way
+            sock = request.conn.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.conn.writer.transport.abort()  # linger 0: a reset, not a close
+        return False  # otherwise: close cleanly, which ends the body
+
+    async with RawUpstream(until_close) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        assert await get(client, f"{proxy.url}/close") == (200, b"x" * 1000)
+        async with client.get(f"{proxy.url}/reset") as resp:
+            assert resp.status == 200
+            reset.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(resp.read(), RAW_BOUND)
