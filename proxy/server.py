@@ -161,12 +161,13 @@ _QUOTING_ERRORS: tuple[tuple[type[HttpProcessingError], str], ...] = (
 class _Handler(RequestHandler):
     """aiohttp's RequestHandler plus the header time limit, JSON refusals and connection counting."""
 
-    __slots__ = ("_counted", "_head_timer", "_server", "_tls")
+    __slots__ = ("_counted", "_head_timer", "_heads_seen", "_server", "_tls")
 
     def __init__(self, server: ProxyServer, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self._server = server
         self._head_timer: asyncio.TimerHandle | None = None  # armed while a request's headers arrive
+        self._heads_seen = False  # whether any request head has been complete on this connection
         self._counted = True  # this connection holds one of server.max_connections
         self._tls: ssl.SSLContext | None = None
 
@@ -185,17 +186,20 @@ class _Handler(RequestHandler):
         super().data_received(data)
         if len(self._messages) > queued:
             # A request head is complete (or refused): its time limit is met.
+            self._heads_seen = True
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
             if self._current_request is not None:
                 self._fail_running_body()
-        elif self._head_timer is None and not self._messages and self._current_request is None:
-            # Bytes that did not complete a head while no request is queued or being handled:
-            # the first bytes of the next head. The rest of it has header_timeout. (Not only
-            # while the connection's task waits for a request: the first packet of a new
-            # connection can arrive before that task has started, and must be timed too.)
-            self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
+        elif self._head_timer is None:
+            # Bytes that did not complete a head while the connection waits for a request,
+            # or before its first head: its first bytes. The rest of the head has
+            # header_timeout. (A new connection's first packet can arrive before its request
+            # loop has started waiting, and must be timed all the same.)
+            waiter = self._waiter
+            if not self._heads_seen or (waiter is not None and not waiter.done()):
+                self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
 
     def _fail_running_body(self) -> None:
         # The parser refused bytes while a request is being handled: they were
