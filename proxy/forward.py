@@ -251,9 +251,17 @@ class Forwarder:
             state.started_relay = True
             await out.prepare(request)
             state.sent_status = out.status
-            if prefix:
-                await out.write(prefix)
             try:
+                if relayed is _SizedRelayedResponse and not prefix:
+                    # Small and sized: when the first read is the whole body (the usual case),
+                    # head and body leave in one write and no streaming is set up; a body
+                    # still arriving streams on from there.
+                    prefix = await upstream.read(SMALL_BODY + 1)
+                    if upstream.at_eof():
+                        await out.write_eof(prefix)
+                        return out
+                if prefix:
+                    await out.write(prefix)
                 async with contextlib.aclosing(upstream.chunks()) as chunks:
                     async for chunk in chunks:
                         await out.write(chunk)

@@ -488,3 +488,23 @@ async def test_body_until_close_cut_by_a_reset_reaches_client_cut_not_complete(
             reset.set()
             with pytest.raises(aiohttp.ClientPayloadError):
                 await asyncio.wait_for(resp.read(), RAW_BOUND)
+
+
+async def test_small_sized_answer_still_arriving_streams_on(make_proxy: Any, client: aiohttp.ClientSession) -> None:
+    """A small answer with a Content-Length whose body is still arriving is not held back until it is
+    whole: its first bytes reach the client while the upstream waits to send the rest."""
+    rest = asyncio.Event()
+
+    async def in_two_parts(request: Request) -> bool:
+        await request.conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await asyncio.wait_for(rest.wait(), RAW_BOUND)
+        await request.conn.send(b"-last")
+        return True
+
+    async with RawUpstream(in_two_parts) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        async with client.get(f"{proxy.url}/slow") as resp:
+            assert resp.headers["Content-Length"] == "10"
+            assert await asyncio.wait_for(resp.content.readexactly(5), RAW_BOUND) == b"first"
+            rest.set()
+            assert await asyncio.wait_for(resp.read(), RAW_BOUND) == b"-last"
