@@ -29,7 +29,7 @@ _ENTRY_FRAMES = (
     "click/",
     "asyncio/runners.py",
     "proxy/__main__.py",
-    "proxy/cli.py",
+    "proxy/cli/",
     "run_forever",
     "run_until_complete",
     "_run_once",

@@ -1,5 +1,5 @@
 """`python -m proxy` is the `tokenproxy` command."""
 
-from .cli import main
+from .cli.main import main
 
 main(prog_name="tokenproxy")

@@ -16,9 +16,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import TOKENS, build_app, make_runner, start_listener
-from proxy.config import Config, parse_config
-from proxy.tokens import TokenManager
+from proxy.config.load import Config, parse_config
+from proxy.runtime.app import TOKENS, build_app, make_runner, start_listener
+from proxy.tokens.manager import TokenManager
 from tests.fakes.api_server import FakeApi
 from tests.fakes.canary import Canary
 from tests.fakes.counting_upstream import CountingUpstream

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from proxy.admin import build_admin_app
+from proxy.http.admin import build_admin_app
 
 
 async def start_admin(aiohttp_server, proxy) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config, parse_config
+from proxy.config.load import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {"upstream": {"url": "https://api.example.com"}, "token": {"grant": "static", "access_token": "abc"}}
@@ -35,7 +35,7 @@ def test_config_example_file_is_valid_and_complete() -> None:
     parse_config(raw, {"CLIENT_SECRET": "s", "REFRESH_TOKEN": "r"})
     import dataclasses
 
-    from proxy.config import Config
+    from proxy.config.load import Config
 
     def keys(cls, prefix=""):
         for f in dataclasses.fields(cls):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.headers import challenge_error, request_headers, response_headers
+from proxy.http.headers import challenge_error, request_headers, response_headers
 
 HOP_BY_HOP = [
     "Connection",

@@ -8,7 +8,7 @@ import logging
 
 import jwt
 
-from proxy.log import JsonFormatter, RedactingFilter, fingerprint, redact
+from proxy.observe.log import JsonFormatter, RedactingFilter, fingerprint, redact
 
 A_JWT = jwt.encode({"sub": "x", "exp": 2_000_000_000}, "k" * 32, algorithm="HS256")
 

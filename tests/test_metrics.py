@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin import build_admin_app
-from proxy.app import METRICS
+from proxy.http.admin import build_admin_app
+from proxy.runtime.app import METRICS
 
 
 async def scrape(client: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

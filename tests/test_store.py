@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.store import FileStore, SavedState
+from proxy.tokens.store import FileStore, SavedState
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import FakeTokenServer
 

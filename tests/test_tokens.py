@@ -5,8 +5,8 @@ from __future__ import annotations
 import jwt
 import pytest
 
-from proxy.grants import TokenResponse
-from proxy.tokens import Renewal, backoff_delay, decide_renewal, expiry_of, make_token
+from proxy.auth.grants import TokenResponse
+from proxy.tokens.manager import Renewal, backoff_delay, decide_renewal, expiry_of, make_token
 
 NOW = 1_700_000_000.0
 

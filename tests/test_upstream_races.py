@@ -22,8 +22,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from proxy.app import METRICS, apply_reload
-from proxy.config import Config
+from proxy.config.load import Config
+from proxy.runtime.app import METRICS, apply_reload
 from tests.fakes.raw_upstream import RawUpstream, Request, answer
 from tests.fakes.token_server import FakeClock, FakeTokenServer, until
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-Pairs = list[tuple[str, str]]
+from ..upstream.model import Pairs, as_text
 
 HOP_BY_HOP: frozenset[str] = frozenset(
     {
@@ -43,20 +43,6 @@ def _listed_names(values: Iterable[bytes]) -> frozenset[str]:
             if token:
                 names.add(token)
     return frozenset(names)
-
-
-def _text(raw: bytes) -> str:
-    """Header bytes as the str that aiohttp will write back as the same bytes.
-
-    aiohttp serialises header strings as UTF-8, so UTF-8 (and ASCII) bytes
-    are decoded as UTF-8 and cross unchanged. Bytes that are not UTF-8 have
-    no such str; they are read as Latin-1 (obs-text), so the value keeps its
-    characters though its bytes are re-encoded.
-    """
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
 
 
 # The few drop sets in use, as lower-case bytes: names are compared without decoding them.
@@ -113,11 +99,6 @@ def request_header_bytes(
 ) -> list[tuple[bytes, bytes]]:
     """The same headers as `request_headers`, as the bytes the client sent."""
     return _kept(raw, drop)
-
-
-def as_text(pairs: Iterable[tuple[bytes, bytes]]) -> Pairs:
-    """Header bytes as the strs aiohttp writes back as the same bytes (see `_text`)."""
-    return [(_text(name), _text(value)) for name, value in pairs]
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:

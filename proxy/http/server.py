@@ -46,7 +46,8 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from .errors import BadRequest, ProxyError, error_response
+from ..core.errors import BadRequest, ProxyError
+from .render import error_response
 
 logger = logging.getLogger("tokenproxy.server")
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import aiohttp
 import jwt
 
-from .errors import (
+from ..auth.grants import Grant, TokenResponse
+from ..core.errors import (
     GrantError,
     LoginRequired,
     ProxyError,
@@ -32,9 +33,8 @@ from .errors import (
     ShuttingDown,
     TokenUnavailable,
 )
-from .grants import Grant, TokenResponse
-from .log import fingerprint
-from .metrics import Metrics
+from ..observe.log import fingerprint
+from ..observe.metrics import Metrics
 from .store import SavedState, Store
 
 logger = logging.getLogger("tokenproxy.tokens")

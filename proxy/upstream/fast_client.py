@@ -27,8 +27,8 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
-from .errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
-from .upstream import BODYLESS_METHODS, Outgoing, RawHeaders, Upstream
+from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from .model import BODYLESS_METHODS, Outgoing, RawHeaders, Upstream
 
 # The answer's StreamReader pauses the socket above twice this many buffered bytes (aiohttp's own default).
 READ_LIMIT = 2**16

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .errors import GrantError
+from ..core.errors import GrantError
 
 # OAuth error codes that retrying with the same configuration cannot fix.
 FINAL_OAUTH_ERRORS = frozenset(

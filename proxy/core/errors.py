@@ -1,15 +1,12 @@
 """The few errors tokenproxy answers itself, each mapped to one HTTP answer.
 
-Owns: the exception types and the one function that renders them. Must not
-know about tokens, grants or the request journey. No message ever carries a
+Owns: the exception types, each with its status and code (http/render.py
+renders them). Must not know about tokens, grants, the request journey or
+aiohttp. No message ever carries a
 token or a secret: callers build the detail from codes and fingerprints only.
 """
 
 from __future__ import annotations
-
-import json
-
-from aiohttp import web
 
 
 class ProxyError(Exception):
@@ -121,16 +118,3 @@ class GrantError(Exception):
         self.final = final
         self.rejected = rejected
 
-
-def error_response(error: ProxyError) -> web.Response:
-    """Render a ProxyError as tokenproxy's JSON answer."""
-    headers = {"X-Tokenproxy-Error": error.code}
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(max(1, error.retry_after))
-    body = json.dumps({"error": error.code, "detail": error.detail})
-    return web.Response(
-        status=error.status,
-        body=body.encode(),
-        content_type="application/json",
-        headers=headers,
-    )

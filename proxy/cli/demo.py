@@ -23,8 +23,8 @@ import aiohttp
 import jwt
 from aiohttp import web
 
-from .app import build_app, make_runner
-from .config import parse_config
+from ..config.load import parse_config
+from ..runtime.app import build_app, make_runner
 
 logger = logging.getLogger("tokenproxy.demo")
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .tokens import ManagerStatus, TokenManager
+from ..tokens.manager import ManagerStatus, TokenManager
 
 StatusSource = Callable[[], TokenManager]
 

@@ -8,28 +8,14 @@ most that much) is held in memory; a larger one is never held whole.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
-from .errors import BadRequest
+from ..core.errors import BadRequest
+from ..upstream.model import RequestBody
 
 CHUNK = 64 * 1024
-
-
-@dataclass(frozen=True)
-class RequestBody:
-    """What will be sent upstream as the body, and whether it can be sent twice."""
-
-    data: bytes | None  # the whole body when it is replayable
-    stream: AsyncIterator[bytes] | None  # the body when it is not
-    length: int | None  # the Content-Length to send, when known
-
-    @property
-    def replayable(self) -> bool:
-        """True when the body can be sent again after a refresh."""
-        return self.stream is None
 
 
 async def _stream(prefix: bytes, content: StreamReader) -> AsyncIterator[bytes]:

@@ -23,21 +23,22 @@ from pathlib import Path
 import aiohttp
 from aiohttp import hdrs, web
 
-from .access import AccessRules
-from .admin import build_admin_app
-from .config import Config, ConfigError, TokenConfig, is_loopback, parse_listen, secrets_of
-from .errors import ExpectationFailed, error_response
-from .fast_client import FastClient
-from .forward import Forwarder
-from .grants import Grant, JsonGrant, OAuthGrant, StaticGrant
-from .listener import BatchAcceptSite
-from .log import setup_logging
-from .metrics import Metrics, TokenGauges
-from .server import ProxyRunner, ServerLimits
-from .session_client import SessionClient
-from .store import FileStore, NullStore, Store
-from .tokens import Clock, RefreshPolicy, TokenManager, credential_id
-from .upstream import Upstream, UpstreamClient
+from ..auth.grants import Grant, JsonGrant, OAuthGrant, StaticGrant
+from ..config.load import Config, ConfigError, TokenConfig, is_loopback, parse_listen, secrets_of
+from ..core.errors import ExpectationFailed
+from ..http.access import AccessRules
+from ..http.admin import build_admin_app
+from ..http.forward import Forwarder
+from ..http.listener import BatchAcceptSite
+from ..http.render import error_response
+from ..http.server import ProxyRunner, ServerLimits
+from ..observe.log import setup_logging
+from ..observe.metrics import Metrics, TokenGauges
+from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
+from ..tokens.store import FileStore, NullStore, Store
+from ..upstream.fast_client import FastClient
+from ..upstream.model import Upstream, UpstreamClient
+from ..upstream.session_client import SessionClient
 
 logger = logging.getLogger("tokenproxy")
 

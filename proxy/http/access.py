@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import Forbidden, ProxyError
+from ..core.errors import Forbidden, ProxyError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

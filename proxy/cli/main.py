@@ -12,9 +12,9 @@ from typing import Any, NoReturn
 
 import click
 
-from .config import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
-from .errors import ProxyError
-from .log import setup_logging
+from ..config.load import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
+from ..core.errors import ProxyError
+from ..observe.log import setup_logging
 
 
 def _fail_config(error: ConfigError) -> NoReturn:
@@ -63,7 +63,7 @@ def main() -> None:
 )
 def run(config_path: str | None, listen: str | None, upstream: str | None, log_level: str | None) -> None:
     """Run the proxy until Ctrl-C or SIGTERM."""
-    from .app import event_loop_factory, serve
+    from ..runtime.app import event_loop_factory, serve
 
     overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
     config = _load(config_path, overrides)
@@ -91,7 +91,7 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
 
 
 async def _one_token(config: Config) -> tuple[str, float, str, int]:
-    from .app import make_token_manager, token_session
+    from ..runtime.app import make_token_manager, token_session
 
     session = token_session(config)
     try:

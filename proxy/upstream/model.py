@@ -10,14 +10,15 @@ Errors leave a client only as ProxyError (errors.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from .body import RequestBody
+# Header pairs as aiohttp's writers take them.
+Pairs = list[tuple[str, str]]
 
 # Raw header pairs, as aiohttp's parsers hand them over.
 RawHeaders = tuple[tuple[bytes, bytes], ...]
@@ -29,6 +30,39 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 # Methods sent without any body framing when they carry no body; every other one
 # states `Content-Length: 0`, as aiohttp's client does (some servers answer 411 otherwise).
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+@dataclass(frozen=True)
+class RequestBody:
+    """What will be sent upstream as the body, and whether it can be sent twice."""
+
+    data: bytes | None  # the whole body when it is replayable
+    stream: AsyncIterator[bytes] | None  # the body when it is not
+    length: int | None  # the Content-Length to send, when known
+
+    @property
+    def replayable(self) -> bool:
+        """True when the body can be sent again after a refresh."""
+        return self.stream is None
+
+
+def header_text(raw: bytes) -> str:
+    """Header bytes as the str that aiohttp will write back as the same bytes.
+
+    aiohttp serialises header strings as UTF-8, so UTF-8 (and ASCII) bytes
+    are decoded as UTF-8 and cross unchanged. Bytes that are not UTF-8 have
+    no such str; they are read as Latin-1 (obs-text), so the value keeps its
+    characters though its bytes are re-encoded.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def as_text(pairs: Iterable[tuple[bytes, bytes]]) -> Pairs:
+    """Header bytes as the strs aiohttp writes back as the same bytes (see `header_text`)."""
+    return [(header_text(name), header_text(value)) for name, value in pairs]
 
 
 @dataclass(frozen=True)

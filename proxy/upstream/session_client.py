@@ -18,9 +18,8 @@ from aiohttp import hdrs
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
-from .headers import as_text
-from .upstream import Outgoing, RawHeaders, Upstream
+from ..core.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
+from .model import Outgoing, RawHeaders, Upstream, as_text
 
 
 @contextmanager

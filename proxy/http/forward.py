@@ -17,13 +17,14 @@ import time
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
+from ..core.errors import BadRequest, ProxyError
+from ..observe.log import access_line
+from ..observe.metrics import Metrics
+from ..tokens.manager import Token, TokenManager
+from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 from .body import read_body
-from .errors import BadRequest, ProxyError, error_response
 from .headers import challenge_error, request_drop_set, request_header_bytes, response_headers
-from .log import access_line
-from .metrics import Metrics
-from .tokens import Token, TokenManager
-from .upstream import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
+from .render import error_response
 
 logger = logging.getLogger("tokenproxy.forward")
 

@@ -1,0 +1,1 @@
+"""How a token is obtained: the grants and their one call to a token endpoint."""

@@ -1,0 +1,1 @@
+"""Configuration: TOML into frozen dataclasses, `${ENV}`, validation naming the key."""

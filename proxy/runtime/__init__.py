@@ -1,0 +1,4 @@
+"""The composition root: config to routes to listeners; reload; signals.
+
+Only the CLI imports it.
+"""

@@ -1,0 +1,1 @@
+"""One token manager per credential: cache, single flight, bounded waiting, failure state, stores."""
