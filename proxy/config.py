@@ -45,6 +45,7 @@ class ServerConfig:
     socket_mode: int = 0o600
     max_connections: int = 2048
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     max_headers: int = 100
     max_header_size: int = 8190
@@ -119,6 +120,7 @@ class RetryConfig:
     """What can be resent after a refresh."""
 
     replay_limit: int = 1048576
+    replay_memory: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,7 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(f"server.loop: must be one of {', '.join(EVENT_LOOPS)}, got {server.loop!r}")
     if config.server.shutdown_timeout < 0:
         problems.append(f"server.shutdown_timeout: must not be negative, got {config.server.shutdown_timeout!r}")
-    for name in ("header_timeout", "keepalive_timeout"):
+    for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
         if getattr(server, name) <= 0:
             problems.append(f"server.{name}: must be greater than 0, got {getattr(server, name)!r}")
     for name, least in (("max_connections", 1), ("max_headers", 1), ("max_header_size", 64), ("max_request_line", 64)):
@@ -380,8 +382,9 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(f"queue.max_waiting: must not be negative, got {config.queue.max_waiting!r}")
     if config.queue.wait_timeout <= 0:
         problems.append(f"queue.wait_timeout: must be greater than 0, got {config.queue.wait_timeout!r}")
-    if config.retry.replay_limit < 0:
-        problems.append(f"retry.replay_limit: must not be negative, got {config.retry.replay_limit!r}")
+    for name in ("replay_limit", "replay_memory"):
+        if getattr(config.retry, name) < 0:
+            problems.append(f"retry.{name}: must not be negative, got {getattr(config.retry, name)!r}")
     if config.log.level not in LOG_LEVELS:
         problems.append(f"log.level: must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
     if config.log.format not in LOG_FORMATS:

@@ -17,11 +17,12 @@ import time
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from .body import read_body
+from .body import ReplayMemory, read_body
 from .errors import BadRequest, ProxyError, error_response
 from .headers import challenge_error, request_drop_set, request_header_bytes, response_headers
 from .log import access_line
 from .metrics import Metrics
+from .server import BODY_TIMED_OUT, RequestTimeout
 from .tokens import Token, TokenManager
 from .upstream import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 
@@ -89,6 +90,8 @@ class Forwarder:
         *,
         refresh_on: frozenset[int],
         replay_limit: int,
+        replay_memory: int,
+        replay_wait: float = 0.0,
         drop_headers: tuple[str, ...] = (),
         rewrite_redirects: bool = False,
         metrics: Metrics | None = None,
@@ -102,6 +105,8 @@ class Forwarder:
         self._tokens = tokens
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
+        self._memory = ReplayMemory(replay_memory)  # the bodies held for a resend, all requests together
+        self._replay_wait = replay_wait  # how long a body may wait for room there before it streams
 
     def reconfigure(
         self,
@@ -109,6 +114,7 @@ class Forwarder:
         *,
         refresh_on: frozenset[int],
         replay_limit: int,
+        replay_memory: int,
         drop_headers: tuple[str, ...],
         rewrite_redirects: bool,
     ) -> None:
@@ -118,6 +124,7 @@ class Forwarder:
         self._client.use(upstream)
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
+        self._memory.limit = replay_memory
         self._drop = request_drop_set(drop_headers)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -142,10 +149,13 @@ class Forwarder:
                 answer.force_close()
             return answer
         except asyncio.CancelledError:
-            # The client went away (its handler is cancelled): nginx's 499 says so in the log.
-            status = CLIENT_CLOSED
+            # The client went away (its handler is cancelled): nginx's 499 says so in the log;
+            # or its body stalled, and the server answered 408 and closed the connection.
+            status = RequestTimeout.status if request.get(BODY_TIMED_OUT) else CLIENT_CLOSED
             raise
         finally:
+            if state.held:
+                self._memory.give_back(state.held)
             # Once the answer has begun, its status is what the client got, even if it then hung up.
             if state.sent_status is not None:
                 status = state.sent_status
@@ -172,7 +182,8 @@ class Forwarder:
                 raise BadRequest("the request names another host than the upstream; tokenproxy forwards only there")
             target = origin_form
         headers = request_header_bytes(request.raw_headers, self._drop)
-        body = await read_body(request, self._replay_limit)
+        body = await read_body(request, self._replay_limit, self._memory, self._replay_wait)
+        state.held = body.held
         outgoing = Outgoing(self._upstream, request.method, target, headers, body)
 
         token = await self._tokens.get()
@@ -290,11 +301,12 @@ class Forwarder:
 
 
 class _Journey:
-    """What the access line reports about one request."""
+    """What the access line reports about one request, and the body memory it holds until done."""
 
-    __slots__ = ("generation", "resent", "sent_status", "started_relay")
+    __slots__ = ("generation", "held", "resent", "sent_status", "started_relay")
 
     def __init__(self) -> None:
+        self.held = 0  # bytes of the body taken from the ReplayMemory
         self.resent = False
         self.generation: int | None = None
         self.started_relay = False

@@ -20,7 +20,7 @@ ALLOWED = {
     "server": {"errors"},
     "listener": set(),
     "admin": {"tokens", "metrics"},
-    "forward": {"upstream", "tokens", "headers", "body", "errors", "log", "metrics"},
+    "forward": {"upstream", "tokens", "headers", "body", "server", "errors", "log", "metrics"},
     "fast_client": {"upstream", "errors"},
     "session_client": {"upstream", "headers", "errors"},
     "upstream": {"body"},
