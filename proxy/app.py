@@ -438,12 +438,14 @@ GC_YOUNG_THRESHOLD = 10_000
 
 @contextlib.contextmanager
 def sparing_gc() -> Iterator[None]:
-    """Collect reference cycles less eagerly for as long as the proxy serves (see GC_YOUNG_THRESHOLD)."""
-    before = gc.get_threshold()
-    # One full collection first: what start-up (imports, config) allocated is then counted as
-    # long-lived, and the full scan its allocations had brought near does not fall due in the
-    # first burst. Without it, how close that scan is depends on how much the imports allocate.
+    """Collect reference cycles less eagerly for as long as the proxy serves (see GC_YOUNG_THRESHOLD).
+
+    Starts with one full collection: importing the program ran the collector at its default,
+    eager settings, and the count of young collections it left behind (it decides when the
+    next full scan comes) would otherwise depend on how much code was imported.
+    """
     gc.collect()
+    before = gc.get_threshold()
     gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
     try:
         yield
