@@ -246,10 +246,15 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         up = config.upstream
-        client = upstream_client(config)
-        tokens_http = token_session(config)
         metrics = app[METRICS]
-        manager = make_token_manager(config, tokens_http, clock, metrics)
+        tokens_http = token_session(config)
+        try:
+            # Resumes from the state file first: one that is refused (UnsafeStateError) leaves nothing open.
+            manager = make_token_manager(config, tokens_http, clock, metrics)
+        except BaseException:
+            await tokens_http.close()
+            raise
+        client = upstream_client(config)
         app[TOKENS] = manager
         app[FORWARDER] = Forwarder(
             client,

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 ALLOWED = {
     "__main__": {"cli"},
     "__init__": set(),
-    "cli": {"app", "config", "errors", "log", "demo", "tokens"},
+    "cli": {"app", "config", "errors", "log", "demo", "tokens", "store"},
     "demo": {"app", "config"},
     "access": {"errors"},
     "app": {
