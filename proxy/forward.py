@@ -13,13 +13,20 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from .body import ReplayMemory, read_body
-from .errors import BadRequest, ProxyError, error_response
-from .headers import challenge_error, request_drop_set, request_header_bytes, response_headers
+from .errors import BadRequest, ProxyError, UpstreamUnreachable, error_response
+from .headers import (
+    challenge_error,
+    control_character_in,
+    request_drop_set,
+    request_header_bytes,
+    response_headers,
+)
 from .log import access_line
 from .metrics import Metrics
 from .server import BODY_TIMED_OUT, RequestTimeout
@@ -54,6 +61,26 @@ def rewritten_location(upstream: Upstream, location: str, request: web.BaseReque
     if not _AUTHORITY.fullmatch(request.host):
         return None
     return upstream.client_location(location, f"{request.scheme}://{request.host}")
+
+
+def refuse_unwritable(request: web.BaseRequest, reason: str, headers: Iterable[tuple[str, str]]) -> None:
+    """Raise UpstreamUnreachable (502) when the upstream's head holds what no HTTP head may carry.
+
+    A control character in a header value or the reason phrase passes the
+    parsers but is refused when the head is written (a header injection):
+    the upstream's fault, told as such before anything reaches the client.
+    The log line names the header, never its value.
+    """
+    where = control_character_in(reason, headers)
+    if where is None:
+        return
+    logger.warning(
+        "upstream answer to %s %s refused: a control character in %s",
+        request.method,
+        request.raw_path.partition("?")[0],
+        where,
+    )
+    raise UpstreamUnreachable(f"the upstream's answer cannot be relayed: a control character in {where}")
 
 
 class _RelayedResponse(web.StreamResponse):
@@ -196,6 +223,7 @@ class Forwarder:
             if isinstance(kept, web.Response):
                 renewed = await self._tokens.renew(token, challenge)
                 if renewed is None:
+                    refuse_unwritable(request, kept.reason, kept.headers.items())
                     if self._metrics is not None:
                         self._metrics.rejection_passed_through()
                     return kept
@@ -251,10 +279,12 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Send the upstream's status, headers and body to the client as they arrive."""
         try:
+            headers = response_headers(upstream.raw_headers)
+            refuse_unwritable(request, upstream.reason, headers)
             length = upstream.content_length
             relayed = _SizedRelayedResponse if length is not None and length <= SMALL_BODY else _RelayedResponse
             out = relayed(status=upstream.status, reason=upstream.reason)
-            out.headers.extend(response_headers(upstream.raw_headers))
+            out.headers.extend(headers)
             if self._rewrite_redirects and hdrs.LOCATION in out.headers:
                 location = rewritten_location(self._upstream, out.headers[hdrs.LOCATION], request)
                 if location is not None:
