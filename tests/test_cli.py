@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -319,3 +320,51 @@ async def test_cli_run_without_c_parser_forwards_any_method_token(tmp_path: Path
     assert head.startswith(b"HTTP/1.1 200")
     assert body == b"FOO /echo/foo?x=1 HTTP/1.1"
     assert b"\r\nAuthorization: Bearer ey" in received[0]
+
+
+async def test_cli_run_unix_socket_another_process_listens_exits_1_naming_it(tmp_path: Path, token_server, api) -> None:
+    """`listen = "unix:PATH"` where another process accepts: exit 1 naming the path; that socket is left working."""
+    sock_path = tmp_path / "taken.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        other.bind(str(sock_path))
+        other.listen(8)
+        path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+        path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "unix:{sock_path}"'))
+        code, _, err = await run_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+        assert code == 1, err
+        assert f"tokenproxy: cannot listen: {sock_path}: another process is listening on this socket" in err
+        assert "listening on unix:" not in err
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:  # the other process still has its socket
+            client.connect(str(sock_path))
+            accepted, _ = other.accept()
+            accepted.close()
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_cli_run_unix_socket_stale_file_is_replaced(tmp_path: Path, token_server, api, loop: str) -> None:
+    """A socket file nobody listens on any more (left by a crash) is replaced, and the proxy serves on it."""
+    sock_path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(sock_path))  # closed without unlinking: the file stays
+    assert stat.S_ISSOCK(sock_path.stat().st_mode)
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=f'loop = "{loop}"')
+    path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "unix:{sock_path}"'))
+    proc = await asyncio.create_subprocess_exec(
+        *TOKENPROXY, "run", "-c", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
+    )
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, r"listening on unix:", seen)
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock_path))) as session:
+            async with session.get("http://localhost/echo/stale") as resp:
+                assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0

@@ -153,3 +153,114 @@ def test_config_client_and_loop_choices_named() -> None:
     ]
     config = parse_config({"upstream": {"url": "http://a"}, "token": {"grant": "static", "access_token": "t"}}, {})
     assert (config.server.loop, config.upstream.client) == ("uvloop", "fast")
+
+
+# -- Messages about secret keys never show the value (issue "Hardened" #8) --
+
+SECRET = "73194628"
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        ({"grant": "password", "token_url": "http://t", "username": "u", "password": 73194628},
+         "token.password: must be a string, got an integer"),
+        ({"grant": "static", "access_token": 73194628.5}, "token.access_token: must be a string, got a number"),
+        ({"grant": "static", "access_token": "t", "client_secret": [73194628]},
+         "token.client_secret: must be a string, got a list"),
+        ({"grant": "static", "access_token": "t", "refresh_token": {"v": 73194628}},
+         "token.refresh_token: must be a string, got a table"),
+        ({"grant": "static", "access_token": "t", "json": {"headers": {"X-Api-Key": 73194628}}},
+         "token.json.headers: must be a table of strings, got an integer for 'X-Api-Key'"),
+        ({"grant": "static", "access_token": "t", "json": {"headers": "X-Api-Key: 73194628"}},
+         "token.json.headers: must be a table of strings, got a string"),
+        ({"grant": "static", "access_token": "t", "json": {"body": 73194628}},
+         "token.json.body: must be a string, got an integer"),
+        ({"grant": "static", "access_token": "t", "json": "73194628"}, "token.json: must be a table, got a string"),
+    ],
+)
+def test_config_secret_key_type_errors_name_the_kind_never_the_value(token: dict, expected: str) -> None:
+    """A wrongly typed secret is reported by its kind (`got an integer`), never by its value."""
+    problems = problems_of({"upstream": {"url": "http://a"}, "token": token})
+    assert expected in problems
+    assert not [p for p in problems if SECRET in p]
+
+
+def test_config_client_token_type_error_hides_value() -> None:
+    """server.client_token is a secret too."""
+    problems = problems_of({**MINIMAL, "server": {"client_token": 7319462873194628}})
+    assert problems == ["server.client_token: must be a string, got an integer"]
+
+
+def test_config_invalid_json_body_says_where_never_what() -> None:
+    """An invalid body template is reported with its parse error's position, without echoing it."""
+    body = '{"clientSecret": "body-s3cret-value", "refreshToken": "{refresh_token}"'
+    problems = problems_of(
+        {"upstream": {"url": "http://a"}, "token": {"grant": "json", "token_url": "http://t", "json": {"body": body}}}
+    )
+    assert problems == [
+        "token.json.body: must be a JSON document (Expecting ',' delimiter at line 1 column 72)"
+    ]
+
+
+def test_config_invalid_json_body_from_environment_not_echoed() -> None:
+    """A body filled in from ${VAR}: the value from the environment is not echoed either."""
+    raw = {"upstream": {"url": "http://a"}, "token": {"grant": "json", "token_url": "http://t", "json": {"body": "${BODY}"}}}
+    problems = problems_of(raw, {"BODY": '{"key": env-s3cret-value}'})
+    assert problems == ["token.json.body: must be a JSON document (Expecting value at line 1 column 9)"]
+
+
+def test_config_secrets_of_includes_json_headers_and_body_literals() -> None:
+    """The redaction list has the header values (and an Authorization's credentials alone) and the body's string values.
+
+    Not: the placeholder strings, the body's keys or numbers, or headers that never carry a credential.
+    """
+    from proxy.config.load import secrets_of
+
+    config = parse_config(
+        {
+            "upstream": {"url": "http://a"},
+            "token": {
+                "grant": "json",
+                "token_url": "http://t",
+                "refresh_token": "rt-configured",
+                "json": {
+                    "headers": {
+                        "Authorization": "Basic dXNlcjpwYXNzd29yZA==",
+                        "X-Api-Key": "${KEY}",
+                        "Content-Type": "application/json",
+                    },
+                    "body": '{"refreshToken": "{refresh_token}", "clientSecret": "body-s3cret", "n": [7, "deep-s3cret"]}',
+                },
+            },
+        },
+        {"KEY": "header-key-from-env"},
+    )
+    assert secrets_of(config) == (
+        "rt-configured",
+        "Basic dXNlcjpwYXNzd29yZA==",
+        "dXNlcjpwYXNzd29yZA==",
+        "header-key-from-env",
+        "body-s3cret",
+        "deep-s3cret",
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"headers": {"X-Api-Key": "k3y-literal", "Accept": "text/plain"}}, ["token.json.headers.X-Api-Key"]),
+        ({"headers": {"X-Api-Key": "${KEY}", "Authorization": "Bearer ${T:-}"}}, ["token.json.headers.Authorization"]),
+        ({"headers": {"X-Api-Key": "${KEY}"}}, []),
+        ({"body": '{"refreshToken": "{refresh_token}"}'}, []),
+        ({"body": '{"refreshToken": "{refresh_token}", "secret": "${S}"}'}, []),
+        ({"body": '{"refreshToken": "{refresh_token}", "secret": "literal-s3cret"}'}, ["token.json.body"]),
+        ({"body": '{"refreshToken": "{refresh_token}", "secret": "${S:-default-s3cret}"}'}, ["token.json.body"]),
+        ({"body": '{"refreshToken": "{refresh_token}", "n": 1, "ok": true}'}, []),
+    ],
+)
+def test_config_literal_secrets_cover_json_headers_and_body(spec: dict, expected: list[str]) -> None:
+    """For the permission warning, literal header values and body string values count as secrets."""
+    from proxy.config.load import literal_secrets
+
+    assert literal_secrets({"token": {"json": spec}}) == expected

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from proxy.auth.grants import MAX_ANSWER_BYTES
 from tests.fakes.api_server import FakeApi
-from tests.fakes.token_server import FakeClock, FakeTokenServer
+from tests.fakes.token_server import FakeClock, FakeTokenServer, until
 
 
 async def assert_proxy_error(resp: aiohttp.ClientResponse, code: str, *, retry_after: bool) -> None:
@@ -181,3 +185,144 @@ async def test_failure_refresh_after_401_fails_returns_upstream_401_unchanged(
         assert resp.headers["WWW-Authenticate"] == expected_challenge
         assert "X-Tokenproxy-Error" not in resp.headers
     assert token_server.count == 2
+
+
+# Answers that rotate the refresh token but cannot give a usable access token, as FakeTokenServer settings.
+ROTATED_BUT_BAD: dict[str, dict[str, Any]] = {
+    "access_token_crlf": {"access_value": "abc\r\nX-Injected: 1"},
+    "access_token_non_ascii": {"access_value": "caf\u00e9-token"},
+    "no_access_token": {"mode": "no_token"},
+    "expires_in_400_digits": {"lifetime": 10**400},
+    "expires_in_nan": {"lifetime": float("nan")},
+    "expires_in_infinity": {"lifetime": float("inf")},
+    "jwt_exp_400_digits": {"lifetime": None, "jwt_exp": 10**400},
+    "jwt_exp_nan": {"lifetime": None, "jwt_exp": float("nan")},
+}
+HEALTHY = {"access_value": None, "mode": "ok", "lifetime": 300.0, "jwt_exp": None}
+
+
+def configure(token_server: FakeTokenServer, settings: dict[str, Any]) -> None:
+    """Set FakeTokenServer attributes."""
+    for name, value in settings.items():
+        setattr(token_server, name, value)
+
+
+def failure_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The token manager's `refresh failed` warnings."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tokenproxy.tokens" and r.levelno == logging.WARNING and "refresh failed" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("bad", list(ROTATED_BUT_BAD))
+async def test_failure_bad_answer_keeps_rotated_refresh_token_and_backs_off(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    """An answer that rotates the refresh token but is otherwise unusable: a logged, backed-off failure
+    whose rotated refresh token is in the state file and presented next; the grant is never revoked."""
+    clock = FakeClock()
+    original = token_server.current_refresh
+    configure(token_server, ROTATED_BUT_BAD[bad])
+    proxy = await make_proxy(clock=clock, token={"backoff_initial": 5.0, "backoff_max": 60.0})
+
+    async with client.get(f"{proxy.url}/echo/first") as resp:
+        await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+    rotated = token_server.current_refresh
+    assert rotated != original and token_server.count == 1
+    saved = json.loads(Path(proxy.config.token.state_file).read_text())
+    assert saved["refresh_token"] == rotated
+    assert saved["access_token"] == ""  # the unusable access token is never saved
+    status = proxy.tokens.status()
+    assert (status.failures, status.last_error, status.usable) == (1, "token_unavailable", False)
+    assert status.backoff_until == clock.now + 5.0
+    [line] = failure_lines(caplog)
+    assert "failures=1" in line and "retry_in=5.0s" in line and "rotated=yes" in line
+
+    async with client.get(f"{proxy.url}/echo/backing-off") as resp:  # backed off: no call
+        await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+    assert token_server.count == 1
+
+    configure(token_server, HEALTHY)
+    clock.advance(6)
+    async with client.get(f"{proxy.url}/echo/again") as resp:
+        assert resp.status == 200
+    assert token_server.calls[-1].form["refresh_token"] == rotated
+    assert token_server.count == 2
+    assert not token_server.reuse_detected and not token_server.revoked
+    assert proxy.tokens.status().failures == 0
+
+
+async def test_failure_bad_answer_during_refresh_ahead_saves_rotated_with_current_token(
+    make_proxy, token_server: FakeTokenServer, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
+    """A refresh-ahead whose answer is bad: the still-valid token keeps serving, and the state file
+    holds it together with the rotated refresh token."""
+    clock = FakeClock()
+    token_server.lifetime = 100.0
+    proxy = await make_proxy(clock=clock, token={"backoff_initial": 5.0, "backoff_max": 60.0})
+    async with client.get(f"{proxy.url}/echo/warm") as resp:
+        assert resp.status == 200
+    current = token_server.issued_access[0]
+    token_server.access_value = "bad token"
+    clock.advance(80)
+    async with client.get(f"{proxy.url}/echo/ahead") as resp:
+        assert resp.status == 200
+    await until(lambda: not proxy.tokens.status().refreshing)
+    assert token_server.count == 2 and proxy.tokens.status().failures == 1
+    saved = json.loads(Path(proxy.config.token.state_file).read_text())
+    assert (saved["access_token"], saved["refresh_token"]) == (current, token_server.current_refresh)
+    assert saved["generation"] == 1
+
+
+async def test_failure_bad_answer_rotated_refresh_token_survives_restart(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """A proxy restarted after such a failure presents the rotated refresh token from its state file."""
+    original = token_server.current_refresh
+    token_server.access_value = "line\r\nX-Injected: 1"
+    first = await make_proxy(token={"refresh_token": original})
+    async with client.get(f"{first.url}/echo/x") as resp:
+        assert resp.status == 503
+    await first.stop()
+    rotated = token_server.current_refresh
+
+    token_server.access_value = None
+    second = await make_proxy(token={"refresh_token": original})  # the same login, the same state file
+    async with client.get(f"{second.url}/echo/x") as resp:
+        assert resp.status == 200
+    assert token_server.calls[-1].form["refresh_token"] == rotated
+    assert not token_server.reuse_detected and not token_server.revoked
+
+
+@pytest.mark.parametrize("mode", ["huge", "huge_declared"])
+@pytest.mark.parametrize("endpoint", ["oauth", "json"])
+async def test_failure_huge_answer_refused_and_connection_dropped(
+    make_proxy,
+    token_server: FakeTokenServer,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    endpoint: str,
+) -> None:
+    """A token endpoint streaming an endless answer (chunked, or with a huge Content-Length): the refresh
+    fails with token_unavailable after at most 1 MiB, is logged and backed off, and the connection is dropped."""
+    clock = FakeClock()
+    token_server.mode = mode
+    token: dict[str, Any] = {"backoff_initial": 5.0, "backoff_max": 60.0}
+    if endpoint == "json":
+        token.update(grant="json", token_url=f"{token_server.base_url}/auth/refresh")  # type: ignore[attr-defined]
+    proxy = await make_proxy(clock=clock, token=token)
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+        assert "larger than 1024 KiB" in (await resp.json())["detail"]
+    await asyncio.wait_for(token_server.huge_dropped.wait(), 30)  # the endpoint saw the connection go
+    # What the socket buffers took before the drop, far from the 256 MiB the endpoint would send.
+    assert token_server.huge_sent < 64 * MAX_ANSWER_BYTES
+    [line] = failure_lines(caplog)
+    assert "larger than 1024 KiB" in line and "retry_in=5.0s" in line
+    async with client.get(f"{proxy.url}/echo/x") as resp:  # backed off
+        await assert_proxy_error(resp, "token_unavailable", retry_after=True)
+    assert token_server.count == 1

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from proxy.auth.grants import MAX_ANSWER_BYTES, BadAnswer, _answer, _lifetime, _parse_json, _read_answer
+from proxy.core.errors import GrantError
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, PASSWORD, USERNAME, FakeClock, FakeTokenServer
 
@@ -204,3 +207,145 @@ async def test_grant_token_that_cannot_be_a_header_refused_never_sent(
         assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
         assert "header" in (await resp.json())["detail"]
     assert api.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (120, 120.0),
+        (1.5, 1.5),
+        ("3600", 3600.0),
+        (1e-9, 1e-9),
+        (0, None),
+        (-30, None),
+        (None, None),
+        (True, None),
+        ("soon", None),
+        ([60], None),
+    ],
+)
+def test_grant_lifetime_reads_positive_numbers_and_ignores_the_rest(value: Any, seconds: float | None) -> None:
+    """expires_in: a positive number is the lifetime; zero, negative or not a number says nothing."""
+    assert _lifetime(value, "expires_in", "rt-new") == seconds
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), float("-inf"), 10**400, -(10**400), "1e999", "NaN"], ids=str
+)
+def test_grant_lifetime_not_finite_is_bad_answer_keeping_rotated(value: Any) -> None:
+    """A number that is not a finite one is a malformed answer, and the rotated refresh token rides along."""
+    with pytest.raises(BadAnswer, match="not a finite number") as raised:
+        _lifetime(value, "the answer's expires_in", "rt-new")
+    assert raised.value.refresh_token == "rt-new"
+    assert not raised.value.final
+
+
+@pytest.mark.parametrize("access", [None, "", 42, ["a"]])
+def test_grant_answer_without_access_token_keeps_rotated(access: Any) -> None:
+    """An answer with no access token still hands back the rotated refresh token it carried."""
+    with pytest.raises(BadAnswer, match="has no access_token") as raised:
+        _answer(access, 300, "rt-new", "access_token", "expires_in")
+    assert raised.value.refresh_token == "rt-new"
+
+
+def test_grant_parse_json_number_beyond_int_limit_is_infinite_not_unreadable() -> None:
+    """A 5 000-digit number (beyond Python's int() limit) still parses: the rest of the answer stays readable."""
+    body = b'{"refresh_token": "rt-new", "expires_in": 1' + b"0" * 5000 + b"}"
+    data = _parse_json(body, "application/json")
+    assert data["refresh_token"] == "rt-new"
+    with pytest.raises(BadAnswer) as raised:
+        _answer("at", data["expires_in"], data["refresh_token"], "access_token", "expires_in")
+    assert raised.value.refresh_token == "rt-new"
+
+
+def test_grant_parse_json_too_deep_is_not_json() -> None:
+    """JSON nested deeper than the parser's recursion limit is an unreadable answer, not a crash."""
+    with pytest.raises(BadAnswer, match="not JSON"):
+        _parse_json(b"[" * 200_000 + b"]" * 200_000, "application/json")
+
+
+class EndlessContent:
+    """A response body that never ends, served as aiohttp's StreamReader would: at most `n` bytes a read."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.given = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        assert n > 0, "the whole body was asked for"
+        n = min(n, 65536)
+        if self.limit is not None:
+            n = min(n, self.limit - self.given)
+        self.given += n
+        return b"a" * n
+
+
+class StubResponse:
+    """The part of aiohttp's ClientResponse `_read_answer` uses."""
+
+    def __init__(self, content: EndlessContent, content_length: int | None = None) -> None:
+        self.content = content
+        self.content_length = content_length
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_grant_read_answer_reads_at_most_one_byte_beyond_the_cap() -> None:
+    """An endless answer: refused after reading MAX_ANSWER_BYTES + 1 bytes, and the connection dropped."""
+    resp = StubResponse(EndlessContent())
+    with pytest.raises(GrantError, match="larger than 1024 KiB") as raised:
+        await _read_answer(resp)  # type: ignore[arg-type]
+    assert resp.content.given == MAX_ANSWER_BYTES + 1
+    assert resp.closed
+    assert not raised.value.final
+
+
+async def test_grant_read_answer_declared_too_large_reads_nothing() -> None:
+    """A Content-Length beyond the cap is refused before a byte is read."""
+    resp = StubResponse(EndlessContent(), content_length=MAX_ANSWER_BYTES + 1)
+    with pytest.raises(GrantError, match="larger than"):
+        await _read_answer(resp)  # type: ignore[arg-type]
+    assert resp.content.given == 0
+    assert resp.closed
+
+
+async def test_grant_read_answer_exactly_the_cap_is_read_whole() -> None:
+    """An answer of exactly MAX_ANSWER_BYTES is read whole and the connection kept."""
+    resp = StubResponse(EndlessContent(limit=MAX_ANSWER_BYTES))
+    assert len(await _read_answer(resp)) == MAX_ANSWER_BYTES  # type: ignore[arg-type]
+    assert not resp.closed
+
+
+@pytest.mark.parametrize("endpoint", ["oauth", "body", "cookie"])
+async def test_grant_rotated_refresh_token_kept_when_access_token_unusable(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession, endpoint: str
+) -> None:
+    """Every grant that rotates: an answer with a CR/LF access token still yields its rotated refresh token,
+    saved and presented next (no reuse, the grant stays alive)."""
+    clock = FakeClock()
+    original = token_server.current_refresh
+    token_server.access_value = "abc\r\nX-Injected: 1"
+    section = {} if endpoint == "oauth" else json_grant(token_server, endpoint)
+    proxy = await make_proxy(clock=clock, token={**section, "backoff_initial": 5.0, "backoff_max": 60.0})
+
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+    rotated = token_server.current_refresh
+    assert rotated != original
+    assert json.loads(Path(proxy.config.token.state_file).read_text())["refresh_token"] == rotated
+
+    token_server.access_value = None
+    clock.advance(6)
+    await get_ok(client, f"{proxy.url}/echo/y")
+    call = token_server.calls[-1]
+    presented = {
+        "oauth": call.form.get("refresh_token"),
+        "body": (call.json_body or {}).get("refreshToken"),
+        "cookie": call.headers.get("Cookie", "").removeprefix("refresh="),
+    }[endpoint]
+    assert presented == rotated
+    assert token_server.count == 2
+    assert not token_server.reuse_detected and not token_server.revoked

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.http.headers import challenge_error, request_headers, response_headers
+from proxy.http.headers import challenge_error, control_character_in, request_headers, response_headers
 
 HOP_BY_HOP = [
     "Connection",
@@ -187,3 +187,24 @@ def test_challenge_error_longer_param_name_ignored() -> None:
 def test_challenge_error_escaped_quote_in_value_unescaped() -> None:
     """A quoted value with an escaped quote is read whole and unescaped."""
     assert challenge_error(['Bearer error="odd\\"name"']) == 'odd"name'
+
+
+# --- control_character_in ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x01", "\x08", "\x0b", "\x0c", "\r", "\n", "\x1b", "\x1f", "\x7f"])
+def test_control_character_in_header_value_names_the_header(char: str) -> None:
+    """A control character (other than HTAB) in a value: the answer names that header, and only its name."""
+    pairs = [("X-Fine", "ok"), ("X-Bad", f"se{char}cret"), ("X-Later", "also\x01bad")]
+    assert control_character_in("OK", pairs) == "header X-Bad"
+
+
+def test_control_character_in_reason_phrase_named() -> None:
+    """A control character in the reason phrase is reported as such, before any header."""
+    assert control_character_in("O\x01K", [("X-Bad", "a\x01b")]) == "the reason phrase"
+
+
+def test_control_character_in_tab_obs_text_and_unicode_pass() -> None:
+    """HTAB, Latin-1 obs-text, C1 characters, no-break spaces and UTF-8 text are not control characters here."""
+    pairs = [("X-Tab", "a\tb"), ("X-Latin", "caf\xe9 \x85\xa0"), ("X-Utf8", "r\u00e9sum\u00e9 \u2713 \u20ac"), ("X-Empty", "")]
+    assert control_character_in("Quite \tFine \xe9", pairs) is None

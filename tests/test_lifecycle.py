@@ -273,3 +273,107 @@ async def test_lifecycle_both_ports_time_a_partial_first_packet_and_refuse_big_h
         big = await raw_exchange(url, b"GET /status HTTP/1.1\r\nHost: c\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n")
         assert_proxy_error(big.status, big.all, big.body, 431, "headers_too_large")
     assert api.tokens_seen == []  # nothing reached the upstream
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_lifecycle_both_ports_refuse_a_flood_with_503_and_end_stalled_bodies(
+    tmp_path: Path, token_server, api, start_proxy, loop: str
+) -> None:
+    """`tokenproxy run` on each event loop, proxy port and admin port alike: beyond max_connections every new
+    connection gets the 503 JSON answer (not a reset) and nothing is logged at ERROR; a request body that stalls
+    gets 408 after body_timeout and its connection is closed, freeing its place.
+    """
+    server = f'loop = "{loop}"\nadmin_listen = "127.0.0.1:0"\nmax_connections = 2\nbody_timeout = 0.5'
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=server)
+    proxy = await start_proxy(path=path)
+    assert proxy.proc.stderr is not None
+    admin = (await read_until(proxy.proc.stderr, r"admin listening on (http://127\.0\.0\.1:\d+)", proxy.seen)).group(1)
+    assert f", {loop} loop" in "".join(proxy.seen)
+
+    for url in (proxy.url, admin):
+        held = [await open_raw(url) for _ in range(2)]
+        try:
+            for reader, writer in held:  # both places are taken
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: c\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
+                await asyncio.wait_for(reader.readexactly(int(parse_response(head).all("Content-Length")[0])), RAW_BOUND)
+            for _ in range(20):
+                refused = await raw_exchange(url, b"GET /healthz HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
+                assert_proxy_error(refused.status, refused.all, refused.body, 503, "too_many_connections")
+            # One of them starts an upload and stalls: 408, closed.
+            reader, writer = held[0]
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: c\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+            data = await read_to_eof(reader)
+        finally:
+            for _, writer in held:
+                await close_raw(writer)
+        # The proxy port's handler reads the body: the 408 is its answer. The admin port answers at once
+        # without reading it, and then stops waiting for the rest: the connection is closed all the same.
+        answers = data.split(b"HTTP/1.1 ")
+        if url == proxy.url:
+            resp = parse_response(data)
+            assert_proxy_error(resp.status, resp.all, resp.body, 408, "request_timeout")
+        else:
+            assert len(answers) == 2 and b"request_timeout" not in data
+        await proxy.expect(r"its request body stalled for 0\.5s \(server\.body_timeout\)")
+
+    proxy.proc.send_signal(signal.SIGTERM)
+    log = await proxy.finish()
+    assert proxy.proc.returncode == 0, log
+    assert " ERROR " not in log and "Traceback" not in log and "AssertionError" not in log
+    assert log.count("server.max_connections (2) reached") == 2  # once per port
+
+
+def _rss_mib(pid: int) -> float:
+    """The resident memory of process `pid` in MiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident memory from /proc")
+async def test_lifecycle_stalled_uploads_hold_bounded_memory(tmp_path: Path, token_server, api, start_proxy) -> None:
+    """With the default config, 200 uploads of 1 MiB that each stall after 900 KB raise the proxy's resident
+    memory by less than 100 MiB, and a normal request is served meanwhile.
+
+    retry.replay_memory (32 MiB) bounds the bodies kept for a resend; the uploads beyond it wait for room
+    without being read further (aiohttp reads at most about 200 KB ahead of a handler), so nothing of theirs
+    reaches the upstream and its connections stay free. Without the bound they would hold about 200 x 900 KB.
+    """
+    uploads, sent, limit_mib = 200, 900_000, 100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 4 * uploads + 256  # this process's client and upstream sockets, and the proxy's (same limit)
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"needs {need} open files, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        proxy = await start_proxy()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{proxy.url}/echo/warm") as resp:
+                assert resp.status == 200
+            before = _rss_mib(proxy.proc.pid)
+            head = b"POST /upload HTTP/1.1\r\nHost: c\r\nContent-Length: 1048576\r\n\r\n"
+            for _ in range(uploads):
+                reader, writer = await open_raw(proxy.url)
+                writer.write(head + b"u" * sent)  # and then nothing more
+                held.append((reader, writer))
+            for _, writer in held:
+                await asyncio.wait_for(writer.drain(), RAW_BOUND)
+            async with session.get(f"{proxy.url}/echo/meanwhile") as resp:
+                assert resp.status == 200
+            # The most the proxy holds while the stalled uploads are open (several looks, the highest counts).
+            peak = 0.0
+            for _ in range(10):
+                peak = max(peak, _rss_mib(proxy.proc.pid))
+                await asyncio.sleep(0.2)
+            async with session.get(f"{proxy.url}/echo/still") as resp:
+                assert resp.status == 200
+    finally:
+        for _, writer in held:
+            await close_raw(writer)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert peak - before < limit_mib, f"resident memory went from {before:.0f} MiB to {peak:.0f} MiB"

@@ -68,3 +68,42 @@ def test_json_formatter_writes_one_object_per_line_with_extras() -> None:
     assert first["status"] == 200 and first["resent"] is False
     assert first["level"] == "info"
     assert json.loads(lines[1])["level"] == "warning"
+
+
+def test_redacting_filter_hides_json_grant_header_and_body_secrets() -> None:
+    """With the config's secrets (secrets_of), a `[token.json]` header value, the credentials of an
+    Authorization header alone, and a literal string of the body template never reach a log line."""
+    from proxy.config.load import parse_config, secrets_of
+
+    config = parse_config(
+        {
+            "upstream": {"url": "http://a"},
+            "token": {
+                "grant": "json",
+                "token_url": "http://t",
+                "refresh_token": "r",
+                "json": {
+                    "headers": {"X-Api-Key": "hdr-s3cret-4b9e1f", "Authorization": "Basic dXNlcjpzM2NyM3Q="},
+                    "body": '{"refreshToken": "{refresh_token}", "secret": "body-s3cret-7c2d0a"}',
+                },
+            },
+        },
+        {},
+    )
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter(secrets_of(config)))
+    logger = make_logger(handler)
+    logger.warning("endpoint said: bad key %s", "hdr-s3cret-4b9e1f")
+    logger.warning("sent Authorization: Basic dXNlcjpzM2NyM3Q= and then dXNlcjpzM2NyM3Q= alone")
+    logger.warning("body had %s", "body-s3cret-7c2d0a")
+    logger.info("refresh ok grant=json refreshToken=field")  # the body's keys and placeholder are not secrets
+    out = stream.getvalue()
+    for secret in ("hdr-s3cret-4b9e1f", "dXNlcjpzM2NyM3Q=", "body-s3cret-7c2d0a"):
+        assert secret not in out
+    assert out.splitlines() == [
+        "endpoint said: bad key <secret>",
+        "sent Authorization: <secret> and then <secret> alone",
+        "body had <secret>",
+        "refresh ok grant=json refreshToken=field",
+    ]

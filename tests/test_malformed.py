@@ -98,6 +98,56 @@ async def test_parser_smuggled_request_behind_conflicting_framing_never_forwarde
     assert upstream.requests == 0
 
 
+# A request an upstream that ignores bodies on GET would find inside the body, and take for the
+# next request on its kept-alive connection.
+SMUGGLED = b"DELETE /echo/smuggled HTTP/1.1\r\nHost: c\r\n\r\n"
+BODY_ON_GET = {
+    "GET with Content-Length": b"GET /echo/front HTTP/1.1\r\n" + H
+    + b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "HEAD with Content-Length": b"HEAD /echo/front HTTP/1.1\r\n" + H
+    + b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "GET chunked": b"GET /echo/front HTTP/1.1\r\n" + H
+    + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
+}
+
+
+@pytest.mark.parametrize("request_bytes", list(BODY_ON_GET.values()), ids=list(BODY_ON_GET))
+async def test_body_on_get_or_head_gets_400_and_is_never_forwarded(
+    make_proxy: Any, upstream: CountingUpstream, caplog: pytest.LogCaptureFixture, request_bytes: bytes
+) -> None:
+    """A GET or HEAD with a body gets 400 bad_request naming why, the connection closes, and the upstream sees nothing.
+
+    Forwarded, the body could be taken for a request of its own by an
+    upstream that ignores bodies on GET, on a connection the pool reuses.
+    """
+    proxy = await make_proxy(upstream={"url": upstream.url})
+    reader, writer = await open_raw(proxy.url)
+    try:
+        writer.write(request_bytes)
+        data = await read_to_eof(reader)
+    finally:
+        await close_raw(writer)
+    resp = parse_response(data)
+    assert resp.status == 400
+    assert resp.all("X-Tokenproxy-Error") == ["bad_request"]
+    if not request_bytes.startswith(b"HEAD"):  # an answer to HEAD has no body
+        assert "with a body is not forwarded" in resp.json()["detail"]
+    assert b"HTTP/1.1 200" not in resp.rest  # exactly one answer: the refusal
+    assert upstream.requests == 0
+    no_tracebacks(caplog)
+
+
+async def test_get_with_content_length_zero_is_forwarded(make_proxy: Any, upstream: CountingUpstream) -> None:
+    """`Content-Length: 0` on a GET is no body at all: forwarded as usual."""
+    proxy = await make_proxy(upstream={"url": upstream.url})
+    resp = await raw_exchange(
+        proxy.url, b"GET /echo/empty HTTP/1.1\r\nHost: c\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert resp.status == 200
+    assert resp.json()["body_len"] == 0
+    assert upstream.requests == 1
+
+
 async def test_parser_bad_chunk_mid_upload_gets_400_not_a_hang(make_proxy: Any, upstream: CountingUpstream) -> None:
     """A bad chunk size arriving after the handler began reading the body: 400 at once, nothing forwarded."""
     proxy = await make_proxy(upstream={"url": upstream.url})

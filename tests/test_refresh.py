@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -289,3 +291,57 @@ async def test_refresh_non_replayable_body_401_passed_through_and_retry_succeeds
     assert data["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert bearer_of(data) == token_server.issued_access[1]
     assert token_server.count == 2
+
+
+# Token servers whose tokens are dead on arrival, or whose lifetime is no number at all.
+SHORT_LIVED: dict[str, tuple[dict[str, Any], int]] = {  # FakeTokenServer settings, and what the requests get
+    "expires_in_nanosecond": ({"lifetime": 1e-9}, 200),
+    "expires_in_zero_jwt_exp_past": ({"lifetime": 0, "jwt_exp": time.time() - 3600}, 401),
+    "jwt_exp_past": ({"lifetime": None, "jwt_exp": time.time() - 3600}, 401),
+    "jwt_exp_negative": ({"lifetime": None, "jwt_exp": -5}, 401),
+    "jwt_exp_nan": ({"lifetime": None, "jwt_exp": float("nan")}, 503),
+    "expires_in_nan": ({"lifetime": float("nan")}, 503),
+}
+
+
+@pytest.mark.parametrize("case", list(SHORT_LIVED))
+async def test_refresh_dead_on_arrival_tokens_cost_one_call_per_floor(
+    make_proxy,
+    token_server: FakeTokenServer,
+    api: FakeApi,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    """10 sequential requests within min_refresh_interval cost one token call, whatever the lifetime says:
+    a token dead on arrival (a nanosecond, an exp in the past) is used until the floor, with a warning
+    naming the clock skew; a lifetime that is no finite number is a failure, backed off."""
+    settings, expected = SHORT_LIVED[case]
+    for name, value in settings.items():
+        setattr(token_server, name, value)
+    clock = FakeClock()
+    proxy = await make_proxy(
+        clock=clock, token={"min_refresh_interval": 5.0, "backoff_initial": 5.0, "backoff_max": 60.0}
+    )
+
+    statuses = []
+    for i in range(10):
+        async with client.get(f"{proxy.url}/echo/{i}") as resp:
+            statuses.append(resp.status)
+        clock.advance(0.45)  # 10 requests over 4.5 s, within the 5 s floor
+    assert statuses == [expected] * 10
+    assert token_server.count == 1
+    if expected != 503:
+        # The token went out for the whole floor: one per request, nothing else from the endpoint.
+        assert api.requests == 10
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("clock skew" in w and "using it for 5s" in w for w in warnings), warnings
+    else:
+        assert api.requests == 0
+        assert proxy.tokens.status().failures == 1
+
+    clock.advance(1.0)  # past the floor (and the back-off): one call more
+    async with client.get(f"{proxy.url}/echo/later") as resp:
+        assert resp.status == expected
+    assert token_server.count == 2
+    assert not token_server.reuse_detected and not token_server.revoked

@@ -21,6 +21,7 @@ from yarl import URL
 
 from proxy.config.load import exposed_secrets_warning, literal_secrets
 from proxy.upstream.model import Upstream
+from tests.conftest import BOTH_LOOPS
 from tests.fakes.api_server import FakeApi
 from tests.fakes.canary import Canary
 from tests.fakes.counting_upstream import CountingUpstream
@@ -205,6 +206,12 @@ OVERSIZED = [
 ]
 
 
+# The limits are the proxy's own code on the event loop's transports: every limit test runs on
+# asyncio's loop and on uvloop (the default, `server.loop`), whose transports differ.
+on_both_loops = pytest.mark.asyncio(loop_factories=BOTH_LOOPS)
+
+
+@on_both_loops
 @pytest.mark.parametrize(("server", "request_bytes", "status", "code"), OVERSIZED)
 async def test_limits_over_limit_gets_json_error_others_unaffected(
     make_proxy: Any,
@@ -239,6 +246,7 @@ async def test_limits_over_limit_gets_json_error_others_unaffected(
     no_tracebacks(caplog)
 
 
+@on_both_loops
 async def test_limits_slowloris_headers_cut_after_header_timeout_others_served(
     make_proxy: Any, upstream: CountingUpstream
 ) -> None:
@@ -269,6 +277,7 @@ async def test_limits_slowloris_headers_cut_after_header_timeout_others_served(
     assert upstream.hosts == [upstream.authority]  # only the fast request was forwarded
 
 
+@on_both_loops
 async def test_limits_idle_keepalive_connection_closed_after_timeout(make_proxy: Any, upstream: CountingUpstream) -> None:
     """A kept-alive connection that stays idle is closed after server.keepalive_timeout."""
     proxy = await make_proxy(upstream={"url": upstream.url}, server={"keepalive_timeout": 0.5})
@@ -281,6 +290,7 @@ async def test_limits_idle_keepalive_connection_closed_after_timeout(make_proxy:
         await close_raw(writer)
 
 
+@on_both_loops
 async def test_limits_max_connections_new_ones_get_503_existing_keep_working(
     make_proxy: Any, upstream: CountingUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:

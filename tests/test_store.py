@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import stat
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy.tokens.store import FileStore, SavedState
+from proxy.tokens.store import FileStore, SavedState, UnsafeStateError
 from tests.fakes.api_server import FakeApi
-from tests.fakes.token_server import FakeTokenServer
+from tests.fakes.token_server import CLIENT_ID, FakeTokenServer
 
 
 async def refresh_times(proxy, token_server: FakeTokenServer, api: FakeApi, client, times: int) -> None:
@@ -134,3 +136,193 @@ async def test_store_unwritable_state_file_keeps_serving(
     assert token_server.count == 3
     assert not token_server.reuse_detected
     assert blocker.read_text() == ""
+
+
+# -- A state file or directory another user could have written is refused (never read, never written) --
+
+OTHER_UID = 12345  # a user that is not the one running the tests (they run as root: root may chown)
+PLANTED = "ATTACKER-TOKEN"
+
+
+def plant(path: Path, credential: str, *, mode: int = 0o600, owner: int | None = None) -> None:
+    """A state file as an attacker would write it: matching credential, no seed, a far-off expiry."""
+    state = SavedState(credential, "", PLANTED, 4_000_000_000.0, 1.0, "rt-attacker", 1)
+    path.write_text(json.dumps(dataclasses.asdict(state)))
+    path.chmod(mode)
+    if owner is not None:
+        os.chown(path, owner, -1)
+
+
+def safe_directory(tmp_path: Path) -> Path:
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+def test_store_load_refuses_file_owned_by_another_uid_even_as_root(tmp_path: Path) -> None:
+    """A state file owned by another uid is not read, even by a proxy running as root; the message says why."""
+    path = safe_directory(tmp_path) / "state.json"
+    plant(path, "cred", owner=OTHER_UID)
+    store = FileStore(path)
+
+    with pytest.raises(UnsafeStateError) as info:
+        store.load()
+    assert str(info.value) == (
+        f"state file {path} is owned by uid {OTHER_UID}, not by this user (uid {os.geteuid()}), so it is not used: "
+        "another user could have planted it; remove it"
+    )
+    assert PLANTED not in str(info.value)
+    with pytest.raises(UnsafeStateError):
+        store.check()
+
+
+def test_store_owner_compared_with_effective_uid_root_file_refused_for_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner is compared with os.geteuid(): a proxy running as another user refuses a file root wrote.
+
+    A root-owned directory is trusted (root can do anything anyway), a root-owned file is not.
+    """
+    path = safe_directory(tmp_path) / "state.json"
+    plant(path, "cred")  # owned by root, as the tests run
+    monkeypatch.setattr(os, "geteuid", lambda: OTHER_UID)
+
+    with pytest.raises(UnsafeStateError, match=r"owned by uid 0, not by this user \(uid 12345\)"):
+        FileStore(path).load()
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_store_load_refuses_file_writable_by_others(tmp_path: Path, mode: int) -> None:
+    """A state file its group or other users may write is not read, whoever owns it."""
+    path = safe_directory(tmp_path) / "state.json"
+    plant(path, "cred", mode=mode)
+
+    with pytest.raises(UnsafeStateError, match=rf"is writable by other users \(mode 0{mode:o}\), so it is not used"):
+        FileStore(path).load()
+
+
+def test_store_load_refuses_symlink_and_never_reads_its_target(tmp_path: Path) -> None:
+    """A symbolic link in the state file's place is not followed (O_NOFOLLOW), even to a good state file."""
+    directory = safe_directory(tmp_path)
+    target = directory / "elsewhere.json"
+    plant(target, "cred")
+    link = directory / "state.json"
+    link.symlink_to(target)
+
+    with pytest.raises(UnsafeStateError, match="is a symbolic link, which is not followed"):
+        FileStore(link).load()
+    assert FileStore(target).load() is not None  # the target itself is fine: it is the link that is refused
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o757])
+def test_store_refuses_directory_writable_by_others_without_sticky_bit(tmp_path: Path, mode: int) -> None:
+    """A directory others may write to (no sticky bit): nothing in it is read, and nothing is written to it."""
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    path = directory / "state.json"
+    plant(path, "cred")  # even a file of our own: someone else could have swapped it
+    store = FileStore(path)
+
+    with pytest.raises(UnsafeStateError, match=rf"state directory {directory} is writable by other users \(mode 0{mode:o}"):
+        store.load()
+    path.unlink()
+    with pytest.raises(UnsafeStateError):
+        store.check()
+    with pytest.raises(UnsafeStateError):
+        store.save(SavedState("cred", "seed", "access-1", 2.0, 1.0, "rt-1", 1))
+    assert list(directory.iterdir()) == []  # no temp file, no state file
+
+
+def test_store_refuses_directory_owned_by_another_uid(tmp_path: Path) -> None:
+    """A directory another user owns (even 0700) could have its state file replaced by that user."""
+    directory = safe_directory(tmp_path)
+    os.chown(directory, OTHER_UID, -1)
+
+    with pytest.raises(UnsafeStateError, match=rf"state directory {directory} is owned by uid {OTHER_UID}"):
+        FileStore(directory / "state.json").load()
+
+
+def test_store_sticky_world_writable_directory_accepted_for_own_file(tmp_path: Path) -> None:
+    """Like /tmp (1777): nobody can remove or rename another user's file there, so one's own file is used."""
+    directory = tmp_path / "tmp-like"
+    directory.mkdir()
+    directory.chmod(0o1777)
+    store = FileStore(directory / "state.json")
+    good = SavedState("cred", "seed", "access-1", 2.0, 1.0, "rt-1", 1)
+
+    store.save(good)
+    assert store.load() == good
+    plant(store.path, "cred", owner=OTHER_UID)
+    with pytest.raises(UnsafeStateError, match="owned by uid 12345"):
+        store.load()
+
+
+def test_store_existing_private_directory_and_file_still_work(tmp_path: Path) -> None:
+    """The checks pass the ordinary case: a 0700 (or 0755) directory of one's own and the file it wrote."""
+    for mode in (0o700, 0o755):
+        directory = tmp_path / f"d{mode:o}"
+        directory.mkdir()
+        directory.chmod(mode)
+        store = FileStore(directory / "state.json")
+        assert store.load() is None
+        store.check()
+        state = SavedState("cred", "seed", "access-1", 2.0, 1.0, "rt-1", 1)
+        store.save(state)
+        store.check()
+        assert store.load() == state
+        assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+
+
+async def test_store_planted_state_never_reaches_upstream(
+    make_proxy, token_server: FakeTokenServer, api: FakeApi, tmp_path: Path
+) -> None:
+    """The attack: a planted state file for this credential, no refresh token configured. The proxy does not start.
+
+    The planted access token is never sent upstream, and the token endpoint is never called with the
+    planted refresh token.
+    """
+    from proxy.config.load import parse_config
+    from proxy.runtime.app import credential_of
+
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    path = directory / "state.json"
+    raw_token = {
+        "grant": "refresh_token",
+        "token_url": f"{token_server.base_url}/oauth/token",
+        "client_id": CLIENT_ID,
+        "state_file": str(path),
+    }
+    config = parse_config({"upstream": {"url": api.base_url}, "token": raw_token}, {})
+    plant(path, credential_of(config.token), mode=0o644, owner=OTHER_UID)
+
+    with pytest.raises(UnsafeStateError, match="owned by uid 12345"):
+        await make_proxy(token={"refresh_token": ""})
+    assert api.tokens_seen == []
+    assert token_server.count == 0
+
+
+async def test_store_directory_made_unsafe_while_running_is_not_written(
+    make_proxy,
+    token_server: FakeTokenServer,
+    api: FakeApi,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A state directory opened to others after start: the new token is kept in memory, never written there."""
+    proxy = await make_proxy()
+    async with client.get(f"{proxy.url}/echo/warm") as resp:
+        assert resp.status == 200
+    path = Path(proxy.config.token.state_file)
+    before = path.read_text()
+    path.parent.chmod(0o777)
+
+    await refresh_times(proxy, token_server, api, client, 1)
+    assert token_server.count == 2
+    assert path.read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
+    assert any(
+        "could not write the state file (state directory" in r.getMessage() and "writable by other users" in r.getMessage()
+        for r in caplog.records
+    )

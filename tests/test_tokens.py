@@ -6,7 +6,16 @@ import jwt
 import pytest
 
 from proxy.auth.grants import TokenResponse
-from proxy.tokens.manager import Renewal, backoff_delay, decide_renewal, expiry_of, make_token
+from proxy.core.errors import GrantError
+from proxy.tokens.manager import (
+    Renewal,
+    backoff_delay,
+    decide_renewal,
+    expiry_of,
+    lifetime_floor,
+    lifetime_warning,
+    make_token,
+)
 
 NOW = 1_700_000_000.0
 
@@ -91,6 +100,69 @@ def test_make_token_header_and_repr_built_once_without_value() -> None:
     assert t.fingerprint in repr(t) and "generation=7" in repr(t)
 
 
+@pytest.mark.parametrize(
+    ("expires_at", "why"),
+    [
+        (NOW + 1e-9, "a nanosecond lifetime"),
+        (NOW, "expired on arrival"),
+        (NOW - 3600, "exp an hour in the past (clock skew)"),
+        (-5.0, "a negative exp"),
+        (NOW + 4.9, "just under the floor"),
+    ],
+)
+def test_make_token_shorter_than_floor_is_used_and_kept_until_the_floor(expires_at: float, why: str) -> None:
+    """A lifetime under the floor: sent, and not refreshed by the clock, until `floor` after it arrived."""
+    t = make_token("v", expires_at, NOW, 1, 30.0, floor=5.0)
+    assert t.usable_until == t.refresh_at == NOW + 5.0, why
+    assert t.usable_at(NOW + 4.99) and not t.usable_at(NOW + 5.0)
+    assert t.expires_at == expires_at  # what the answer said is still what is reported
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "usable_until", "refresh_at"),
+    [
+        (5.0, NOW + 4.5, NOW + 2.5),  # exactly the floor: the usual leeway and half-life
+        (40.0, NOW + 39.0, NOW + 20.0),
+        (300.0, NOW + 299.0, NOW + 270.0),
+    ],
+)
+def test_make_token_floor_leaves_longer_lifetimes_alone(
+    lifetime: float, usable_until: float, refresh_at: float
+) -> None:
+    """A lifetime of at least the floor keeps its leeway and refresh-ahead point."""
+    t = make_token("v", NOW + lifetime, NOW, 1, 30.0, floor=5.0)
+    assert (t.usable_until, t.refresh_at) == (pytest.approx(usable_until), pytest.approx(refresh_at))
+
+
+@pytest.mark.parametrize(
+    ("min_refresh_interval", "floor"), [(0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (5.0, 5.0), (60.0, 60.0)]
+)
+def test_lifetime_floor_is_min_refresh_interval_at_least_one_second(min_refresh_interval: float, floor: float) -> None:
+    """The floor is min_refresh_interval, never under 1 s (min_refresh_interval = 0 must not allow a call per request)."""
+    assert lifetime_floor(min_refresh_interval) == floor
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "words"),
+    [
+        (NOW + 300, None),
+        (NOW + 5, None),
+        (NOW + 0.001, ["lives 0.001s", "less than 5s", "clock skew"]),
+        (NOW + 2, ["lives 2s", "less than 5s"]),
+        (NOW, ["already expired when it arrived (0s ago", "clock skew"]),
+        (NOW - 3600, ["already expired when it arrived (3600s ago", "clock skew", "using it for 5s"]),
+    ],
+)
+def test_lifetime_warning_names_short_lifetimes_and_clock_skew(expires_at: float, words: list[str] | None) -> None:
+    """No warning at or above the floor; below it one naming the lifetime, and clock skew for a past exp."""
+    warning = lifetime_warning(expires_at, NOW, 5.0)
+    if words is None:
+        assert warning is None
+    else:
+        assert warning is not None
+        assert all(word in warning for word in words), warning
+
+
 def test_expiry_of_expires_in_wins() -> None:
     """`expires_in` counts from when the token was obtained, ahead of the JWT's exp."""
     access = jwt.encode({"exp": NOW + 9999}, "k" * 32, algorithm="HS256")
@@ -124,6 +196,34 @@ def test_expiry_of_non_numeric_exp_uses_default() -> None:
     """An exp claim that is not a number is ignored."""
     access = jwt.encode({"exp": "tomorrow"}, "k" * 32, algorithm="HS256")
     assert expiry_of(TokenResponse(access), NOW, 300.0) == NOW + 300
+
+
+@pytest.mark.parametrize("expires_in", [0.0, -30.0])
+def test_expiry_of_zero_or_negative_expires_in_says_nothing(expires_in: float) -> None:
+    """A zero or negative expires_in is no lifetime: the JWT's exp decides, else the default."""
+    access = jwt.encode({"exp": int(NOW + 3600)}, "k" * 32, algorithm="HS256")
+    assert expiry_of(TokenResponse(access, expires_in=expires_in), NOW, 300.0) == NOW + 3600
+    assert expiry_of(TokenResponse("opaque", expires_in=expires_in), NOW, 300.0) == NOW + 300
+
+
+def test_expiry_of_tiny_expires_in_is_returned_as_stated() -> None:
+    """A nanosecond expires_in is what the answer says; the floor (make_token) copes with it."""
+    assert expiry_of(TokenResponse("opaque", expires_in=1e-9), NOW, 300.0) == NOW + 1e-9
+
+
+def test_expiry_of_negative_exp_is_returned_as_stated() -> None:
+    """A negative exp is a (very) past time: returned, the floor and a clock-skew warning follow."""
+    access = jwt.encode({"exp": -5}, "k" * 32, algorithm="HS256")
+    assert expiry_of(TokenResponse(access), NOW, 300.0) == -5.0
+
+
+@pytest.mark.parametrize("exp", [float("nan"), float("inf"), float("-inf"), 10**400, -(10**400)], ids=str)
+def test_expiry_of_non_finite_exp_is_a_malformed_answer(exp: float) -> None:
+    """An exp that is a number but not a finite one (NaN, Infinity, 400 digits) makes the answer malformed."""
+    access = jwt.encode({"exp": exp}, "k" * 32, algorithm="HS256")
+    with pytest.raises(GrantError, match="exp claim is not a finite number") as raised:
+        expiry_of(TokenResponse(access), NOW, 300.0)
+    assert not raised.value.final  # backed off and retried, not dead
 
 
 def test_backoff_delay_first_failure_waits_initial() -> None:

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.fakes.raw_upstream import RawUpstream, Request, answer
+from tests.fakes.raw_upstream import Conn, RawUpstream, Request, answer
 
 # Bound for one raw exchange with the proxy; a hang fails the test instead of stalling the run.
 RAW_BOUND = 10.0
@@ -86,6 +86,14 @@ async def one_answer_per_connection(request: Request) -> bool:
     await request.conn.read_body(request)
     await request.conn.send(answer(request.method.encode() + b" " + request.target.encode()))
     return True
+
+
+async def closed_by_proxy(conn: Conn) -> None:
+    """Wait until the proxy has closed this upstream connection; fail if it keeps it."""
+    try:
+        await asyncio.wait_for(conn.closed.wait(), RAW_BOUND)
+    except TimeoutError:
+        pytest.fail(f"the proxy kept upstream connection {conn.index} open")
 
 
 def closed_port() -> int:
@@ -415,6 +423,147 @@ async def test_extra_answer_after_complete_one_not_relayed_and_connection_not_re
             assert (resp.status, resp.reason) == (200, "OK")
             assert await resp.read() == b"/second"
     assert [(r.target, r.conn.index) for r in upstream.requests] == [("/first", 0), ("/second", 1)]
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [answer(b"STRAY", "200 Stray"), b"HTTP/1.1 200 Stray\r\n"],
+    ids=["whole-answer", "status-line-only"],
+)
+async def test_stray_bytes_on_idle_connection_drop_it_every_request_gets_its_own_answer(
+    make_proxy: Any, client: aiohttp.ClientSession, stray: bytes
+) -> None:
+    """Once each answer is complete, the upstream sends stray bytes on the kept-alive connection: the proxy
+    closes that connection, and each request after gets its own answer, never the stray nor the one before."""
+    answered = asyncio.Event()  # the client has its answer: the connection is idle
+
+    async def stray_after_answer(request: Request) -> bool:
+        await request.conn.send(answer(request.target.encode()))
+        await asyncio.wait_for(answered.wait(), RAW_BOUND)
+        answered.clear()
+        await request.conn.send(stray)
+        return True  # and read on: only the proxy may close this connection
+
+    async with RawUpstream(stray_after_answer) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        for i in range(4):
+            assert await get(client, f"{proxy.url}/c{i}") == (200, f"/c{i}".encode())
+            answered.set()
+            await closed_by_proxy(upstream.connections[i])
+    assert [(r.target, r.conn.index) for r in upstream.requests] == [(f"/c{i}", i) for i in range(4)]
+
+
+async def test_stray_answer_in_the_read_that_ends_a_body_never_reaches_the_next_request(
+    make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """A stray answer that arrives with the last bytes of a body whose head came earlier is not kept for
+    the next request: that connection is closed and the next request gets its own answer."""
+    rest = asyncio.Event()
+
+    async def stray_with_body_end(request: Request) -> bool:
+        if request.target != "/first":
+            return await echo_target(request)
+        await request.conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await asyncio.wait_for(rest.wait(), RAW_BOUND)
+        await request.conn.send(b"-last" + answer(b"STRAY", "200 Stray"))
+        return True
+
+    async with RawUpstream(stray_with_body_end) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        async with client.get(f"{proxy.url}/first") as resp:
+            assert await asyncio.wait_for(resp.content.readexactly(5), RAW_BOUND) == b"first"
+            rest.set()
+            assert await asyncio.wait_for(resp.read(), RAW_BOUND) == b"-last"
+        await closed_by_proxy(upstream.connections[0])
+        for i in range(3):
+            assert await get(client, f"{proxy.url}/next/{i}") == (200, f"/next/{i}".encode())
+    assert [(r.target, r.conn.index) for r in upstream.requests] == [
+        ("/first", 0), ("/next/0", 1), ("/next/1", 1), ("/next/2", 1)
+    ]
+
+
+# --- answers that cannot be relayed ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status_line", "header", "where"),
+    [
+        (b"200 OK", b"X-Bad: s3kr1t\x01value", "header X-Bad"),
+        (b"200 OK", b"X-Bad: s3kr1t\x7fvalue", "header X-Bad"),
+        (b"200 s3kr1t\x1bOK", b"X-Fine: 1", "the reason phrase"),
+    ],
+    ids=["value-0x01", "value-0x7f", "reason-phrase"],
+)
+async def test_control_character_in_upstream_head_gives_502_client_connection_kept(
+    make_proxy: Any, caplog: pytest.LogCaptureFixture, status_line: bytes, header: bytes, where: str
+) -> None:
+    """A control character in an upstream header value or reason phrase is the upstream's fault: 502
+    upstream_unreachable (not 500), one log line naming where (never the value), and the client's
+    connection carries its next request."""
+
+    async def bad_head(request: Request) -> bool:
+        if not request.target.startswith("/bad"):
+            return await echo_target(request)
+        await request.conn.send(b"HTTP/1.1 " + status_line + b"\r\n" + header + b"\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    async with RawUpstream(bad_head) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        reader, writer = await open_raw(proxy.url)
+        try:
+            writer.write(b"GET /bad?q=1 HTTP/1.1\r\nHost: c\r\n\r\n")
+            status, body = await read_answer(reader)
+            assert status == 502
+            assert json.loads(body)["error"] == "upstream_unreachable"
+            writer.write(b"GET /next HTTP/1.1\r\nHost: c\r\n\r\n")
+            assert await read_answer(reader) == (200, b"/next")
+        finally:
+            await close_raw(writer)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokenproxy.forward"]
+    assert lines == [f"upstream answer to GET /bad refused: a control character in {where}"]
+    assert not [r for r in caplog.records if "s3kr1t" in r.getMessage()]
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelname == "ERROR"]
+
+
+async def test_control_character_in_401_passed_through_gives_502(
+    make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """A 401 the proxy would hand back unchanged (its token is too young to renew) with a control character
+    in a header: 502 upstream_unreachable, not 500."""
+
+    async def rejects(request: Request) -> bool:
+        await request.conn.send(
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nno"
+        )
+        return True
+
+    async with RawUpstream(rejects) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url}, token={"min_refresh_interval": 300.0})
+        async with client.get(f"{proxy.url}/guarded") as resp:
+            await assert_proxy_error(resp, 502, "upstream_unreachable")
+    assert len(upstream.requests) == 1
+
+
+async def test_control_character_in_401_then_resent_answer_relayed(
+    make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """A 401 with a control character in a header is never relayed, so it does not stop the refresh: the
+    resent request's good answer reaches the client."""
+
+    async def rejects_first(request: Request) -> bool:
+        if len(upstream.requests) == 1:
+            await request.conn.send(
+                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nno"
+            )
+            return True
+        return await echo_target(request)
+
+    async with RawUpstream(rejects_first) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        assert await get(client, f"{proxy.url}/guarded") == (200, b"/guarded")
+    assert [r.target for r in upstream.requests] == ["/guarded", "/guarded"]
+    first, second = (r.all(b"authorization") for r in upstream.requests)
+    assert first != second
 
 
 # --- what the upstream reads ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
@@ -22,10 +23,27 @@ import aiohttp
 
 from ..core.errors import GrantError
 
+# The most a token endpoint's answer may be: a token answer is a few KiB; more is
+# a broken or hostile endpoint, refused after reading at most one byte beyond it.
+MAX_ANSWER_BYTES = 1 << 20
+
 # OAuth error codes that retrying with the same configuration cannot fix.
 FINAL_OAUTH_ERRORS = frozenset(
     {"invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type", "invalid_scope"}
 )
+
+
+class BadAnswer(GrantError):
+    """A 2xx answer with no usable token in it.
+
+    `refresh_token` is a rotated refresh token the answer did carry: the
+    endpoint has spent the one presented, so this one must be kept and
+    presented next, whatever else is wrong with the answer.
+    """
+
+    def __init__(self, reason: str, *, refresh_token: str | None = None) -> None:
+        super().__init__(reason)
+        self.refresh_token = refresh_token
 
 
 @dataclass(frozen=True)
@@ -58,22 +76,69 @@ def _describe_transport_error(exc: BaseException) -> str:
     return f"token endpoint unreachable ({type(exc).__name__})"
 
 
-def _lifetime(value: Any) -> float | None:
+def _lifetime(value: Any, what: str, rotated: str | None) -> float | None:
+    """The stated lifetime in seconds; None when absent, not a number, zero or negative (unknown).
+
+    A value that reads as a number but is not a finite one (NaN, Infinity, a
+    number too large for a float) is no lifetime at all: the answer is
+    malformed (BadAnswer, keeping the rotated refresh token).
+    """
     if value is None or isinstance(value, bool):
         return None
     try:
         seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
     except (TypeError, ValueError):
         return None
+    if not math.isfinite(seconds):
+        raise BadAnswer(f"{what} is not a finite number of seconds", refresh_token=rotated)
     return seconds if seconds > 0 else None
 
 
-def _parse_json(body: bytes, content_type: str) -> Any:
+def _rotated(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _answer(access: Any, expires_in: Any, rotated: str | None, access_name: str, expires_name: str) -> TokenResponse:
+    """The TokenResponse in a 2xx answer's fields, or BadAnswer carrying the rotated refresh token."""
+    if not isinstance(access, str) or not access:
+        raise BadAnswer(f"token endpoint's answer has no {access_name}", refresh_token=rotated)
+    return TokenResponse(access, _lifetime(expires_in, f"the answer's {expires_name}", rotated), rotated)
+
+
+def _json_number(text: str) -> int | float:
+    """An integer from the answer; one too long for int() (4300 digits) becomes a float (inf)."""
+    return int(text) if len(text) <= 1000 else float(text)
+
+
+def _parse_json(body: bytes, content_type: str, rotated: str | None = None) -> Any:
     try:
-        return json.loads(body)
-    except ValueError:
+        return json.loads(body, parse_int=_json_number)
+    except (ValueError, RecursionError):
         kind = content_type or "no content type"
-        raise GrantError(f"token endpoint answered with something that is not JSON ({kind})") from None
+        raise BadAnswer(
+            f"token endpoint answered with something that is not JSON ({kind})", refresh_token=rotated
+        ) from None
+
+
+async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, at most MAX_ANSWER_BYTES: more is a GrantError and the connection is dropped.
+
+    Reads no more than one byte beyond the cap, never the whole of a larger answer.
+    """
+    declared = resp.content_length
+    chunks: list[bytes] = []
+    size = 0
+    if declared is None or declared <= MAX_ANSWER_BYTES:
+        while size <= MAX_ANSWER_BYTES:
+            chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - size)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+    resp.close()  # drop the connection: the rest of the answer is never read
+    raise GrantError(f"token endpoint's answer is larger than {MAX_ANSWER_BYTES // 1024} KiB")
 
 
 @dataclass(frozen=True)
@@ -141,19 +206,20 @@ class OAuthGrant:
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 allow_redirects=False,
             ) as resp:
-                body = await resp.read()
                 status, content_type = resp.status, resp.content_type
+                if status >= 500 or status == 429:
+                    resp.close()  # its body is of no use: not read
+                    raise GrantError(f"token endpoint answered {status}")
+                body = await _read_answer(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise GrantError(_describe_transport_error(exc)) from None
-        if status >= 500 or status == 429:
-            raise GrantError(f"token endpoint answered {status}")
         if status != 200:
             error = None
             try:
-                data = json.loads(body)
+                data = json.loads(body, parse_int=_json_number)
                 if isinstance(data, dict) and isinstance(data.get("error"), str):
                     error = data["error"]
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
             if error is None:
                 raise GrantError(f"token endpoint answered {status} without an OAuth error")
@@ -164,14 +230,11 @@ class OAuthGrant:
                 rejected=error == "invalid_grant" and self.uses_refresh_token,
             )
         data = _parse_json(body, content_type)
-        if not isinstance(data, dict) or not isinstance(data.get("access_token"), str) or not data["access_token"]:
-            raise GrantError("token endpoint's answer has no access_token")
-        rotated = data.get("refresh_token")
-        return TokenResponse(
-            access_token=data["access_token"],
-            expires_in=_lifetime(data.get("expires_in")),
-            refresh_token=rotated if isinstance(rotated, str) and rotated else None,
-        )
+        if not isinstance(data, dict):
+            raise BadAnswer("token endpoint's answer has no access_token")
+        # The rotated refresh token first: it must survive whatever else is wrong.
+        rotated = _rotated(data.get("refresh_token"))
+        return _answer(data.get("access_token"), data.get("expires_in"), rotated, "access_token", "expires_in")
 
 
 def dotted_get(data: Any, path: str) -> Any:
@@ -237,31 +300,41 @@ class JsonGrant:
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 allow_redirects=False,
             ) as resp:
-                payload = await resp.read()
                 status, content_type = resp.status, resp.content_type
                 set_cookies = resp.headers.getall("Set-Cookie", [])
+                if status in (400, 401, 403):
+                    resp.close()
+                    raise GrantError(
+                        f"refresh endpoint rejected the refresh token ({status})", final=True, rejected=True
+                    )
+                if not 200 <= status < 300:
+                    resp.close()
+                    raise GrantError(f"refresh endpoint answered {status}")
+                payload = await _read_answer(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise GrantError(_describe_transport_error(exc)) from None
-        if status in (400, 401, 403):
-            raise GrantError(f"refresh endpoint rejected the refresh token ({status})", final=True, rejected=True)
-        if status != 200 and not 200 <= status < 300:
-            raise GrantError(f"refresh endpoint answered {status}")
-        data = _parse_json(payload, content_type)
-        access = dotted_get(data, self.access_token_path)
-        if not isinstance(access, str) or not access:
-            raise GrantError(f"refresh endpoint's answer has no {self.access_token_path}")
-        rotated = dotted_get(data, self.refresh_token_path)
-        if self.refresh_cookie:
-            for header in set_cookies:
-                jar: SimpleCookie = SimpleCookie()
-                try:
-                    jar.load(header)
-                except CookieError:  # a malformed Set-Cookie is skipped, not fatal
-                    continue
-                if self.refresh_cookie in jar and jar[self.refresh_cookie].value:
-                    rotated = jar[self.refresh_cookie].value
-        return TokenResponse(
-            access_token=access,
-            expires_in=_lifetime(dotted_get(data, self.expires_in_path)),
-            refresh_token=rotated if isinstance(rotated, str) and rotated else None,
+        # The rotated refresh token first (a cookie one even when the body is no JSON):
+        # it must survive whatever else is wrong with the answer.
+        rotated = self._cookie(set_cookies) if self.refresh_cookie else None
+        data = _parse_json(payload, content_type, rotated)
+        rotated = rotated or _rotated(dotted_get(data, self.refresh_token_path))
+        return _answer(
+            dotted_get(data, self.access_token_path),
+            dotted_get(data, self.expires_in_path),
+            rotated,
+            self.access_token_path,
+            self.expires_in_path,
         )
+
+    def _cookie(self, set_cookies: list[str]) -> str | None:
+        """The refresh cookie's value among the answer's Set-Cookie headers (the last one wins)."""
+        rotated = None
+        for header in set_cookies:
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(header)
+            except CookieError:  # a malformed Set-Cookie is skipped, not fatal
+                continue
+            if self.refresh_cookie in jar and jar[self.refresh_cookie].value:
+                rotated = jar[self.refresh_cookie].value
+        return rotated

@@ -15,6 +15,7 @@ import click
 from ..config.load import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
 from ..core.errors import ProxyError
 from ..observe.log import setup_logging
+from ..tokens.store import FileStore, UnsafeStateError
 
 
 def _fail_config(error: ConfigError) -> NoReturn:
@@ -33,6 +34,21 @@ def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> C
         return load_config(find_config_path(config_path, os.environ), overrides)
     except ConfigError as error:
         _fail_config(error)
+
+
+def _refuse_unsafe_state(state_file: str, command: str) -> None:
+    """Exit 1 before anything starts when the state file or its directory could be another user's doing."""
+    if not state_file:
+        return
+    try:
+        FileStore(Path(state_file)).check()
+    except UnsafeStateError as error:
+        _fail_state(error, command)
+
+
+def _fail_state(error: UnsafeStateError, command: str) -> NoReturn:
+    click.echo(f"{command}: {error}", err=True)
+    sys.exit(1)
 
 
 _config_option = click.option(
@@ -70,6 +86,7 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     setup_logging(config.log.level, config.log.format, secrets_of(config), access_log=config.log.access_log)
     for warning in _file_warnings(config_path):
         logging.getLogger("tokenproxy").warning("config: %s", warning)
+    _refuse_unsafe_state(config.token.state_file, "tokenproxy")
 
     def reload() -> Config:
         # SIGHUP: the same file and command-line overrides, read again.
@@ -78,6 +95,8 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(config.server.loop)) as runner:
             runner.run(serve(config, reload))
+    except UnsafeStateError as error:  # made unsafe after the check above
+        _fail_state(error, "tokenproxy")
     except OSError as exc:
         click.echo(f"tokenproxy: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)
@@ -113,8 +132,11 @@ def check(config_path: str | None) -> None:
     setup_logging("critical", "text", secrets_of(config))
     for warning in _file_warnings(config_path):
         click.echo(f"warning: config: {warning}", err=True)
+    _refuse_unsafe_state(config.token.state_file, "check")
     try:
         _, expires_at, fp, generation = asyncio.run(_one_token(config))
+    except UnsafeStateError as error:
+        _fail_state(error, "check")
     except ProxyError as error:
         click.echo(f"check: {error.code}: {error.detail}", err=True)
         sys.exit(1)
@@ -132,8 +154,11 @@ def token(config_path: str | None) -> None:
     """Print a valid access token on standard output, for scripts."""
     config = _load(config_path)
     setup_logging("critical", "text", secrets_of(config))
+    _refuse_unsafe_state(config.token.state_file, "token")
     try:
         value, _, _, _ = asyncio.run(_one_token(config))
+    except UnsafeStateError as error:
+        _fail_state(error, "token")
     except ProxyError as error:
         click.echo(f"token: {error.code}: {error.detail}", err=True)
         sys.exit(1)
@@ -161,6 +186,8 @@ def demo(listen: str, lifetime: float, state_dir: str | None, burst: int) -> Non
     from .demo import run_demo
 
     setup_logging("warning" if burst else "info", "text")
+    if state_dir:
+        _refuse_unsafe_state(str(Path(state_dir) / "state.json"), "demo")
     ok = asyncio.run(run_demo(listen, lifetime, Path(state_dir) if state_dir else None, burst=burst))
     sys.exit(0 if ok else 1)
 

@@ -9,6 +9,7 @@ read from files or the environment after `load_config` returns.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import json
 import os
@@ -45,6 +46,7 @@ class ServerConfig:
     socket_mode: int = 0o600
     max_connections: int = 2048
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     max_headers: int = 100
     max_header_size: int = 8190
@@ -119,6 +121,7 @@ class RetryConfig:
     """What can be resent after a refresh."""
 
     replay_limit: int = 1048576
+    replay_memory: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -142,11 +145,85 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+# Keys whose values are credentials: never shown in a message, masked in the log, and written
+# out literally in a file others can read, they leak.
+SECRET_KEYS = (
+    "token.client_secret",
+    "token.refresh_token",
+    "token.access_token",
+    "token.password",
+    "server.client_token",
+)
+# `[token.json]` parts that may hold credentials too: the extra request headers' values, and the
+# string values of the JSON body template (a client secret, an API key sent with the refresh token).
+SECRET_HEADERS = "token.json.headers"
+SECRET_BODY = "token.json.body"
+# Request headers that never carry a credential: their values are not treated as secrets.
+PLAIN_HEADERS = frozenset(
+    {"accept", "accept-encoding", "accept-language", "cache-control", "content-type", "user-agent"}
+)
+# What the JSON grant fills in; a template string holding it is the refresh token's frame, not a secret.
+REFRESH_PLACEHOLDER = "{refresh_token}"
+_SECRET_ROOTS = (*SECRET_KEYS, SECRET_HEADERS, SECRET_BODY)
+# `Authorization: <scheme> <credentials>`: the credentials alone are masked too.
+_AUTH_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*[ \t]+([A-Za-z0-9._~+/-]+=*)")
+
+
+def is_secret_key(key: str) -> bool:
+    """True for a secret key, a value inside one, or a table holding one: a message never shows its value."""
+    return any(
+        key == root or key.startswith((f"{root}.", f"{root}[")) or root.startswith(f"{key}.")
+        for root in _SECRET_ROOTS
+    )
+
+
+def header_secrets(headers: Mapping[str, str]) -> list[str]:
+    """The secret values among `[token.json] headers`: every value but those of PLAIN_HEADERS.
+
+    For `Authorization` and `Proxy-Authorization` the credentials after the
+    scheme count on their own too, so they are masked wherever they appear.
+    """
+    found = []
+    for name, value in headers.items():
+        if name.lower() in PLAIN_HEADERS or not value.strip():
+            continue
+        found.append(value.strip())
+        match = _AUTH_CREDENTIALS.fullmatch(value.strip())
+        if match and name.lower() in ("authorization", "proxy-authorization"):
+            found.append(match.group(1))
+    return found
+
+
+def _template_strings(template: Any) -> list[str]:
+    if isinstance(template, str):
+        return [template]
+    if isinstance(template, list):
+        return [text for item in template for text in _template_strings(item)]
+    if isinstance(template, dict):
+        return [text for item in template.values() for text in _template_strings(item)]
+    return []
+
+
+def body_secrets(body: str) -> list[str]:
+    """The secret literals of a JSON body template: its string values, but not those framing {refresh_token}.
+
+    Object keys, numbers and `true`/`false` are structure, not secrets. A
+    template that is not JSON (it is unused with `refresh_cookie`) gives none.
+    """
+    try:
+        template = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    return [text for text in _template_strings(template) if text.strip() and REFRESH_PLACEHOLDER not in text]
+
+
 def secrets_of(config: Config) -> tuple[str, ...]:
     """Every configured secret, for the log's redaction filter."""
     tok, server = config.token, config.server
-    values = (tok.client_secret, tok.refresh_token, tok.access_token, tok.password, server.client_token)
-    return tuple(value for value in values if value)
+    values = [tok.client_secret, tok.refresh_token, tok.access_token, tok.password, server.client_token]
+    values += header_secrets(tok.json.headers)
+    values += body_secrets(tok.json.body)
+    return tuple(dict.fromkeys(value for value in values if value))
 
 
 class ConfigError(Exception):
@@ -208,18 +285,35 @@ def _type_name(tp: Any) -> str:
     )
 
 
+def _kind(value: Any) -> str:
+    """What sort of value `value` is, without showing it: for messages about secret keys."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for tp, name in ((int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"), (dict, "a table")):
+        if isinstance(value, tp):
+            return name
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a date or time"
+    return "a value of another kind"
+
+
+def _shown(key: str, value: Any) -> str:
+    """`value` as a message may show it: quoted, or only its kind when `key` is secret."""
+    return _kind(value) if is_secret_key(key) else repr(value)
+
+
 def _convert(value: Any, tp: Any, key: str, env: Mapping[str, str], problems: list[str]) -> Any:
     """Check one value against its declared type; interpolate strings."""
     origin = get_origin(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            problems.append(f"{key}: must be a table, got {value!r}")
+            problems.append(f"{key}: must be a table, got {_shown(key, value)}")
             return tp()
         return _build(tp, value, key, env, problems)
     if origin is tuple:
         (item_type, _) = get_args(tp)
         if not isinstance(value, list):
-            problems.append(f"{key}: must be a list, got {value!r}")
+            problems.append(f"{key}: must be a list, got {_shown(key, value)}")
             return ()
         return tuple(
             _convert(item, item_type, f"{key}[{i}]", env, problems)
@@ -227,7 +321,10 @@ def _convert(value: Any, tp: Any, key: str, env: Mapping[str, str], problems: li
         )
     if origin is Mapping:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            problems.append(f"{key}: must be a table of strings, got {value!r}")
+            bad = [k for k, v in value.items() if not isinstance(v, str)] if isinstance(value, dict) else []
+            # A secret table names its first bad entry and that value's kind, never a value.
+            shown = f"{_kind(value[bad[0]])} for {bad[0]!r}" if bad and is_secret_key(key) else _shown(key, value)
+            problems.append(f"{key}: must be a table of strings, got {shown}")
             return {}
         return {k: interpolate(v, env, f"{key}.{k}", problems) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -247,7 +344,7 @@ def _convert(value: Any, tp: Any, key: str, env: Mapping[str, str], problems: li
             return tp(text)
         except ValueError:
             pass
-    problems.append(f"{key}: must be {_type_name(tp)}, got {value!r}")
+    problems.append(f"{key}: must be {_type_name(tp)}, got {_shown(key, value)}")
     return tp()
 
 
@@ -316,7 +413,7 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(f"server.loop: must be one of {', '.join(EVENT_LOOPS)}, got {server.loop!r}")
     if config.server.shutdown_timeout < 0:
         problems.append(f"server.shutdown_timeout: must not be negative, got {config.server.shutdown_timeout!r}")
-    for name in ("header_timeout", "keepalive_timeout"):
+    for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
         if getattr(server, name) <= 0:
             problems.append(f"server.{name}: must be greater than 0, got {getattr(server, name)!r}")
     for name, least in (("max_connections", 1), ("max_headers", 1), ("max_header_size", 64), ("max_request_line", 64)):
@@ -360,10 +457,15 @@ def _validate(config: Config, problems: list[str]) -> None:
         if not tok.json.access_token_path:
             problems.append("token.json.access_token_path: is required")
         if not tok.json.refresh_cookie:
+            # Never quoted: the body may hold a literal secret (or one from ${VAR}).
             try:
                 json.loads(tok.json.body)
-            except ValueError:
-                problems.append(f"token.json.body: must be a JSON document, got {tok.json.body!r}")
+            except json.JSONDecodeError as exc:
+                problems.append(
+                    f"token.json.body: must be a JSON document ({exc.msg} at line {exc.lineno} column {exc.colno})"
+                )
+            except RecursionError:
+                problems.append("token.json.body: must be a JSON document (nested too deeply)")
         if not re.fullmatch(r"[A-Za-z]+", tok.json.method):
             problems.append(f"token.json.method: must be an HTTP method, got {tok.json.method!r}")
     for name in ("refresh_before", "min_refresh_interval"):
@@ -380,8 +482,9 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(f"queue.max_waiting: must not be negative, got {config.queue.max_waiting!r}")
     if config.queue.wait_timeout <= 0:
         problems.append(f"queue.wait_timeout: must be greater than 0, got {config.queue.wait_timeout!r}")
-    if config.retry.replay_limit < 0:
-        problems.append(f"retry.replay_limit: must not be negative, got {config.retry.replay_limit!r}")
+    for name in ("replay_limit", "replay_memory"):
+        if getattr(config.retry, name) < 0:
+            problems.append(f"retry.{name}: must not be negative, got {getattr(config.retry, name)!r}")
     if config.log.level not in LOG_LEVELS:
         problems.append(f"log.level: must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
     if config.log.format not in LOG_FORMATS:
@@ -412,28 +515,59 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         table[name] = value
 
 
-# Keys whose values are credentials: written out literally in a file others can read, they leak.
-SECRET_KEYS = (
-    "token.client_secret",
-    "token.refresh_token",
-    "token.access_token",
-    "token.password",
-    "server.client_token",
-)
+def _literal(value: Any) -> bool:
+    """True when a raw config string says something of its own, not only `${VAR}` references.
+
+    A `${VAR:-default}` with a non-empty default counts as literal: the default is in the file.
+    """
+    return isinstance(value, str) and bool(interpolate(value, {}, "", []))
+
+
+def _literal_body(body: Any) -> bool:
+    """True when a raw JSON body template holds a literal secret (a string value body_secrets would mask)."""
+    if not isinstance(body, str):
+        return False
+    try:
+        strings = _template_strings(json.loads(body))
+    except (ValueError, RecursionError):
+        # Not JSON until `${VAR}` is filled in (a bare `${PIN}`): judge it filled with nothing,
+        # and when even that is not JSON, assume the worst.
+        filled = interpolate(body, {}, "", [])
+        try:
+            json.loads(filled)
+        except (ValueError, RecursionError):
+            return bool(filled.strip())
+        return bool(body_secrets(filled))
+    return any(_literal(text) and REFRESH_PLACEHOLDER not in text for text in strings)
 
 
 def literal_secrets(raw: Mapping[str, Any]) -> list[str]:
     """The secret keys whose value in a parsed config file is literal text, not only `${VAR}` references.
 
-    A `${VAR:-default}` with a non-empty default counts as literal: the default is in the file.
+    A `${VAR:-default}` with a non-empty default counts as literal: the default
+    is in the file. Each `[token.json] headers` value but those of PLAIN_HEADERS
+    counts as `token.json.headers.NAME`, and the body template as
+    `token.json.body` when one of its string values is literal.
     """
     found = []
     for dotted in SECRET_KEYS:
         section, _, name = dotted.partition(".")
         table = raw.get(section)
         value = table.get(name) if isinstance(table, Mapping) else None
-        if isinstance(value, str) and interpolate(value, {}, dotted, []):
+        if _literal(value):
             found.append(dotted)
+    token = raw.get("token")
+    spec = token.get("json") if isinstance(token, Mapping) else None
+    if isinstance(spec, Mapping):
+        headers = spec.get("headers")
+        if isinstance(headers, Mapping):
+            found += [
+                f"{SECRET_HEADERS}.{name}"
+                for name, value in headers.items()
+                if str(name).lower() not in PLAIN_HEADERS and _literal(value)
+            ]
+        if _literal_body(spec.get("body")):
+            found.append(SECRET_BODY)
     return found
 
 

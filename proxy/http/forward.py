@@ -13,18 +13,26 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from ..core.errors import BadRequest, ProxyError
+from ..core.errors import BadRequest, ProxyError, UpstreamUnreachable
 from ..observe.log import access_line
 from ..observe.metrics import Metrics
 from ..tokens.manager import Token, TokenManager
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
-from .body import read_body
-from .headers import challenge_error, request_drop_set, request_header_bytes, response_headers
+from .body import ReplayMemory, read_body
+from .headers import (
+    challenge_error,
+    control_character_in,
+    request_drop_set,
+    request_header_bytes,
+    response_headers,
+)
 from .render import error_response
+from .server import BODY_TIMED_OUT, RequestTimeout
 
 logger = logging.getLogger("tokenproxy.forward")
 
@@ -54,6 +62,26 @@ def rewritten_location(upstream: Upstream, location: str, request: web.BaseReque
     if not _AUTHORITY.fullmatch(request.host):
         return None
     return upstream.client_location(location, f"{request.scheme}://{request.host}")
+
+
+def refuse_unwritable(request: web.BaseRequest, reason: str, headers: Iterable[tuple[str, str]]) -> None:
+    """Raise UpstreamUnreachable (502) when the upstream's head holds what no HTTP head may carry.
+
+    A control character in a header value or the reason phrase passes the
+    parsers but is refused when the head is written (a header injection):
+    the upstream's fault, told as such before anything reaches the client.
+    The log line names the header, never its value.
+    """
+    where = control_character_in(reason, headers)
+    if where is None:
+        return
+    logger.warning(
+        "upstream answer to %s %s refused: a control character in %s",
+        request.method,
+        request.raw_path.partition("?")[0],
+        where,
+    )
+    raise UpstreamUnreachable(f"the upstream's answer cannot be relayed: a control character in {where}")
 
 
 class _RelayedResponse(web.StreamResponse):
@@ -90,6 +118,8 @@ class Forwarder:
         *,
         refresh_on: frozenset[int],
         replay_limit: int,
+        replay_memory: int,
+        replay_wait: float = 0.0,
         drop_headers: tuple[str, ...] = (),
         rewrite_redirects: bool = False,
         metrics: Metrics | None = None,
@@ -103,6 +133,8 @@ class Forwarder:
         self._tokens = tokens
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
+        self._memory = ReplayMemory(replay_memory)  # the bodies held for a resend, all requests together
+        self._replay_wait = replay_wait  # how long a body may wait for room there before it streams
 
     def reconfigure(
         self,
@@ -110,6 +142,7 @@ class Forwarder:
         *,
         refresh_on: frozenset[int],
         replay_limit: int,
+        replay_memory: int,
         drop_headers: tuple[str, ...],
         rewrite_redirects: bool,
     ) -> None:
@@ -119,6 +152,7 @@ class Forwarder:
         self._client.use(upstream)
         self._refresh_on = refresh_on
         self._replay_limit = replay_limit
+        self._memory.limit = replay_memory
         self._drop = request_drop_set(drop_headers)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -143,10 +177,13 @@ class Forwarder:
                 answer.force_close()
             return answer
         except asyncio.CancelledError:
-            # The client went away (its handler is cancelled): nginx's 499 says so in the log.
-            status = CLIENT_CLOSED
+            # The client went away (its handler is cancelled): nginx's 499 says so in the log;
+            # or its body stalled, and the server answered 408 and closed the connection.
+            status = RequestTimeout.status if request.get(BODY_TIMED_OUT) else CLIENT_CLOSED
             raise
         finally:
+            if state.held:
+                self._memory.give_back(state.held)
             # Once the answer has begun, its status is what the client got, even if it then hung up.
             if state.sent_status is not None:
                 status = state.sent_status
@@ -173,7 +210,8 @@ class Forwarder:
                 raise BadRequest("the request names another host than the upstream; tokenproxy forwards only there")
             target = origin_form
         headers = request_header_bytes(request.raw_headers, self._drop)
-        body = await read_body(request, self._replay_limit)
+        body = await read_body(request, self._replay_limit, self._memory, self._replay_wait)
+        state.held = body.held
         outgoing = Outgoing(self._upstream, request.method, target, headers, body)
 
         token = await self._tokens.get()
@@ -186,6 +224,7 @@ class Forwarder:
             if isinstance(kept, web.Response):
                 renewed = await self._tokens.renew(token, challenge)
                 if renewed is None:
+                    refuse_unwritable(request, kept.reason, kept.headers.items())
                     if self._metrics is not None:
                         self._metrics.rejection_passed_through()
                     return kept
@@ -241,10 +280,12 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Send the upstream's status, headers and body to the client as they arrive."""
         try:
+            headers = response_headers(upstream.raw_headers)
+            refuse_unwritable(request, upstream.reason, headers)
             length = upstream.content_length
             relayed = _SizedRelayedResponse if length is not None and length <= SMALL_BODY else _RelayedResponse
             out = relayed(status=upstream.status, reason=upstream.reason)
-            out.headers.extend(response_headers(upstream.raw_headers))
+            out.headers.extend(headers)
             if self._rewrite_redirects and hdrs.LOCATION in out.headers:
                 location = rewritten_location(self._upstream, out.headers[hdrs.LOCATION], request)
                 if location is not None:
@@ -291,11 +332,12 @@ class Forwarder:
 
 
 class _Journey:
-    """What the access line reports about one request."""
+    """What the access line reports about one request, and the body memory it holds until done."""
 
-    __slots__ = ("generation", "resent", "sent_status", "started_relay")
+    __slots__ = ("generation", "held", "resent", "sent_status", "started_relay")
 
     def __init__(self) -> None:
+        self.held = 0  # bytes of the body taken from the ReplayMemory
         self.resent = False
         self.generation: int | None = None
         self.started_relay = False

@@ -106,6 +106,26 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:
     return _filter(raw, _RESPONSE_DROP)
 
 
+# A control character other than HTAB: no field value or reason phrase may hold one (RFC 9110 §5.5,
+# RFC 9112 §4), and aiohttp refuses to write one into a head. The parsers let them through in values.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def control_character_in(reason: str, pairs: Iterable[tuple[str, str]]) -> str | None:
+    """Where an answer's reason phrase or header values hold a control character, else None.
+
+    Says `the reason phrase` or `header <name>`: a name is a token (the
+    parsers refuse any other), so it may be logged; a value never is. The
+    cheap `isprintable` is tried first; it is true for nearly every value.
+    """
+    if not reason.isprintable() and _CONTROL.search(reason):
+        return "the reason phrase"
+    for name, value in pairs:
+        if not value.isprintable() and _CONTROL.search(value):
+            return f"header {name}"
+    return None
+
+
 # One auth-param (RFC 9110 §11.2): token BWS "=" BWS ( token / quoted-string ). Scanning left to
 # right with this keeps a quoted value whole, so nothing inside quotes is read as a parameter.
 _AUTH_PARAM = re.compile(

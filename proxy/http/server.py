@@ -6,6 +6,9 @@ the idle keep-alive timeout; this module adds what it lacks:
 
 - a time limit for receiving a request's headers, counted from its first
   byte (slowloris): 408 with the JSON error, then the connection is closed;
+- a time limit between two arrivals of a request body's bytes while the
+  proxy is taking them (a stalled upload): 408 with the JSON error when no
+  answer has begun, then the connection is closed;
 - `max_connections`: one more connection gets 503 with the JSON error and is
   closed, while the connections already open keep working;
 - the parser's refusals as tokenproxy's JSON error instead of aiohttp's text
@@ -18,7 +21,8 @@ the idle keep-alive timeout; this module adds what it lacks:
 Knows nothing of tokens, upstreams or the config file: `ServerLimits` is
 built by the composition root. It subclasses aiohttp's `AppRunner`, `Server`
 and `RequestHandler`, and reads a few of their private attributes
-(`_kwargs`, `_waiter`, `_messages`, `_current_request`); the tests in
+(`_kwargs`, `_waiter`, `_messages`, `_current_request`, `_reading_paused`,
+and the writer's `_headers_written`); the tests in
 tests/test_security.py and tests/test_malformed.py pin that behaviour.
 """
 
@@ -32,9 +36,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import (
     BadHttpMethod,
@@ -57,9 +62,18 @@ logger = logging.getLogger("tokenproxy.server")
 REFUSAL_LINGER = 2.0
 MAX_REFUSING = 64
 
+# Bytes of a request body aiohttp reads ahead of its handler on one connection before it stops
+# reading the socket (at twice this, plus one read). aiohttp's own default (256 KiB) let a
+# connection whose handler waits (for a token, for room to keep its body) hold about 750 KB.
+READ_BUFFER = 64 * 1024
+
+# Set on a request whose body `server.body_timeout` ended while its handler ran (408 sent or
+# connection cut): the handler is then cancelled, and its access line can say why.
+BODY_TIMED_OUT = web.RequestKey("body_timed_out", bool)
+
 
 class RequestTimeout(ProxyError):
-    """The request's headers did not arrive within `server.header_timeout`."""
+    """A request's headers took longer than `server.header_timeout`, or its body stalled for `server.body_timeout`."""
 
     status = 408
     code = "request_timeout"
@@ -92,6 +106,7 @@ class ServerLimits:
 
     max_connections: int = 512
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     max_headers: int = 100
     max_header_size: int = 8190
@@ -100,6 +115,7 @@ class ServerLimits:
     def handler_kwargs(self) -> dict[str, Any]:
         """The limits aiohttp's RequestHandler enforces itself."""
         return {
+            "read_bufsize": READ_BUFFER,
             "keepalive_timeout": self.keepalive_timeout,
             "max_headers": self.max_headers,
             "max_field_size": self.max_header_size,
@@ -160,9 +176,18 @@ _QUOTING_ERRORS: tuple[tuple[type[HttpProcessingError], str], ...] = (
 
 
 class _Handler(RequestHandler):
-    """aiohttp's RequestHandler plus the header time limit, JSON refusals and connection counting."""
+    """aiohttp's RequestHandler plus the header and body time limits, JSON refusals and connection counting."""
 
-    __slots__ = ("_counted", "_head_timer", "_heads_seen", "_server", "_tls")
+    __slots__ = (
+        "_body",
+        "_body_last",
+        "_body_timer",
+        "_counted",
+        "_head_timer",
+        "_heads_seen",
+        "_server",
+        "_tls",
+    )
 
     def __init__(self, server: ProxyServer, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
@@ -171,6 +196,11 @@ class _Handler(RequestHandler):
         self._heads_seen = False  # whether any request head has been complete on this connection
         self._counted = True  # this connection holds one of server.max_connections
         self._tls: ssl.SSLContext | None = None
+        # The request whose body is timed (from its handler's start until the body is complete),
+        # the loop time its last body bytes arrived, and the timer, armed while the proxy reads.
+        self._body: web.BaseRequest | None = None
+        self._body_last = 0.0
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Note the connection's TLS context once (aiohttp asks the transport again for every request)."""
@@ -185,6 +215,8 @@ class _Handler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         queued = len(self._messages)
         super().data_received(data)
+        if self._body is not None:
+            self._body_arrived()
         if len(self._messages) > queued:
             # A request head is complete (or refused): its time limit is met.
             self._heads_seen = True
@@ -201,6 +233,81 @@ class _Handler(RequestHandler):
             waiter = self._waiter
             if not self._heads_seen or (waiter is not None and not waiter.done()):
                 self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
+
+    # --- the body time limit ------------------------------------------------------------------
+    # Counted only while the proxy takes the client's bytes: from the handler's start (a request
+    # queued behind another, or one whose client waits for `100 Continue`, is not yet owed), and
+    # not while flow control holds the socket because the proxy itself is slow to pass the body on.
+
+    def time_body(self, request: web.BaseRequest) -> None:
+        """Start the body time limit for `request`, whose handler starts now, unless its body is complete."""
+        self._stop_body_timer()
+        if not request.content.is_eof():
+            self._body = request
+            self._body_last = self._loop.time()
+            if not self._reading_paused:
+                self._arm_body_timer(self._body_last)
+
+    def _body_arrived(self) -> None:
+        body = self._body
+        assert body is not None
+        if body.content.is_eof():
+            self._stop_body_timer()
+        else:
+            self._body_last = self._loop.time()
+
+    def _arm_body_timer(self, since: float) -> None:
+        self._body_timer = self._loop.call_at(since + self._server.limits.body_timeout, self._body_deadline)
+
+    def _stop_body_timer(self) -> None:
+        self._body = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def pause_reading(self) -> None:
+        """Flow control holds the socket: the client cannot send, so its body is not timed meanwhile."""
+        super().pause_reading()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """The socket is read again: the client's body has its full time limit from now."""
+        super().resume_reading(resume_parser)
+        if self._body is not None and self._body_timer is None and not self._reading_paused:
+            self._body_last = self._loop.time()
+            self._arm_body_timer(self._body_last)
+
+    def _body_deadline(self) -> None:
+        self._body_timer = None
+        request = self._body
+        if request is None or self.transport is None:
+            return
+        if request.content.is_eof():
+            self._body = None
+            return
+        if self._loop.time() < self._body_last + self._server.limits.body_timeout:
+            self._arm_body_timer(self._body_last)  # bytes arrived since this timer was armed
+            return
+        self._body = None
+        answered = _answer_begun(request.writer)
+        logger.info(
+            "closed a connection from %s: its request body stalled for %gs (server.body_timeout)%s",
+            _peer(self.transport),
+            self._server.limits.body_timeout,
+            "" if answered else "; answered 408",
+        )
+        request[BODY_TIMED_OUT] = True
+        if answered:
+            self.transport.abort()  # the answer is cut short anyway: nothing left to flush
+        else:
+            self.transport.write(self._server.body_timeout_answer)
+        if self._current_request is None:
+            # The handler is done and aiohttp reads the unread rest to discard it: that ends here.
+            request.content.feed_eof()
+        # A handler still reading the body gets the connection's loss (and is cancelled).
+        self.force_close()
 
     def _fail_running_body(self) -> None:
         # The parser refused bytes while a request is being handled: they were
@@ -228,6 +335,7 @@ class _Handler(RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        self._stop_body_timer()
         if self._counted:
             self._counted = False
             self._server.connection_closed()
@@ -260,6 +368,12 @@ class _Handler(RequestHandler):
         return response
 
 
+def _answer_begun(writer: AbstractStreamWriter) -> bool:
+    """Whether the head of the final answer has gone out (a `100 Continue` before it does not count)."""
+    written = getattr(writer, "_headers_written", None)
+    return writer.output_size > 0 if written is None else bool(written)
+
+
 def _peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     return str(peer[0]) if isinstance(peer, tuple) and peer else "a client"
@@ -274,7 +388,8 @@ class _Refusal(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport, though not always an asyncio.Transport subclass (uvloop's TCPTransport is not).
+        transport = cast(asyncio.Transport, transport)
         refusing = self._server.refusing
         if len(refusing) >= MAX_REFUSING:
             transport.abort()
@@ -299,6 +414,9 @@ class _Refusal(asyncio.Protocol):
             self._server.refusing.discard(self._transport)
 
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
 class ProxyServer(web.Server):
     """aiohttp's low-level server with a connection limit; makes `_Handler`s.
 
@@ -306,8 +424,24 @@ class ProxyServer(web.Server):
     of open connections and the transports being refused.
     """
 
-    def __init__(self, handler: Any, *, limits: ServerLimits, **kwargs: Any) -> None:
+    def __init__(self, handler: Handler, *, limits: ServerLimits, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        # Each request is made just before its handler starts: its body is timed from then.
+        # (A plain call around aiohttp's factory, rather than a coroutine around every handler.)
+        make_request = self.request_factory
+
+        def timed_request(
+            message: RawRequestMessage,
+            payload: StreamReader,
+            protocol: RequestHandler,
+            writer: AbstractStreamWriter,
+            task: asyncio.Task[None],
+        ) -> web.BaseRequest:
+            request = make_request(message, payload, protocol, writer, task)
+            cast(_Handler, protocol).time_body(request)
+            return request
+
+        self.request_factory = timed_request
         self.limits = limits
         self.open_connections = 0  # admitted and not yet lost
         self.refusing: set[asyncio.Transport] = set()
@@ -315,6 +449,9 @@ class ProxyServer(web.Server):
         # Built once: the answers written when there is no request to answer.
         self.timeout_answer = raw_answer(
             RequestTimeout(f"the request headers did not arrive within {limits.header_timeout:g}s")
+        )
+        self.body_timeout_answer = raw_answer(
+            RequestTimeout(f"no bytes of the request body arrived for {limits.body_timeout:g}s")
         )
         self.busy_answer = raw_answer(
             TooManyConnections(
@@ -358,7 +495,7 @@ class ProxyRunner(web.AppRunner):
         app: web.Application,
         *,
         limits: ServerLimits,
-        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None,
+        handler: Handler | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **limits.handler_kwargs(), **kwargs)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import json
 import logging
 import os
 import signal
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -175,6 +177,7 @@ RESTART_ONLY = (
     "server.socket_mode",
     "server.max_connections",
     "server.header_timeout",
+    "server.body_timeout",
     "server.keepalive_timeout",
     "server.max_headers",
     "server.max_header_size",
@@ -218,6 +221,7 @@ def apply_reload(app: web.Application, old: Config, new: Config) -> list[str]:
         Upstream.parse(new.upstream.url),
         refresh_on=frozenset(tok.refresh_on),
         replay_limit=new.retry.replay_limit,
+        replay_memory=new.retry.replay_memory,
         drop_headers=(new.server.client_token_header,) if new.server.client_token else (),
         rewrite_redirects=new.upstream.rewrite_redirects,
     )
@@ -243,10 +247,15 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         up = config.upstream
-        client = upstream_client(config)
-        tokens_http = token_session(config)
         metrics = app[METRICS]
-        manager = make_token_manager(config, tokens_http, clock, metrics)
+        tokens_http = token_session(config)
+        try:
+            # Resumes from the state file first: one that is refused (UnsafeStateError) leaves nothing open.
+            manager = make_token_manager(config, tokens_http, clock, metrics)
+        except BaseException:
+            await tokens_http.close()
+            raise
+        client = upstream_client(config)
         app[TOKENS] = manager
         app[FORWARDER] = Forwarder(
             client,
@@ -254,6 +263,10 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             manager,
             refresh_on=frozenset(config.token.refresh_on),
             replay_limit=config.retry.replay_limit,
+            replay_memory=config.retry.replay_memory,
+            # A body that finds replay_memory full waits for room as long as a stalled body is
+            # tolerated (a stall attack holding it is over by then), then streams.
+            replay_wait=config.server.body_timeout,
             drop_headers=(config.server.client_token_header,) if config.server.client_token else (),
             rewrite_redirects=config.upstream.rewrite_redirects,
             metrics=metrics,
@@ -322,6 +335,7 @@ def server_limits(config: Config) -> ServerLimits:
     return ServerLimits(
         max_connections=server.max_connections,
         header_timeout=server.header_timeout,
+        body_timeout=server.body_timeout,
         keepalive_timeout=server.keepalive_timeout,
         max_headers=server.max_headers,
         max_header_size=server.max_header_size,
@@ -342,10 +356,40 @@ def startup_warnings(config: Config) -> list[str]:
     return warnings
 
 
+def refuse_live_socket(path: str) -> None:
+    """Raise OSError when another process answers on the Unix socket `path`.
+
+    The event loop replaces a socket file that is already there, so without
+    this a second proxy would silently take over a running one's socket. A
+    stale file (nobody accepts on it) is left to be replaced; one that cannot
+    be probed (no permission) is refused too, since it may be live.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return  # nothing there, or nobody listening: the bind goes ahead
+    except BlockingIOError:
+        pass  # its listen queue is full: someone listens
+    except PermissionError as exc:
+        detail = f"{path}: cannot tell whether another process listens there ({exc.strerror})"
+        raise OSError(exc.errno, detail) from None
+    except OSError:
+        return  # not a socket, or a bad path: the bind itself says what is wrong
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
+
+
 async def start_listener(runner: web.BaseRunner, listen: str, socket_mode: int = 0o600, backlog: int = 128) -> str:
-    """Listen on `listen`; `backlog` connections may wait to be accepted (the kernel caps it at somaxconn)."""
+    """Listen on `listen`; `backlog` connections may wait to be accepted (the kernel caps it at somaxconn).
+
+    OSError when it cannot, e.g. when another process listens on the same Unix socket.
+    """
     if listen.startswith("unix:"):
         path = listen[len("unix:") :]
+        refuse_live_socket(path)
         # Create the socket with no access for others, then widen to socket_mode:
         # there is no moment when another user could connect.
         old_umask = os.umask(0o177)
@@ -400,7 +444,13 @@ GC_YOUNG_THRESHOLD = 10_000
 
 @contextlib.contextmanager
 def sparing_gc() -> Iterator[None]:
-    """Collect reference cycles less eagerly for as long as the proxy serves (see GC_YOUNG_THRESHOLD)."""
+    """Collect reference cycles less eagerly for as long as the proxy serves (see GC_YOUNG_THRESHOLD).
+
+    Starts with one full collection: importing the program ran the collector at its default,
+    eager settings, and the count of young collections it left behind (it decides when the
+    next full scan comes) would otherwise depend on how much code was imported.
+    """
+    gc.collect()
     before = gc.get_threshold()
     gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
     try:

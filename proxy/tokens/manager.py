@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import aiohttp
 import jwt
 
-from ..auth.grants import Grant, TokenResponse
+from ..auth.grants import BadAnswer, Grant, TokenResponse
 from ..core.errors import (
     GrantError,
     LoginRequired,
@@ -43,6 +43,10 @@ logger = logging.getLogger("tokenproxy.tokens")
 _SENDABLE = re.compile(r"[\x21-\x7e]+")
 
 Clock = Callable[[], float]
+
+# The least lifetime a token is scheduled by, whatever `min_refresh_interval` says (it may be 0):
+# a token endpoint handing out tokens dead on arrival costs at most one call per floor.
+MIN_LIFETIME_FLOOR = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,30 +70,60 @@ class Token:
         return f"Token(generation={self.generation}, fingerprint={self.fingerprint})"
 
 
-def make_token(value: str, expires_at: float, obtained_at: float, generation: int, refresh_before: float) -> Token:
+def make_token(
+    value: str,
+    expires_at: float,
+    obtained_at: float,
+    generation: int,
+    refresh_before: float,
+    floor: float = 0.0,
+) -> Token:
     """Build a Token, choosing the send deadline and the refresh-ahead point.
 
     The leeway (at most 1 s or a tenth of the lifetime) keeps a token from
     arriving expired at an API that checks `exp` with no clock skew; the
     refresh-ahead point is never earlier than half the lifetime, so a short
     lifetime cannot cause back-to-back refreshes.
+
+    A token whose lifetime is shorter than `floor` (already expired by this
+    clock, a skewed clock, a nonsense `expires_in`) is sent, and not replaced
+    by the clock, until `floor` seconds after it was obtained: a broken or
+    skewed server costs one token call per `floor`, not one per request.
+    `expires_at` stays what the answer said.
     """
-    lifetime = max(0.0, expires_at - obtained_at)
+    if expires_at - obtained_at < floor:
+        usable_until = refresh_at = obtained_at + floor
+    else:
+        lifetime = max(0.0, expires_at - obtained_at)
+        usable_until = expires_at - min(1.0, lifetime * 0.1)
+        refresh_at = expires_at - min(refresh_before, lifetime * 0.5)
     return Token(
         value=value,
         expires_at=expires_at,
         obtained_at=obtained_at,
         generation=generation,
-        usable_until=expires_at - min(1.0, lifetime * 0.1),
-        refresh_at=expires_at - min(refresh_before, lifetime * 0.5),
+        usable_until=usable_until,
+        refresh_at=refresh_at,
         header=f"Bearer {value}",
         fingerprint=fingerprint(value),
     )
 
 
+def lifetime_floor(min_refresh_interval: float) -> float:
+    """The least lifetime a new token is scheduled by: `min_refresh_interval`, and never under 1 s."""
+    return max(min_refresh_interval, MIN_LIFETIME_FLOOR)
+
+
 def expiry_of(response: TokenResponse, obtained_at: float, default_lifetime: float) -> float:
-    """When the token expires: `expires_in`, else the JWT's `exp`, else the default lifetime."""
-    if response.expires_in is not None:
+    """When the token expires: `expires_in`, else the JWT's `exp`, else the default lifetime.
+
+    A zero, negative or missing `expires_in` says nothing (the JWT's `exp` or the
+    default decides). An `exp` that is not a number is ignored; one that is a
+    number but not a finite one (NaN, Infinity, 400 digits) makes the answer
+    malformed: GrantError. An `exp` in the past is returned as it is (the
+    caller warns and applies the floor).
+    """
+    if response.expires_in is not None and response.expires_in > 0:
         return obtained_at + response.expires_in
     try:
         claims = jwt.decode(response.access_token, options={"verify_signature": False})
@@ -98,8 +132,30 @@ def expiry_of(response: TokenResponse, obtained_at: float, default_lifetime: flo
     if isinstance(claims, dict):
         exp = claims.get("exp")
         if isinstance(exp, (int, float)) and not isinstance(exp, bool):
-            return float(exp)
+            try:
+                seconds = float(exp)
+            except OverflowError:
+                seconds = math.inf
+            if not math.isfinite(seconds):
+                raise GrantError("the access token's exp claim is not a finite number")
+            return seconds
     return obtained_at + default_lifetime
+
+
+def lifetime_warning(expires_at: float, obtained_at: float, floor: float) -> str | None:
+    """Why a new token's stated expiry is not the one it is scheduled by, or None when it is."""
+    lifetime = expires_at - obtained_at
+    if lifetime >= floor:
+        return None
+    if lifetime <= 0:
+        return (
+            f"the new token was already expired when it arrived ({abs(lifetime):.0f}s ago by this machine's clock): "
+            f"the token server's clock or this one is wrong (clock skew); using it for {floor:g}s"
+        )
+    return (
+        f"the new token lives {lifetime:.3g}s, less than {floor:g}s (min_refresh_interval, at least 1s); "
+        f"if the token server's clock differs from this one (clock skew), fix it; using it for {floor:g}s"
+    )
 
 
 class Renewal(enum.Enum):
@@ -250,14 +306,19 @@ class TokenManager:
         self._seed = state.seed
         if state.refresh_token:
             self._refresh_token = state.refresh_token
+        self._generation = state.generation
+        if not state.access_token:
+            # Saved from an answer that rotated the refresh token but gave no usable access token.
+            logger.info("resumed the refresh token from the state file; no access token yet")
+            return
         self._token = make_token(
             state.access_token,
             state.expires_at,
             state.obtained_at,
             state.generation,
             self._policy.refresh_before,
+            lifetime_floor(self._policy.min_refresh_interval),
         )
-        self._generation = state.generation
         logger.info(
             "resumed token %s generation %d from state file, expires in %.0fs",
             self._token.fingerprint,
@@ -288,7 +349,12 @@ class TokenManager:
         elif self._token is not None:
             token = self._token
             self._token = make_token(
-                token.value, token.expires_at, token.obtained_at, token.generation, policy.refresh_before
+                token.value,
+                token.expires_at,
+                token.obtained_at,
+                token.generation,
+                policy.refresh_before,
+                lifetime_floor(policy.min_refresh_interval),
             )
         self._dead = None
         self._failures = 0
@@ -452,51 +518,87 @@ class TokenManager:
     async def _fetch_and_publish(self) -> Token | ProxyError:
         started = self._clock()
         login = self._login
+        response: TokenResponse | None = None
+        error: GrantError | None = None
+        rotated: str | None = None
         try:
             async with asyncio.timeout(self._policy.timeout):
                 response = await self._grant.fetch(self._session, self._refresh_token)
         except TimeoutError:
-            return self._failed(GrantError("token endpoint did not answer in time"), started)
+            error = GrantError("token endpoint did not answer in time")
+        except BadAnswer as exc:
+            error, rotated = exc, exc.refresh_token
         except GrantError as exc:
-            return self._failed(exc, started)
+            error = exc
         except Exception as exc:
             logger.error(
                 "refresh failed unexpectedly (%s)", type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG)
             )
-            return self._failed(GrantError(f"internal error ({type(exc).__name__})"), started)
+            error = GrantError(f"internal error ({type(exc).__name__})")
         if login != self._login:
-            # A reload changed the credential while this refresh ran: its token
-            # belongs to the old one and must not be used or saved.
+            # A reload changed the credential while this refresh ran: its token (and a
+            # rotated refresh token) belong to the old one and must not be used or saved.
             return TokenUnavailable("the configuration changed during the refresh; retry", retry_after=1)
+        token: Token | None = None
+        if response is not None:
+            rotated = response.refresh_token
+            try:
+                token = self._token_from(response, started)
+            except GrantError as exc:
+                error = exc
+            except Exception as exc:  # a defect in reading the answer must still be a logged, backed-off failure
+                logger.error(
+                    "reading the token answer failed unexpectedly (%s)",
+                    type(exc).__name__,
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
+                error = GrantError(f"internal error reading the answer ({type(exc).__name__})")
+        if rotated:
+            # The endpoint has spent the refresh token presented: the rotated one is the
+            # only one left, whatever else is wrong with the answer. Present it next.
+            self._refresh_token = rotated
+        if token is None:
+            if rotated:
+                # Persisted with the current token (if any), so a restart presents it too.
+                await self._save(self._state(self._token))
+            return self._failed(error or GrantError("no token in the answer"), started, rotated=bool(rotated))
+        return await self._publish(token, rotated=bool(rotated))
+
+    def _token_from(self, response: TokenResponse, started: float) -> Token:
+        """The next Token from a token answer, or GrantError when the answer cannot give one."""
         if not _SENDABLE.fullmatch(response.access_token):
             # A control character or a space would break (or inject into) the request head.
-            return self._failed(GrantError("the access token has characters a header cannot carry"), started)
-        return await self._publish(response, started)
-
-    async def _publish(self, response: TokenResponse, started: float) -> Token:
-        token = make_token(
-            response.access_token,
-            expiry_of(response, started, self._policy.default_lifetime),
-            started,
-            self._generation + 1,
-            self._policy.refresh_before,
+            raise GrantError("the access token has characters a header cannot carry")
+        expires_at = expiry_of(response, started, self._policy.default_lifetime)
+        floor = lifetime_floor(self._policy.min_refresh_interval)
+        warning = lifetime_warning(expires_at, started, floor)
+        if warning is not None:
+            logger.warning("refresh grant=%s: %s", self._grant.name, warning)
+        return make_token(
+            response.access_token, expires_at, started, self._generation + 1, self._policy.refresh_before, floor
         )
-        if response.refresh_token:
-            self._refresh_token = response.refresh_token
-        state = SavedState(
+
+    def _state(self, token: Token | None) -> SavedState:
+        """What the state file holds: the refresh token to present next, and `token` if there is one."""
+        return SavedState(
             credential=self._credential,
             seed=self._seed,
-            access_token=token.value,
-            expires_at=token.expires_at,
-            obtained_at=token.obtained_at,
+            access_token=token.value if token else "",
+            expires_at=token.expires_at if token else 0.0,
+            obtained_at=token.obtained_at if token else 0.0,
             refresh_token=self._refresh_token,
-            generation=token.generation,
+            generation=token.generation if token else self._generation,
         )
+
+    async def _save(self, state: SavedState) -> None:
         try:
-            # Persist before publishing, so a rotated refresh token survives a crash.
             await asyncio.to_thread(self._store.save, state)
         except OSError as exc:
             logger.error("could not write the state file (%s); the new token is kept in memory only", exc.strerror)
+
+    async def _publish(self, token: Token, *, rotated: bool) -> Token:
+        # Persist before publishing, so a rotated refresh token survives a crash.
+        await self._save(self._state(token))
         self._token = token
         self._generation = token.generation
         self._failures = 0
@@ -508,11 +610,11 @@ class TokenManager:
             token.fingerprint,
             token.generation,
             token.expires_at - self._clock(),
-            "yes" if response.refresh_token else "no",
+            "yes" if rotated else "no",
         )
         return token
 
-    def _failed(self, exc: GrantError, started: float) -> ProxyError:
+    def _failed(self, exc: GrantError, started: float, *, rotated: bool = False) -> ProxyError:
         error: ProxyError
         if exc.final:
             error = (
@@ -528,11 +630,12 @@ class TokenManager:
             self._backoff_until = self._clock() + delay
             error = TokenUnavailable(exc.reason, retry_after=math.ceil(delay))
             logger.warning(
-                "refresh failed grant=%s reason=%s failures=%d retry_in=%.1fs",
+                "refresh failed grant=%s reason=%s failures=%d retry_in=%.1fs rotated=%s",
                 self._grant.name,
                 exc.reason,
                 self._failures,
                 delay,
+                "yes (kept for the next refresh)" if rotated else "no",
             )
         self._last_error = error
         return error

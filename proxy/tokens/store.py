@@ -1,18 +1,25 @@
 """Where tokens survive a restart.
 
 Owns: the state file format and writing it safely (0600 from creation, temp
-file + fsync + rename, directory 0700). Knows nothing of grants or requests.
+file + fsync + rename, directory 0700), and refusing a state file or
+directory that another user could have planted or changed, as ssh refuses
+such a `~/.ssh`. Knows nothing of grants or requests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
+
+# A state file is a few hundred bytes; anything much larger is not one of ours.
+_MAX_STATE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -28,11 +35,28 @@ class SavedState:
     generation: int
 
 
+class UnsafeStateError(PermissionError):
+    """The state file or its directory could have been written by another user: it is not used.
+
+    A PermissionError (EPERM) whose message (`strerror`, and `str()` alone)
+    is one line naming the path, what is wrong and how to fix it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class Store(Protocol):
     """Somewhere to keep a SavedState."""
 
     def load(self) -> SavedState | None:
-        """The saved state, or None when there is none or it is unreadable."""
+        """The saved state, or None when there is none or it is unreadable.
+
+        Raises UnsafeStateError when it could have been planted by another user.
+        """
 
     def save(self, state: SavedState) -> None:
         """Persist `state` durably before returning."""
@@ -49,16 +73,149 @@ class NullStore:
         """Forget `state`."""
 
 
+def _mode(st: os.stat_result) -> str:
+    return f"{stat.S_IMODE(st.st_mode):04o}"
+
+
+def check_directory(directory: Path, st: os.stat_result) -> None:
+    """Raise UnsafeStateError unless the state directory (`st`: its stat, a link followed) is safe.
+
+    Safe: owned by this process's effective user or by root, and writable by
+    no one else, unless it has the sticky bit (like /tmp), where nobody may
+    remove or rename another user's file. Anyone else who can write to it can
+    replace the state file with one of their own.
+    """
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise UnsafeStateError(
+            f"state directory {directory} is owned by uid {st.st_uid}, not by this user (uid {euid}) or root: "
+            "its owner could plant or replace the state file; use a directory of your own"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeStateError(
+            f"state directory {directory} is writable by other users (mode {_mode(st)}, no sticky bit): "
+            f"anyone could plant or replace the state file; chmod 700 {directory}"
+        )
+
+
+def check_file(path: Path, st: os.stat_result) -> None:
+    """Raise UnsafeStateError unless the state file (`st`: its lstat) is a regular file only this user can write.
+
+    The owner must be this process's effective user exactly: root is not
+    exempt, and a root proxy refuses another user's file too.
+    """
+    euid = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeStateError(
+            f"state file {path} is a symbolic link, which is not followed: "
+            "set token.state_file to the real file, or remove the link"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeStateError(f"state file {path} is not a regular file: remove it")
+    if st.st_uid != euid:
+        raise UnsafeStateError(
+            f"state file {path} is owned by uid {st.st_uid}, not by this user (uid {euid}), so it is not used: "
+            "another user could have planted it; remove it"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeStateError(
+            f"state file {path} is writable by other users (mode {_mode(st)}), so it is not used: "
+            "another user could have changed it; remove it, or chmod 600 it if you trust what it holds"
+        )
+
+
 class FileStore:
-    """A JSON state file, written atomically with mode 0600. Blocking: call from a thread."""
+    """A JSON state file, written atomically with mode 0600. Blocking: call from a thread.
+
+    Each call opens the directory once, checks it, and reaches the file
+    relative to it without following a symbolic link (O_NOFOLLOW): what is
+    checked is what is read or replaced.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> SavedState | None:
-        """The saved state, or None when the file is missing or malformed."""
+    def _open_directory(self) -> int:
+        """The state directory, opened (a link to a directory is followed) and checked."""
+        directory = self.path.parent
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            check_directory(directory, os.fstat(dir_fd))
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return dir_fd
+
+    def _open_file(self, dir_fd: int) -> int | None:
+        """The state file, opened read-only without following a link, and checked; None when there is none."""
+        name = self.path.name
+        try:
+            check_file(self.path, os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # became a link after the lstat
+                raise UnsafeStateError(f"state file {self.path} is a symbolic link, which is not followed") from None
+            raise
+        try:
+            check_file(self.path, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def check(self) -> None:
+        """Raise UnsafeStateError when the state directory or file is unsafe; read nothing.
+
+        For the command line, to refuse before anything starts. A directory or
+        file that is missing or cannot be opened is not an error here.
+        """
+        try:
+            dir_fd = self._open_directory()
+        except UnsafeStateError:
+            raise
+        except OSError:
+            return
+        try:
+            fd = self._open_file(dir_fd)
+        except UnsafeStateError:
+            raise
+        except OSError:
+            fd = None
+        finally:
+            os.close(dir_fd)
+        if fd is not None:
+            os.close(fd)
+
+    def load(self) -> SavedState | None:
+        """The saved state, or None when the file is missing, unreadable or malformed.
+
+        Raises UnsafeStateError, reading nothing, when the directory or the
+        file could have been written by another user or the file is a link.
+        """
+        try:
+            dir_fd = self._open_directory()
+        except UnsafeStateError:
+            raise
+        except OSError:
+            return None
+        try:
+            fd = self._open_file(dir_fd)
+            if fd is None:
+                return None
+            with os.fdopen(fd, "rb") as file:
+                raw = file.read(_MAX_STATE_BYTES + 1)
+        except UnsafeStateError:
+            raise
+        except OSError:
+            return None
+        finally:
+            os.close(dir_fd)
+        if len(raw) > _MAX_STATE_BYTES:
+            return None
+        try:
+            data = json.loads(raw.decode("utf-8"))
             return SavedState(
                 credential=str(data["credential"]),
                 seed=str(data["seed"]),
@@ -68,27 +225,50 @@ class FileStore:
                 refresh_token=None if data["refresh_token"] is None else str(data["refresh_token"]),
                 generation=int(data["generation"]),
             )
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return None
 
     def save(self, state: SavedState) -> None:
-        """Write `state` to a 0600 temp file, fsync it, and rename it over the old one."""
-        directory = self.path.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # mkstemp creates the file 0600, so the secret is never readable by others.
-        fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
+        """Write `state` to a 0600 temp file, fsync it, and rename it over the old one.
+
+        Raises UnsafeStateError (an OSError) rather than write into a
+        directory that another user could write to.
+        """
+        payload = json.dumps(asdict(state)).encode("utf-8")
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dir_fd = self._open_directory()
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(asdict(state), out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
+            tmp = _write_temp(dir_fd, payload)
+            try:
+                os.replace(tmp, self.path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _write_temp(dir_fd: int, payload: bytes) -> str:
+    """A new file in the directory holding `payload`, created 0600 (never readable by others), fsynced; its name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        name = f".state-{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - 100 collisions of 64 random bits
+        raise FileExistsError(errno.EEXIST, "no free name for a temporary file in the state directory")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+        raise
+    return name

@@ -39,6 +39,7 @@ class RequestBody:
     data: bytes | None  # the whole body when it is replayable
     stream: AsyncIterator[bytes] | None  # the body when it is not
     length: int | None  # the Content-Length to send, when known
+    held: int = 0  # bytes taken from the ReplayMemory for it: give them back when the request is done
 
     @property
     def replayable(self) -> bool:

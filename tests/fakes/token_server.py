@@ -4,6 +4,8 @@ Issues HS256 JWTs with PyJWT, rotates refresh tokens and revokes the whole
 grant when a rotated-away refresh token is reused (as real servers do).
 Counts its calls and exposes events to hold a refresh in flight. Also
 serves the home-made `json` refresh endpoints, in body and cookie mode.
+Its answers can be broken on purpose: a given access token value, any
+`expires_in` or `exp` (NaN, 400 digits, in the past), or an endless body.
 """
 
 from __future__ import annotations
@@ -40,9 +42,16 @@ class FakeTokenServer:
     """The token endpoint's state; mutate the attributes to change its behaviour."""
 
     signing_key: str = field(default_factory=lambda: secrets.token_hex(32))
-    lifetime: float | None = 300.0  # expires_in; None leaves it out of the answer
+    lifetime: Any = 300.0  # expires_in, sent as it is (NaN, 10**400, 1e-9 ...); None leaves it out
     jwt_lifetime: float = 3600.0  # the `exp` claim, seconds from now
-    mode: str = "ok"  # ok | 500 | html | invalid_grant | invalid_client | no_token | hang | garbage_json
+    jwt_exp: Any = None  # when not None, the `exp` claim as it is (NaN, 10**400, a past time ...)
+    access_value: str | None = None  # when set, issued as the access token instead of a JWT
+    # ok | 500 | html | invalid_grant | invalid_client | no_token | hang | garbage_json
+    # | huge (an endless JSON body, chunked) | huge_declared (the same with a huge Content-Length)
+    mode: str = "ok"
+    huge_limit: int = 256 << 20  # the most a huge answer streams before it gives up
+    huge_sent: int = 0  # bytes of huge answers written so far
+    huge_dropped: asyncio.Event = field(default_factory=asyncio.Event)  # set when the client dropped one
     rotate: bool = True
     calls: list[Call] = field(default_factory=list)
     issued_access: list[str] = field(default_factory=list)
@@ -67,10 +76,11 @@ class FakeTokenServer:
         return app
 
     def new_access(self) -> str:
-        """Sign a fresh access token."""
+        """Sign a fresh access token (or issue `access_value`)."""
         now = time.time()
-        token = jwt.encode(
-            {"sub": "alice", "iat": int(now), "exp": now + self.jwt_lifetime, "jti": secrets.token_hex(6)},
+        exp = now + self.jwt_lifetime if self.jwt_exp is None else self.jwt_exp
+        token = self.access_value or jwt.encode(
+            {"sub": "alice", "iat": int(now), "exp": exp, "jti": secrets.token_hex(6)},
             self.signing_key,
             algorithm="HS256",
         )
@@ -89,7 +99,28 @@ class FakeTokenServer:
             self.current_refresh = "rt-" + secrets.token_urlsafe(12)
         return True
 
-    async def _fault(self) -> web.Response | None:
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        """A JSON answer that never ends (up to `huge_limit`), written 64 KiB at a time, never held whole."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if self.mode == "huge_declared":
+            resp.content_length = self.huge_limit
+        chunk = b"a" * 65536
+        finished = False
+        try:
+            await resp.prepare(request)
+            await resp.write(b'{"access_token": "')
+            while self.huge_sent < self.huge_limit:
+                await resp.write(chunk)
+                self.huge_sent += len(chunk)
+            finished = True
+        except ConnectionError:
+            pass
+        finally:
+            if not finished:
+                self.huge_dropped.set()
+        return resp
+
+    async def _fault(self, request: web.Request) -> web.StreamResponse | None:
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -101,13 +132,15 @@ class FakeTokenServer:
             return web.Response(status=200, text="<html>login page</html>", content_type="text/html")
         if self.mode == "garbage_json":
             return web.json_response({"hello": "world"})
+        if self.mode in ("huge", "huge_declared"):
+            return await self._huge(request)
         return None
 
-    async def oauth_token(self, request: web.Request) -> web.Response:
+    async def oauth_token(self, request: web.Request) -> web.StreamResponse:
         """RFC 6749 token endpoint: refresh_token, client_credentials and password grants."""
         form = {k: str(v) for k, v in (await request.post()).items()}
         self.calls.append(Call(request.path, form, dict(request.headers)))
-        fault = await self._fault()
+        fault = await self._fault(request)
         if fault is not None:
             return fault
         if self.mode in ("invalid_grant", "invalid_client"):
@@ -135,14 +168,14 @@ class FakeTokenServer:
             answer["expires_in"] = self.lifetime
         return web.json_response(answer)
 
-    async def json_refresh(self, request: web.Request) -> web.Response:
+    async def json_refresh(self, request: web.Request) -> web.StreamResponse:
         """A home-made endpoint: {"refreshToken": ...} -> {"data": {"accessToken", "refreshToken", "expiresIn"}}."""
         try:
             body = await request.json()
         except json.JSONDecodeError:
             body = None
         self.calls.append(Call(request.path, {}, dict(request.headers), body))
-        fault = await self._fault()
+        fault = await self._fault(request)
         if fault is not None:
             return fault
         presented = body.get("refreshToken") if isinstance(body, dict) else None
@@ -155,10 +188,10 @@ class FakeTokenServer:
             data["expiresIn"] = self.lifetime
         return web.json_response({"data": data})
 
-    async def cookie_refresh(self, request: web.Request) -> web.Response:
+    async def cookie_refresh(self, request: web.Request) -> web.StreamResponse:
         """A home-made endpoint reading the refresh token from a cookie and rotating it by Set-Cookie."""
         self.calls.append(Call(request.path, {}, dict(request.headers)))
-        fault = await self._fault()
+        fault = await self._fault(request)
         if fault is not None:
             return fault
         presented = request.cookies.get("refresh")
