@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.config.load import Config, parse_config
-from proxy.runtime.app import TOKENS, build_app, make_runner, start_listener
+from proxy.runtime.app import TOKENS, build_app
+from proxy.runtime.serve import make_runner, start_listener
 from proxy.tokens.manager import TokenManager
 from tests.fakes.api_server import FakeApi
 from tests.fakes.canary import Canary

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config.load import load_config
-from proxy.runtime.app import credential_of
+from proxy.runtime.credentials import credential_of
 from proxy.tokens.store import SavedState
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer

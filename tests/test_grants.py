@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from proxy.auth.grants import MAX_ANSWER_BYTES, BadAnswer, _answer, _lifetime, _parse_json, _read_answer
-from proxy.core.errors import GrantError
+from proxy.core.errors import FailureKind, GrantError
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, PASSWORD, USERNAME, FakeClock, FakeTokenServer
 
@@ -237,7 +237,7 @@ def test_grant_lifetime_not_finite_is_bad_answer_keeping_rotated(value: Any) -> 
     with pytest.raises(BadAnswer, match="not a finite number") as raised:
         _lifetime(value, "the answer's expires_in", "rt-new")
     assert raised.value.refresh_token == "rt-new"
-    assert not raised.value.final
+    assert raised.value.kind is FailureKind.TRANSIENT
 
 
 @pytest.mark.parametrize("access", [None, "", 42, ["a"]])
@@ -299,7 +299,7 @@ async def test_grant_read_answer_reads_at_most_one_byte_beyond_the_cap() -> None
         await _read_answer(resp)  # type: ignore[arg-type]
     assert resp.content.given == MAX_ANSWER_BYTES + 1
     assert resp.closed
-    assert not raised.value.final
+    assert raised.value.kind is FailureKind.TRANSIENT
 
 
 async def test_grant_read_answer_declared_too_large_reads_nothing() -> None:

@@ -158,7 +158,7 @@ async def test_lifecycle_reload_changing_credential_voids_refresh_in_flight(make
     import dataclasses
     from pathlib import Path
 
-    from proxy.runtime.app import apply_reload
+    from proxy.runtime.reload import apply_reload
 
     token_server.gate = asyncio.Event()
     proxy = await make_proxy(token={"grant": "client_credentials"})

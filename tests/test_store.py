@@ -283,7 +283,7 @@ async def test_store_planted_state_never_reaches_upstream(
     planted refresh token.
     """
     from proxy.config.load import parse_config
-    from proxy.runtime.app import credential_of
+    from proxy.runtime.credentials import credential_of
 
     directory = tmp_path / "state"
     directory.mkdir(mode=0o700)

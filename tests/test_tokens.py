@@ -6,7 +6,7 @@ import jwt
 import pytest
 
 from proxy.auth.grants import TokenResponse
-from proxy.core.errors import GrantError
+from proxy.core.errors import FailureKind, GrantError
 from proxy.tokens.manager import (
     Renewal,
     backoff_delay,
@@ -223,7 +223,7 @@ def test_expiry_of_non_finite_exp_is_a_malformed_answer(exp: float) -> None:
     access = jwt.encode({"exp": exp}, "k" * 32, algorithm="HS256")
     with pytest.raises(GrantError, match="exp claim is not a finite number") as raised:
         expiry_of(TokenResponse(access), NOW, 300.0)
-    assert not raised.value.final  # backed off and retried, not dead
+    assert raised.value.kind is FailureKind.TRANSIENT  # backed off and retried, not dead
 
 
 def test_backoff_delay_first_failure_waits_initial() -> None:

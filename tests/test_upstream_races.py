@@ -23,7 +23,8 @@ import aiohttp
 from yarl import URL
 
 from proxy.config.load import Config
-from proxy.runtime.app import METRICS, apply_reload
+from proxy.runtime.app import METRICS
+from proxy.runtime.reload import apply_reload
 from tests.fakes.raw_upstream import RawUpstream, Request, answer
 from tests.fakes.token_server import FakeClock, FakeTokenServer, until
 

@@ -14,14 +14,14 @@ import base64
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
 
-from ..core.errors import GrantError
+from ..core.errors import FailureKind, GrantError
 
 # The most a token endpoint's answer may be: a token answer is a few KiB; more is
 # a broken or hostile endpoint, refused after reading at most one byte beyond it.
@@ -66,8 +66,12 @@ class Grant(Protocol):
     def uses_refresh_token(self) -> bool:
         """True when each call spends (and may rotate) a refresh token."""
 
-    async def fetch(self, session: aiohttp.ClientSession, refresh_token: str | None) -> TokenResponse:
-        """Ask the endpoint once; raise GrantError when no token comes back."""
+    async def fetch(self, refresh_token: str | None) -> TokenResponse:
+        """Ask the endpoint once; raise GrantError when no token comes back.
+
+        A grant that calls an endpoint holds its own HTTP session (given when it
+        is built); the caller does not know how a token is obtained.
+        """
 
 
 def _describe_transport_error(exc: BaseException) -> str:
@@ -150,7 +154,7 @@ class StaticGrant:
     name: str = "static"
     uses_refresh_token: bool = False
 
-    async def fetch(self, session: aiohttp.ClientSession, refresh_token: str | None) -> TokenResponse:
+    async def fetch(self, refresh_token: str | None) -> TokenResponse:
         """The configured token, every time."""
         return TokenResponse(self.access_token, expires_in=self.lifetime)
 
@@ -159,6 +163,7 @@ class StaticGrant:
 class OAuthGrant:
     """An RFC 6749 token request: refresh_token, client_credentials or password."""
 
+    session: aiohttp.ClientSession = field(repr=False, compare=False)
     name: str
     token_url: str
     client_id: str
@@ -178,7 +183,9 @@ class OAuthGrant:
         form = {"grant_type": self.name, **self.params}
         if self.uses_refresh_token:
             if not refresh_token:
-                raise GrantError("no refresh token is known", oauth_error="invalid_grant", final=True, rejected=True)
+                raise GrantError(
+                    "no refresh token is known", kind=FailureKind.LOGIN_REQUIRED, oauth_error="invalid_grant"
+                )
             form["refresh_token"] = refresh_token
         if self.scope:
             form["scope"] = self.scope
@@ -195,11 +202,18 @@ class OAuthGrant:
                 form["client_secret"] = self.client_secret
         return form, headers
 
-    async def fetch(self, session: aiohttp.ClientSession, refresh_token: str | None) -> TokenResponse:
+    def _failure_kind(self, oauth_error: str) -> FailureKind:
+        if oauth_error not in FINAL_OAUTH_ERRORS:
+            return FailureKind.TRANSIENT
+        if oauth_error == "invalid_grant" and self.uses_refresh_token:
+            return FailureKind.LOGIN_REQUIRED
+        return FailureKind.MISCONFIGURED
+
+    async def fetch(self, refresh_token: str | None) -> TokenResponse:
         """POST the grant to the token endpoint and read the token from its answer."""
         form, headers = self._request(refresh_token)
         try:
-            async with session.post(
+            async with self.session.post(
                 self.token_url,
                 data=form,
                 headers=headers,
@@ -226,8 +240,7 @@ class OAuthGrant:
             raise GrantError(
                 f"token endpoint refused: {error}",
                 oauth_error=error,
-                final=error in FINAL_OAUTH_ERRORS,
-                rejected=error == "invalid_grant" and self.uses_refresh_token,
+                kind=self._failure_kind(error),
             )
         data = _parse_json(body, content_type)
         if not isinstance(data, dict):
@@ -266,6 +279,7 @@ def fill_template(template: Any, refresh_token: str) -> Any:
 class JsonGrant:
     """A home-made refresh endpoint: JSON (or a cookie) in, JSON out."""
 
+    session: aiohttp.ClientSession = field(repr=False, compare=False)
     url: str
     method: str
     headers: Mapping[str, str]
@@ -278,10 +292,10 @@ class JsonGrant:
     name: str = "json"
     uses_refresh_token: bool = True
 
-    async def fetch(self, session: aiohttp.ClientSession, refresh_token: str | None) -> TokenResponse:
+    async def fetch(self, refresh_token: str | None) -> TokenResponse:
         """Send the refresh token as configured and read the answer's fields by their paths."""
         if not refresh_token:
-            raise GrantError("no refresh token is known", final=True, rejected=True)
+            raise GrantError("no refresh token is known", kind=FailureKind.LOGIN_REQUIRED)
         headers = {"Accept": "application/json", **self.headers}
         body: bytes | None = None
         if self.refresh_cookie:
@@ -292,7 +306,7 @@ class JsonGrant:
             body = json.dumps(fill_template(self.body_template, refresh_token)).encode()
             headers.setdefault("Content-Type", "application/json")
         try:
-            async with session.request(
+            async with self.session.request(
                 self.method,
                 self.url,
                 data=body,
@@ -305,7 +319,7 @@ class JsonGrant:
                 if status in (400, 401, 403):
                     resp.close()
                     raise GrantError(
-                        f"refresh endpoint rejected the refresh token ({status})", final=True, rejected=True
+                        f"refresh endpoint rejected the refresh token ({status})", kind=FailureKind.LOGIN_REQUIRED
                     )
                 if not 200 <= status < 300:
                     resp.close()

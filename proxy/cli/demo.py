@@ -24,7 +24,8 @@ import jwt
 from aiohttp import web
 
 from ..config.load import parse_config
-from ..runtime.app import build_app, make_runner
+from ..runtime.app import build_app
+from ..runtime.serve import make_runner
 
 logger = logging.getLogger("tokenproxy.demo")
 

@@ -79,7 +79,7 @@ def main() -> None:
 )
 def run(config_path: str | None, listen: str | None, upstream: str | None, log_level: str | None) -> None:
     """Run the proxy until Ctrl-C or SIGTERM."""
-    from ..runtime.app import event_loop_factory, serve
+    from ..runtime.serve import event_loop_factory, serve
 
     overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
     config = _load(config_path, overrides)
@@ -110,7 +110,8 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
 
 
 async def _one_token(config: Config) -> tuple[str, float, str, int]:
-    from ..runtime.app import make_token_manager, token_session
+    from ..runtime.clients import token_session
+    from ..runtime.credentials import make_token_manager
 
     session = token_session(config)
     try:

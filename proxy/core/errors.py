@@ -8,6 +8,8 @@ token or a secret: callers build the detail from codes and fingerprints only.
 
 from __future__ import annotations
 
+import enum
+
 
 class ProxyError(Exception):
     """An error that becomes tokenproxy's own HTTP answer."""
@@ -95,26 +97,31 @@ class ExpectationFailed(ProxyError):
     code = "bad_request"
 
 
+class FailureKind(enum.Enum):
+    """What a failed token fetch means for the next attempt."""
+
+    TRANSIENT = "transient"  # the endpoint, network or answer failed: back off and try again
+    MISCONFIGURED = "misconfigured"  # retrying with the same configuration cannot help
+    LOGIN_REQUIRED = "login_required"  # the refresh token itself was refused: a person must log in again
+
+
 class GrantError(Exception):
     """A token endpoint failed to give a token.
 
-    `oauth_error` is the endpoint's own error code when it sent one
-    (`invalid_grant`, `invalid_client`, ...). `final` means retrying with the
-    same configuration cannot help; `rejected` means the refresh token itself
-    was refused (it is dead). The message never contains a secret.
+    `kind` says whether trying again can help. `oauth_error` is the endpoint's
+    own error code when it sent one (`invalid_grant`, `invalid_client`, ...).
+    The message never contains a secret.
     """
 
     def __init__(
         self,
         reason: str,
         *,
+        kind: FailureKind = FailureKind.TRANSIENT,
         oauth_error: str | None = None,
-        final: bool = False,
-        rejected: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
         self.oauth_error = oauth_error
-        self.final = final
-        self.rejected = rejected
 

@@ -13,6 +13,7 @@ import bisect
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -51,6 +52,53 @@ class Histogram:
             running += count
             cumulative.append((bound, running))
         return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+
+
+class Recorder(Protocol):
+    """What the request path and the token manager record; `Metrics` and `NullMetrics` implement it."""
+
+    def request_done(self, status: int) -> None:
+        """Count one answered client request."""
+
+    def upstream_answered(self, seconds: float) -> None:
+        """Record the time to an upstream's response headers."""
+
+    def resent(self) -> None:
+        """Count one resend after a renewal."""
+
+    def rejection_passed_through(self) -> None:
+        """Count one 401 handed to the client unchanged."""
+
+    def refresh_done(self, grant: str, result: str, seconds: float) -> None:
+        """Count one refresh (`ok` or an error code) and its duration."""
+
+    def queue_rejected(self, reason: str) -> None:
+        """Count one request refused while (or instead of) waiting."""
+
+
+class NullMetrics:
+    """A recorder that keeps nothing: for parts built without a metrics registry (the `token` command, tests)."""
+
+    def request_done(self, status: int) -> None:
+        """Keep nothing."""
+
+    def upstream_answered(self, seconds: float) -> None:
+        """Keep nothing."""
+
+    def resent(self) -> None:
+        """Keep nothing."""
+
+    def rejection_passed_through(self) -> None:
+        """Keep nothing."""
+
+    def refresh_done(self, grant: str, result: str, seconds: float) -> None:
+        """Keep nothing."""
+
+    def queue_rejected(self, reason: str) -> None:
+        """Keep nothing."""
+
+
+NULL_METRICS = NullMetrics()
 
 
 class Metrics(Collector):

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 import jwt
 
 from ..auth.grants import BadAnswer, Grant, TokenResponse
 from ..core.errors import (
+    FailureKind,
     GrantError,
     LoginRequired,
     ProxyError,
@@ -256,7 +256,6 @@ class TokenManager:
         self,
         grant: Grant,
         store: Store,
-        session: aiohttp.ClientSession,
         policy: RefreshPolicy,
         *,
         refresh_token: str | None = None,
@@ -267,7 +266,6 @@ class TokenManager:
         self._metrics = metrics
         self._grant = grant
         self._store = store
-        self._session = session
         self._policy = policy
         self._clock = clock
         self._credential = credential
@@ -523,7 +521,7 @@ class TokenManager:
         rotated: str | None = None
         try:
             async with asyncio.timeout(self._policy.timeout):
-                response = await self._grant.fetch(self._session, self._refresh_token)
+                response = await self._grant.fetch(self._refresh_token)
         except TimeoutError:
             error = GrantError("token endpoint did not answer in time")
         except BadAnswer as exc:
@@ -616,10 +614,10 @@ class TokenManager:
 
     def _failed(self, exc: GrantError, started: float, *, rotated: bool = False) -> ProxyError:
         error: ProxyError
-        if exc.final:
+        if exc.kind is not FailureKind.TRANSIENT:
             error = (
                 LoginRequired(f"the refresh token was rejected ({exc.oauth_error or exc.reason}); log in again")
-                if exc.rejected
+                if exc.kind is FailureKind.LOGIN_REQUIRED
                 else TokenUnavailable(f"{exc.reason}; fix the configuration and restart")
             )
             self._dead = error

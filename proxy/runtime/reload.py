@@ -1,0 +1,69 @@
+"""SIGHUP: which keys a reload puts into force, which need a restart, and applying a new config."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..config.load import Config
+from ..http.access import AccessRules
+from ..upstream.model import Upstream
+from .app import FORWARDER, LIVE, TOKEN_SESSION, TOKENS
+from .credentials import build_grant, build_policy, credential_of
+
+# Keys whose change needs a restart: they shape listeners, pools and TLS set up once.
+RESTART_ONLY = (
+    "server.listen",
+    "server.admin_listen",
+    "server.socket_mode",
+    "server.max_connections",
+    "server.header_timeout",
+    "server.body_timeout",
+    "server.keepalive_timeout",
+    "server.max_headers",
+    "server.max_header_size",
+    "server.max_request_line",
+    "server.loop",
+    "upstream.connect_timeout",
+    "upstream.read_timeout",
+    "upstream.verify_tls",
+    "upstream.ca_file",
+    "upstream.max_connections",
+    "upstream.client",
+    "token.state_file",
+)
+
+
+def _dotted(config: Config, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def apply_reload(app: web.Application, old: Config, new: Config) -> list[str]:
+    """Put a reloaded, valid config into force without dropping connections.
+
+    Returns notes for the log: restart-only keys that changed (kept as they
+    were) and whether the current token was kept.
+    """
+    notes = [
+        f"{key} changed; it takes effect after a restart"
+        for key in RESTART_ONLY
+        if _dotted(old, key) != _dotted(new, key)
+    ]
+    tok = new.token
+    kept = app[TOKENS].reconfigure(
+        build_grant(tok, app[TOKEN_SESSION]),
+        build_policy(new),
+        refresh_token=tok.refresh_token or None,
+        credential=credential_of(tok),
+    )
+    notes.append("current token kept" if kept else "credential changed: a new token will be fetched")
+    app[FORWARDER].reconfigure(
+        Upstream.parse(new.upstream.url),
+        refresh_on=frozenset(tok.refresh_on),
+        replay_limit=new.retry.replay_limit,
+        replay_memory=new.retry.replay_memory,
+        drop_headers=(new.server.client_token_header,) if new.server.client_token else (),
+        rewrite_redirects=new.upstream.rewrite_redirects,
+    )
+    app[LIVE].rules = AccessRules.build(new.server.allow_from, new.server.client_token, new.server.client_token_header)
+    return notes

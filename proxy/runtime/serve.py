@@ -1,0 +1,257 @@
+"""Serving until signalled: the runner and its limits, listeners, signals, reload, GC tuning."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import gc
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+
+from ..config.load import Config, ConfigError, is_loopback, parse_listen, secrets_of
+from ..http.admin import build_admin_app
+from ..http.listener import BatchAcceptSite
+from ..http.server import ProxyRunner, ServerLimits
+from ..observe.log import setup_logging
+from ..upstream.model import Upstream
+from .app import ENTRY, METRICS, TOKENS, build_app
+from .reload import apply_reload
+
+logger = logging.getLogger("tokenproxy")
+
+
+def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    """An AppRunner with the server settings a proxy needs.
+
+    `handler_cancellation` cancels a handler whose client went away, which
+    frees its waiting place and drops its upstream request. The limits on
+    what a client may send and hold (server.py) come from `[server]`. Every
+    request goes straight to the app's one entry handler (no router).
+    """
+    return ProxyRunner(
+        app,
+        handler=app[ENTRY],
+        limits=server_limits(config),
+        handler_cancellation=True,
+        auto_decompress=False,
+        access_log=None,
+        shutdown_timeout=config.server.shutdown_timeout,
+    )
+
+
+def server_limits(config: Config) -> ServerLimits:
+    """What one client may send and hold, from `[server]`: the same on the proxy and the admin port."""
+    server = config.server
+    return ServerLimits(
+        max_connections=server.max_connections,
+        header_timeout=server.header_timeout,
+        body_timeout=server.body_timeout,
+        keepalive_timeout=server.keepalive_timeout,
+        max_headers=server.max_headers,
+        max_header_size=server.max_header_size,
+        max_request_line=server.max_request_line,
+    )
+
+
+def startup_warnings(config: Config) -> list[str]:
+    """Things worth a warning at start: a token sent in clear text, TLS checks off."""
+    warnings = []
+    upstream = Upstream.parse(config.upstream.url)
+    if upstream.scheme == "http" and not is_loopback(upstream.host):
+        warnings.append("upstream.url uses http:// to a non-loopback host: the token travels in clear text")
+    if config.server.allow_any:
+        warnings.append("server.allow_any is true: anyone who can reach the proxy can use its token")
+    if not config.upstream.verify_tls:
+        warnings.append("upstream.verify_tls is false: the upstream's identity is not checked")
+    return warnings
+
+
+def refuse_live_socket(path: str) -> None:
+    """Raise OSError when another process answers on the Unix socket `path`.
+
+    The event loop replaces a socket file that is already there, so without
+    this a second proxy would silently take over a running one's socket. A
+    stale file (nobody accepts on it) is left to be replaced; one that cannot
+    be probed (no permission) is refused too, since it may be live.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return  # nothing there, or nobody listening: the bind goes ahead
+    except BlockingIOError:
+        pass  # its listen queue is full: someone listens
+    except PermissionError as exc:
+        detail = f"{path}: cannot tell whether another process listens there ({exc.strerror})"
+        raise OSError(exc.errno, detail) from None
+    except OSError:
+        return  # not a socket, or a bad path: the bind itself says what is wrong
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
+
+
+async def start_listener(runner: web.BaseRunner, listen: str, socket_mode: int = 0o600, backlog: int = 128) -> str:
+    """Listen on `listen`; `backlog` connections may wait to be accepted (the kernel caps it at somaxconn).
+
+    OSError when it cannot, e.g. when another process listens on the same Unix socket.
+    """
+    if listen.startswith("unix:"):
+        path = listen[len("unix:") :]
+        refuse_live_socket(path)
+        # Create the socket with no access for others, then widen to socket_mode:
+        # there is no moment when another user could connect.
+        old_umask = os.umask(0o177)
+        try:
+            await web.UnixSite(runner, path, backlog=backlog).start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, socket_mode)
+        return f"unix:{path}"
+    host, port = parse_listen(listen)
+    site = BatchAcceptSite(runner, host, port, backlog=backlog)
+    await site.start()
+    bound = runner.addresses[-1] if runner.addresses else (host, port)
+    return f"http://{bound[0]}:{bound[1]}" if ":" not in str(bound[0]) else f"http://[{bound[0]}]:{bound[1]}"
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop `server.loop` names; asyncio's own where uvloop is not installed."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.new_event_loop
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+# CPython looks for reference cycles among the young objects each time 700 more are alive, and
+# among all objects whenever the survivors have grown by a quarter. Nearly everything a proxy
+# allocates is freed by reference counting, but a burst of requests in flight is a large, growing,
+# live heap: a storm of 10 000 paid 8 full scans (1.0 s of its 2.5 s) and found almost no garbage.
+# Looking once 10 000 more are alive still collects cycles in steady load (RSS stays flat over a
+# million requests) and leaves a burst unscanned.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+@contextlib.contextmanager
+def sparing_gc() -> Iterator[None]:
+    """Collect reference cycles less eagerly for as long as the proxy serves (see GC_YOUNG_THRESHOLD).
+
+    Starts with one full collection: importing the program ran the collector at its default,
+    eager settings, and the count of young collections it left behind (it decides when the
+    next full scan comes) would otherwise depend on how much code was imported.
+    """
+    gc.collect()
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Run the proxy until SIGINT or SIGTERM; a second signal stops at once; SIGHUP reloads.
+
+    On the first signal: stop accepting, answer waiting requests with
+    503 shutting_down, let in-flight requests and streams finish for up to
+    `server.shutdown_timeout` seconds, then close everything.
+    """
+    with sparing_gc():
+        await _serve(config, reload)
+
+
+async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
+    for warning in startup_warnings(config):
+        logger.warning("%s", warning)
+    app = build_app(config)
+    runner = make_runner(app, config)
+    await runner.setup()
+    admin_runner: ProxyRunner | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            logger.warning("second signal: stopping now")
+            if main_task is not None:
+                main_task.cancel()
+            return
+        stop.set()
+
+    current = config
+
+    def on_hangup() -> None:
+        nonlocal current
+        if reload is not None:
+            current = _reload(app, current, reload)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    try:
+        # A static token costs nothing to take up front: the first burst of clients finds it
+        # ready instead of queueing (and overflowing queue.max_waiting) for it.
+        if config.server.fetch_on_start or config.token.grant == "static":
+            token = await app[TOKENS].get()
+            logger.info("first token %s obtained before listening", token.fingerprint)
+        # A burst of new connections (a fleet of clients, a storm) waits in the accept queue
+        # instead of having its SYNs dropped and retried a second later: as deep as we may hold.
+        url = await start_listener(
+            runner, config.server.listen, config.server.socket_mode, backlog=config.server.max_connections
+        )
+        logger.info(
+            "tokenproxy listening on %s, forwarding to %s (grant %s, %s client, %s loop)",
+            url,
+            config.upstream.url,
+            config.token.grant,
+            config.upstream.client,
+            "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
+        )
+        if config.server.admin_listen:
+            # Probes and scrapes get the proxy port's limits: a slow or oversized request gets its
+            # 408/431 and a flood its 503 here too.
+            admin_runner = ProxyRunner(
+                build_admin_app(lambda: app[TOKENS], app[METRICS].render),
+                limits=server_limits(config),
+                access_log=None,
+            )
+            await admin_runner.setup()
+            admin_url = await start_listener(admin_runner, config.server.admin_listen)
+            logger.info("admin listening on %s (/healthz /readyz /status /metrics)", admin_url)
+        await stop.wait()
+        logger.info("shutting down: waiting up to %gs for requests in flight", config.server.shutdown_timeout)
+    finally:
+        try:
+            await runner.cleanup()
+            if admin_runner is not None:
+                await admin_runner.cleanup()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+
+def _reload(app: web.Application, current: Config, reload: Callable[[], Config]) -> Config:
+    """SIGHUP: read the config again; put it in force if valid, else keep the old one."""
+    try:
+        new = reload()
+    except ConfigError as error:
+        for problem in error.problems:
+            logger.error("config reload rejected, the old config stays in force: %s", problem)
+        return current
+    setup_logging(new.log.level, new.log.format, secrets_of(new), access_log=new.log.access_log)
+    for warning in startup_warnings(new):
+        logger.warning("%s", warning)
+    for note in apply_reload(app, current, new):
+        logger.info("config reloaded: %s", note)
+    return new
