@@ -20,18 +20,13 @@ from multidict import CIMultiDict
 
 from ..core.errors import BadRequest, ProxyError, UpstreamUnreachable
 from ..observe.log import access_line
-from ..observe.metrics import Metrics
-from ..tokens.manager import Token, TokenManager
+from ..observe.metrics import NULL_METRICS, Recorder
+from ..tokens.manager import Token
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 from .body import ReplayMemory, read_body
-from .headers import (
-    challenge_error,
-    control_character_in,
-    request_drop_set,
-    request_header_bytes,
-    response_headers,
-)
+from .headers import challenge_error, control_character_in, request_header_bytes, response_headers
 from .render import error_response
+from .route import Route
 from .server import BODY_TIMED_OUT, RequestTimeout
 
 logger = logging.getLogger("tokenproxy.forward")
@@ -108,66 +103,44 @@ class _SizedRelayedResponse(_RelayedResponse):
 
 
 class Forwarder:
-    """The proxy's request handler. Safe for any number of concurrent requests; holds no per-request state."""
+    """Carries requests along their routes. Safe for any number of concurrent requests; holds no per-request state.
+
+    Owns what all routes share: the upstream client, the memory for bodies
+    kept to be resent, and the metrics recorder. Each request brings its
+    `Route`, read once by the entry handler, and is served with it to the end.
+    """
 
     def __init__(
         self,
         client: UpstreamClient,
-        upstream: Upstream,
-        tokens: TokenManager,
         *,
-        refresh_on: frozenset[int],
-        replay_limit: int,
         replay_memory: int,
         replay_wait: float = 0.0,
-        drop_headers: tuple[str, ...] = (),
-        rewrite_redirects: bool = False,
-        metrics: Metrics | None = None,
+        metrics: Recorder = NULL_METRICS,
     ) -> None:
         self._metrics = metrics
-        self._rewrite_redirects = rewrite_redirects
-        self._drop = request_drop_set(drop_headers)
         self._client = client
-        self._upstream = upstream
-        client.use(upstream)
-        self._tokens = tokens
-        self._refresh_on = refresh_on
-        self._replay_limit = replay_limit
         self._memory = ReplayMemory(replay_memory)  # the bodies held for a resend, all requests together
         self._replay_wait = replay_wait  # how long a body may wait for room there before it streams
 
-    def reconfigure(
-        self,
-        upstream: Upstream,
-        *,
-        refresh_on: frozenset[int],
-        replay_limit: int,
-        replay_memory: int,
-        drop_headers: tuple[str, ...],
-        rewrite_redirects: bool,
-    ) -> None:
-        """Take reloaded settings; requests already under way finish with what they started with."""
-        self._rewrite_redirects = rewrite_redirects
-        self._upstream = upstream
+    def reconfigure(self, *, upstream: Upstream, replay_memory: int) -> None:
+        """Take reloaded settings shared by all requests; requests already under way keep their route."""
         self._client.use(upstream)
-        self._refresh_on = refresh_on
-        self._replay_limit = replay_limit
         self._memory.limit = replay_memory
-        self._drop = request_drop_set(drop_headers)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Forward one client request and relay the answer; never raises for the client to see."""
+    async def handle(self, request: web.BaseRequest, route: Route) -> web.StreamResponse:
+        """Forward one client request along `route` and relay the answer; never raises for the client to see."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         state = _Journey()
         status = 500
         try:
-            response = await self._journey(request, state)
+            response = await self._journey(request, route, state)
             status = response.status
             return response
         except ProxyError as error:
             status = error.status
-            if self._metrics is not None and error.code in _QUEUE_CODES:
+            if error.code in _QUEUE_CODES:
                 self._metrics.queue_rejected(error.code)
             if state.started_relay:
                 raise
@@ -187,8 +160,7 @@ class Forwarder:
             # Once the answer has begun, its status is what the client got, even if it then hung up.
             if state.sent_status is not None:
                 status = state.sent_status
-            if self._metrics is not None:
-                self._metrics.request_done(status)
+            self._metrics.request_done(status)
             access_line(
                 request.method,
                 request.raw_path.partition("?")[0],
@@ -198,52 +170,48 @@ class Forwarder:
                 state.generation,
             )
 
-    async def _journey(self, request: web.BaseRequest, state: _Journey) -> web.StreamResponse:
+    async def _journey(self, request: web.BaseRequest, route: Route, state: _Journey) -> web.StreamResponse:
         if request.method == hdrs.METH_CONNECT:
             raise BadRequest("CONNECT is not supported: tokenproxy is a reverse proxy")
         target = request.raw_path
         if not target.isascii():
             raise BadRequest("the request target must be ASCII; percent-encode other bytes")
         if not target.startswith("/"):
-            origin_form = self._upstream.origin_form_of(target)
+            origin_form = route.upstream.origin_form_of(target)
             if origin_form is None:
                 raise BadRequest("the request names another host than the upstream; tokenproxy forwards only there")
             target = origin_form
-        headers = request_header_bytes(request.raw_headers, self._drop)
-        body = await read_body(request, self._replay_limit, self._memory, self._replay_wait)
+        headers = request_header_bytes(request.raw_headers, route.drop)
+        body = await read_body(request, route.replay_limit, self._memory, self._replay_wait)
         state.held = body.held
-        outgoing = Outgoing(self._upstream, request.method, target, headers, body)
+        outgoing = Outgoing(route.upstream, request.method, target, headers, body)
 
-        token = await self._tokens.get()
+        tokens = route.tokens
+        token = await tokens.get()
         state.generation = token.generation
         upstream = await self._send(outgoing, token)
         prefix = b""
-        if upstream.status in self._refresh_on:
+        if upstream.status in route.refresh_on:
             challenge = challenge_error(upstream.headers.getall(hdrs.WWW_AUTHENTICATE, []))
             kept = await self._keep_rejection(upstream) if body.replayable else None
             if isinstance(kept, web.Response):
-                renewed = await self._tokens.renew(token, challenge)
+                renewed = await tokens.renew(token, challenge)
                 if renewed is None:
                     refuse_unwritable(request, kept.reason, kept.headers.items())
-                    if self._metrics is not None:
-                        self._metrics.rejection_passed_through()
+                    self._metrics.rejection_passed_through()
                     return kept
-                if self._metrics is not None:
-                    self._metrics.resent()
+                self._metrics.resent()
                 state.resent = True
                 state.generation = renewed.generation
                 upstream = await self._send(outgoing, renewed)
             else:
                 # Not replayable: the client gets this answer, and its own retry a new token.
-                self._tokens.renew_later(token, challenge)
-                if self._metrics is not None:
-                    self._metrics.rejection_passed_through()
+                tokens.renew_later(token, challenge)
+                self._metrics.rejection_passed_through()
                 prefix = kept or b""
-        return await self._relay(request, upstream, state, prefix)
+        return await self._relay(request, route, upstream, state, prefix)
 
     async def _send(self, outgoing: Outgoing, token: Token) -> UpstreamAnswer:
-        if self._metrics is None:
-            return await self._client.send(outgoing, token.header)
         started = time.perf_counter()
         answer = await self._client.send(outgoing, token.header)
         self._metrics.upstream_answered(time.perf_counter() - started)
@@ -276,7 +244,12 @@ class Forwarder:
         return web.Response(status=upstream.status, reason=upstream.reason, body=bytes(buffer), headers=headers)
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: UpstreamAnswer, state: _Journey, prefix: bytes = b""
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        upstream: UpstreamAnswer,
+        state: _Journey,
+        prefix: bytes = b"",
     ) -> web.StreamResponse:
         """Send the upstream's status, headers and body to the client as they arrive."""
         try:
@@ -286,8 +259,8 @@ class Forwarder:
             relayed = _SizedRelayedResponse if length is not None and length <= SMALL_BODY else _RelayedResponse
             out = relayed(status=upstream.status, reason=upstream.reason)
             out.headers.extend(headers)
-            if self._rewrite_redirects and hdrs.LOCATION in out.headers:
-                location = rewritten_location(self._upstream, out.headers[hdrs.LOCATION], request)
+            if route.rewrite_redirects and hdrs.LOCATION in out.headers:
+                location = rewritten_location(route.upstream, out.headers[hdrs.LOCATION], request)
                 if location is not None:
                     out.headers[hdrs.LOCATION] = location
             state.started_relay = True

@@ -488,14 +488,19 @@ class ProxyServer(web.Server):
 
 
 class ProxyRunner(web.AppRunner):
-    """An AppRunner whose server is a `ProxyServer` with the given limits."""
+    """An AppRunner whose server is a `ProxyServer` with the given limits.
+
+    With `handler`, every request goes to the handler it returns, asked for
+    once the app has started (its cleanup contexts have built what the
+    handler uses); the app's router is skipped.
+    """
 
     def __init__(
         self,
         app: web.Application,
         *,
         limits: ServerLimits,
-        handler: Handler | None = None,
+        handler: Callable[[], Handler] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **limits.handler_kwargs(), **kwargs)
@@ -508,7 +513,7 @@ class ProxyRunner(web.AppRunner):
             # One handler for every request, with plain BaseRequests: the
             # Application still owns the lifecycle, but its router is skipped.
             return ProxyServer(
-                self._handler,
+                self._handler(),
                 handler_cancellation=plain.handler_cancellation,
                 limits=self._limits,
                 **plain._kwargs,

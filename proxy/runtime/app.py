@@ -1,18 +1,19 @@
-"""The proxy's aiohttp Application: its resources (opened and closed in a `cleanup_ctx`) and its entry handler."""
+"""The proxy's aiohttp Application: its resources (opened and closed in a `cleanup_ctx`), route and entry handler."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from ..config.load import Config
-from ..core.errors import ExpectationFailed
 from ..http.access import AccessRules
+from ..http.entry import Entry
 from ..http.forward import Forwarder
-from ..http.render import error_response
+from ..http.headers import request_drop_set
+from ..http.route import Route
 from ..observe.metrics import Metrics, TokenGauges
 from ..tokens.manager import Clock, TokenManager
 from ..upstream.model import Upstream
@@ -31,28 +32,25 @@ METRICS = web.AppKey("metrics", Metrics)
 TOKEN_SESSION = web.AppKey("token_session", aiohttp.ClientSession)
 
 
-class LiveSettings:
-    """The settings a reload may change that are read per request.
-
-    Owned by the composition root: created by build_app, replaced attribute
-    by attribute only by apply_reload, on the event loop.
-    """
-
-    def __init__(self, rules: AccessRules) -> None:
-        self.rules = rules
+ENTRY = web.AppKey("entry", Entry)
 
 
-LIVE = web.AppKey("live", LiveSettings)
-
-
-Entry = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-
-ENTRY: web.AppKey[Entry] = web.AppKey("entry")
+def build_route(config: Config, tokens: TokenManager) -> Route:
+    """The route the config describes: its upstream, `tokens` for its credential, and how it forwards."""
+    server = config.server
+    return Route(
+        upstream=Upstream.parse(config.upstream.url),
+        tokens=tokens,
+        access=AccessRules.build(server.allow_from, server.client_token, server.client_token_header),
+        refresh_on=frozenset(config.token.refresh_on),
+        replay_limit=config.retry.replay_limit,
+        drop=request_drop_set((server.client_token_header,) if server.client_token else ()),
+        rewrite_redirects=config.upstream.rewrite_redirects,
+    )
 
 
 def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
-    """The proxy's aiohttp Application: one catch-all handler, resources in a cleanup context."""
+    """The proxy's aiohttp Application: resources in a cleanup context; its entry handler once they are open."""
     app = web.Application()
 
     def token_gauges() -> TokenGauges | None:
@@ -66,7 +64,6 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     app[METRICS] = Metrics(token_gauges)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        up = config.upstream
         metrics = app[METRICS]
         tokens_http = token_session(config)
         try:
@@ -76,22 +73,20 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             await tokens_http.close()
             raise
         client = upstream_client(config)
-        app[TOKEN_SESSION] = tokens_http
-        app[TOKENS] = manager
-        app[FORWARDER] = Forwarder(
+        route = build_route(config, manager)
+        client.use(route.upstream)
+        forwarder = Forwarder(
             client,
-            Upstream.parse(up.url),
-            manager,
-            refresh_on=frozenset(config.token.refresh_on),
-            replay_limit=config.retry.replay_limit,
             replay_memory=config.retry.replay_memory,
             # A body that finds replay_memory full waits for room as long as a stalled body is
             # tolerated (a stall attack holding it is over by then), then streams.
             replay_wait=config.server.body_timeout,
-            drop_headers=(config.server.client_token_header,) if config.server.client_token else (),
-            rewrite_redirects=config.upstream.rewrite_redirects,
             metrics=metrics,
         )
+        app[TOKEN_SESSION] = tokens_http
+        app[TOKENS] = manager
+        app[FORWARDER] = forwarder
+        app[ENTRY] = Entry(forwarder, route)
         try:
             yield
         finally:
@@ -99,33 +94,11 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
             await client.close()
             await tokens_http.close()
 
-    live = LiveSettings(
-        AccessRules.build(config.server.allow_from, config.server.client_token, config.server.client_token_header)
-    )
-    app[LIVE] = live
-
     async def release_waiters(app: web.Application) -> None:
         # Runs before aiohttp waits for in-flight handlers: waiting requests
         # get 503 shutting_down at once instead of holding up the shutdown.
         await app[TOKENS].close()
 
-    async def entry(request: web.BaseRequest) -> web.StreamResponse:
-        """Every request on the proxy port: no router, since every target goes to the forwarder."""
-        if request.version >= (1, 1) and hdrs.EXPECT in request.headers:
-            if request.headers[hdrs.EXPECT].lower() != "100-continue":
-                return error_response(ExpectationFailed("only Expect: 100-continue is understood"))
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        rules = live.rules
-        if rules.active:
-            refusal = rules.check(request.remote, request.headers)
-            if refusal is not None:
-                response = error_response(refusal)
-                if refusal.status == 407:
-                    response.headers["Proxy-Authenticate"] = 'Bearer realm="tokenproxy"'
-                return response
-        return await app[FORWARDER].handle(request)
-
-    app[ENTRY] = entry
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(release_waiters)
     return app

@@ -5,9 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..config.load import Config
-from ..http.access import AccessRules
-from ..upstream.model import Upstream
-from .app import FORWARDER, LIVE, TOKEN_SESSION, TOKENS
+from .app import ENTRY, FORWARDER, TOKEN_SESSION, TOKENS, build_route
 from .credentials import build_grant, build_policy, credential_of
 
 # Keys whose change needs a restart: they shape listeners, pools and TLS set up once.
@@ -57,13 +55,7 @@ def apply_reload(app: web.Application, old: Config, new: Config) -> list[str]:
         credential=credential_of(tok),
     )
     notes.append("current token kept" if kept else "credential changed: a new token will be fetched")
-    app[FORWARDER].reconfigure(
-        Upstream.parse(new.upstream.url),
-        refresh_on=frozenset(tok.refresh_on),
-        replay_limit=new.retry.replay_limit,
-        replay_memory=new.retry.replay_memory,
-        drop_headers=(new.server.client_token_header,) if new.server.client_token else (),
-        rewrite_redirects=new.upstream.rewrite_redirects,
-    )
-    app[LIVE].rules = AccessRules.build(new.server.allow_from, new.server.client_token, new.server.client_token_header)
+    route = build_route(new, app[TOKENS])
+    app[FORWARDER].reconfigure(upstream=route.upstream, replay_memory=new.retry.replay_memory)
+    app[ENTRY].route = route  # requests under way keep the route they started with
     return notes

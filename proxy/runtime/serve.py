@@ -36,7 +36,7 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     """
     return ProxyRunner(
         app,
-        handler=app[ENTRY],
+        handler=lambda: app[ENTRY].handle,
         limits=server_limits(config),
         handler_cancellation=True,
         auto_decompress=False,
