@@ -12,6 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..tokens.manager import ManagerStatus, TokenManager
+from .render import ERROR_HEADER
 
 StatusSource = Callable[[], TokenManager]
 
@@ -64,7 +65,7 @@ def build_admin_app(tokens: StatusSource, metrics_text: Callable[[], bytes] | No
 
     async def readyz(request: web.Request) -> web.Response:
         ready, code, detail = readiness(tokens().status(), clock())
-        headers = {} if ready else {"X-Tokenproxy-Error": code}
+        headers = {} if ready else {ERROR_HEADER: code}
         return web.json_response(
             {"status": "ready" if ready else "not_ready", "reason": code, "detail": detail},
             status=200 if ready else 503,

@@ -1,28 +1,53 @@
 """The one way tokenproxy's own answers are rendered.
 
 Owns: turning a ProxyError into the JSON answer every port gives
-(`{"error": code, "detail": sentence}` and `X-Tokenproxy-Error`). Knows
-nothing of where the error came from.
+(`{"error": code, "detail": sentence}` and `X-Tokenproxy-Error`), as an
+aiohttp response for a request, or as the bytes of a whole HTTP/1.1 answer
+for when there is no request to answer (a connection refused or timed out
+before its head was complete). Knows nothing of where the error came from.
 """
 
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from aiohttp import web
 
 from ..core.errors import ProxyError
 
+ERROR_HEADER = "X-Tokenproxy-Error"
+
+
+def error_body(error: ProxyError) -> bytes:
+    """The JSON body of the answer to `error`: its code and its sentence, nothing else."""
+    return json.dumps({"error": error.code, "detail": error.detail}).encode()
+
+
+def _retry_after(error: ProxyError) -> str | None:
+    return None if error.retry_after is None else str(max(1, error.retry_after))
+
 
 def error_response(error: ProxyError) -> web.Response:
     """Render a ProxyError as tokenproxy's JSON answer."""
-    headers = {"X-Tokenproxy-Error": error.code}
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(max(1, error.retry_after))
-    body = json.dumps({"error": error.code, "detail": error.detail})
-    return web.Response(
-        status=error.status,
-        body=body.encode(),
-        content_type="application/json",
-        headers=headers,
-    )
+    headers = {ERROR_HEADER: error.code}
+    retry_after = _retry_after(error)
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
+    return web.Response(status=error.status, body=error_body(error), content_type="application/json", headers=headers)
+
+
+def raw_answer(error: ProxyError) -> bytes:
+    """A complete HTTP/1.1 answer for `error` that closes the connection, for when no request exists."""
+    body = error_body(error)
+    lines = [
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        f"{ERROR_HEADER}: {error.code}",
+        "Connection: close",
+    ]
+    retry_after = _retry_after(error)
+    if retry_after is not None:
+        lines.append(f"Retry-After: {retry_after}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

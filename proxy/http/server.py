@@ -29,13 +29,11 @@ tests/test_security.py and tests/test_malformed.py pin that behaviour.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import StreamReader, web
@@ -52,7 +50,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from ..core.errors import BadRequest, ProxyError
-from .render import error_response
+from .render import error_response, raw_answer
 
 logger = logging.getLogger("tokenproxy.server")
 
@@ -121,21 +119,6 @@ class ServerLimits:
             "max_field_size": self.max_header_size,
             "max_line_size": self.max_request_line,
         }
-
-
-def raw_answer(error: ProxyError) -> bytes:
-    """A complete HTTP/1.1 answer for `error` that closes the connection, for when no request exists."""
-    body = json.dumps({"error": error.code, "detail": error.detail}).encode()
-    lines = [
-        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        f"X-Tokenproxy-Error: {error.code}",
-        "Connection: close",
-    ]
-    if error.retry_after is not None:
-        lines.append(f"Retry-After: {max(1, error.retry_after)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def parser_refusal(exc: HttpProcessingError, limits: ServerLimits) -> ProxyError:
