@@ -98,17 +98,21 @@ class TargetTooLong(ProxyError):
     code = "target_too_long"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServerLimits:
-    """What one client may send and hold; the defaults are the config's."""
+    """What one client may send and hold.
 
-    max_connections: int = 512
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    keepalive_timeout: float = 75.0
-    max_headers: int = 100
-    max_header_size: int = 8190
-    max_request_line: int = 8190
+    Every value comes from `[server]` (the composition root builds it); there
+    are no defaults here, so the config's are the only ones.
+    """
+
+    max_connections: int
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+    max_headers: int
+    max_header_size: int
+    max_request_line: int
 
     def handler_kwargs(self) -> dict[str, Any]:
         """The limits aiohttp's RequestHandler enforces itself."""

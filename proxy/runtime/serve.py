@@ -225,6 +225,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
                 build_admin_app(lambda: app[TOKENS], app[METRICS].render),
                 limits=server_limits(config),
                 access_log=None,
+                shutdown_timeout=config.server.shutdown_timeout,
             )
             await admin_runner.setup()
             admin_url = await start_listener(admin_runner, config.server.admin_listen)
