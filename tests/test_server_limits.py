@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 from typing import Any
 
 import pytest
@@ -24,6 +25,13 @@ def test_server_limits_without_the_configs_values_cannot_be_built() -> None:
 
 async def test_server_limits_default_config_admits_its_max_connections_then_503(make_proxy: Any) -> None:
     """With server.max_connections left at its default, that many connections are admitted; the next gets 503."""
+    # Both ends of every connection live in this process: raise the soft descriptor limit if the hard one allows.
+    needed = 2 * ServerConfig.max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} file descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
     proxy = await make_proxy()
     assert proxy.config.server.max_connections == ServerConfig.max_connections
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
