@@ -24,26 +24,11 @@ from tests.fakes.api_server import FakeApi
 from tests.fakes.canary import Canary
 from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, PASSWORD, FakeTokenServer
-
-
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-# The event loops a test may run on: asyncio's own for every test, and uvloop (the proxy's
-# default, `server.loop`) too for a test marked `@pytest.mark.asyncio(loop_factories=BOTH_LOOPS)`.
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-if (_uvloop := _uvloop_factory()) is not None:
-    LOOP_FACTORIES["uvloop"] = _uvloop
-BOTH_LOOPS = ["asyncio", "uvloop"]  # where uvloop does not install, its runs are skipped
+from tests.helpers import LOOP_FACTORIES
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
-    """asyncio's loop for every test; uvloop as well for one that asks for it (see BOTH_LOOPS)."""
+    """asyncio's loop for every test; uvloop as well for one that asks for it (see tests.helpers.BOTH_LOOPS)."""
     marker = item.get_closest_marker("asyncio")
     if marker is not None and marker.kwargs.get("loop_factories"):
         return LOOP_FACTORIES

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.fakes.token_server import CLIENT_SECRET
-from tests.test_cli import read_until, run_cli, write_config
+from tests.helpers import read_until, run_cli, write_config
 
 CLIENT_TOKEN = "client-token-0123456789abcdef"
 

@@ -5,74 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import socket
 import stat
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.fakes.api_server import FakeApi
-from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
-
-TOKENPROXY = [sys.executable, "-m", "proxy"]
-
-
-def write_config(
-    path: Path, token_server: FakeTokenServer, api: FakeApi, state: Path, extra: str = "", server: str = "", upstream: str = ""
-) -> Path:
-    path.write_text(
-        f"""
-[server]
-listen = "127.0.0.1:0"
-{server}
-[upstream]
-url = "{api.base_url}"
-{upstream}
-[token]
-grant = "refresh_token"
-token_url = "{token_server.base_url}/oauth/token"
-client_id = "{CLIENT_ID}"
-client_secret = "${{TEST_CLIENT_SECRET}}"
-refresh_token = "{token_server.current_refresh}"
-state_file = "{state}"
-{extra}
-"""
-    )
-    path.chmod(0o600)  # it holds a literal refresh token: readable by others, run and check would warn
-    return path
-
-
-async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-async def read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str], timeout: float = 20) -> re.Match[str]:
-    """Read lines until one matches; the lines read are kept in `seen`."""
-
-    async def scan() -> re.Match[str]:
-        while True:
-            line = await stream.readline()
-            if not line:
-                raise AssertionError("process ended before printing " + pattern + ":\n" + "".join(seen))
-            seen.append(line.decode())
-            match = re.search(pattern, seen[-1])
-            if match:
-                return match
-
-    return await asyncio.wait_for(scan(), timeout)
+from tests.fakes.token_server import CLIENT_SECRET
+from tests.helpers import TOKENPROXY, read_until, run_cli, write_config
 
 
 async def test_cli_bad_config_exits_2_naming_each_key(tmp_path: Path) -> None:

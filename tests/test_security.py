@@ -21,30 +21,26 @@ from yarl import URL
 
 from proxy.config.load import exposed_secrets_warning, literal_secrets
 from proxy.upstream.model import Upstream
-from tests.conftest import BOTH_LOOPS
 from tests.fakes.api_server import FakeApi
 from tests.fakes.canary import Canary
 from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
-from tests.test_cli import read_until, run_cli, write_config
-from tests.test_forward import RAW_BOUND, assert_proxy_error, parse_response, raw_exchange
+from tests.helpers import (
+    BOTH_LOOPS,
+    RAW_BOUND,
+    assert_proxy_error,
+    close_raw,
+    no_tracebacks,
+    open_raw,
+    parse_response,
+    raw_exchange,
+    read_to_eof,
+    read_until,
+    run_cli,
+    write_config,
+)
 
 # --- raw connections to the proxy ---------------------------------------------------------
-
-
-async def open_raw(base_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw connection to the proxy."""
-    url = URL(base_url)
-    return await asyncio.open_connection(url.host, url.port)
-
-
-async def close_raw(writer: asyncio.StreamWriter) -> None:
-    """Close a raw connection, tolerating one the other side already reset."""
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except ConnectionError:
-        pass
 
 
 async def read_one_answer(reader: asyncio.StreamReader) -> bytes:
@@ -52,20 +48,6 @@ async def read_one_answer(reader: asyncio.StreamReader) -> bytes:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
     length = int(parse_response(head).all("Content-Length")[0])
     return head + await asyncio.wait_for(reader.readexactly(length), RAW_BOUND)
-
-
-async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
-    """Everything until the proxy closes the connection (a reset counts as the end)."""
-    try:
-        return await asyncio.wait_for(reader.read(), RAW_BOUND)
-    except ConnectionResetError:
-        return b""
-
-
-def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
-    """No record at ERROR or above, and none carrying a traceback."""
-    bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-    assert bad == []
 
 
 # --- the token goes to the upstream and nowhere else -----------------------------------------
