@@ -48,7 +48,7 @@ async def token_server(aiohttp_server: Any) -> AsyncIterator[FakeTokenServer]:
     """The fake authorization server, listening on 127.0.0.1."""
     fake = FakeTokenServer()
     server = await aiohttp_server(fake.app(), host="127.0.0.1")
-    fake.base_url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    fake.base_url = str(server.make_url("")).rstrip("/")
     yield fake
     if fake.gate is not None:
         fake.gate.set()
@@ -73,8 +73,8 @@ async def api(aiohttp_server: Any, token_server: FakeTokenServer) -> AsyncIterat
     """The fake API, trusting the fake token server's signing key."""
     fake = FakeApi(token_server.signing_key)
     server = await aiohttp_server(fake.app(), host="127.0.0.1")
-    fake.base_url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
-    fake.server = server  # type: ignore[attr-defined]
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    fake.server = server
     yield fake
     fake.sse_gate.set()
 
@@ -131,14 +131,14 @@ async def make_proxy(
         raw = {
             "server": {"listen": "127.0.0.1:0"},
             "upstream": {
-                "url": api.base_url,  # type: ignore[attr-defined]
+                "url": api.base_url,
                 "connect_timeout": 5.0,
                 "read_timeout": 10.0,
                 "client": upstream_client,
             },
             "token": {
                 "grant": "refresh_token",
-                "token_url": f"{token_server.base_url}/oauth/token",  # type: ignore[attr-defined]
+                "token_url": f"{token_server.base_url}/oauth/token",
                 "client_id": CLIENT_ID,
                 "client_secret": CLIENT_SECRET,
                 "refresh_token": token_server.current_refresh,
