@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules: the command line, raw HTTP exchanges, the proxy's error shape, event loops.
+"""Helpers shared by the test modules: a running proxy, the command line, raw HTTP, the proxy's error shape, event loops.
 
 Fixtures live in conftest.py and fake servers in tests/fakes/; a test module
 imports what it shares from here, never from another test module.
@@ -12,16 +12,22 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from yarl import URL
 
+from proxy.config.load import Config, parse_config
+from proxy.runtime.app import TOKENS, build_app
+from proxy.runtime.serve import make_runner, start_listener
+from proxy.tokens.manager import TokenManager
 from tests.fakes.api_server import FakeApi
-from tests.fakes.token_server import CLIENT_ID, FakeTokenServer
+from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
 
 # --- event loops ------------------------------------------------------------------------------
 
@@ -40,6 +46,100 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio":
 if (_uvloop := _uvloop_factory()) is not None:
     LOOP_FACTORIES["uvloop"] = _uvloop
 BOTH_LOOPS = ["asyncio", "uvloop"]  # where uvloop does not install, its runs are skipped
+
+# --- a proxy in front of the fakes -------------------------------------------------------------
+
+Section = dict[str, Any] | None  # one config section's keys, laid over the test defaults
+
+
+@dataclass
+class Proxy:
+    """A running tokenproxy: its URL, config and token manager (read-only use)."""
+
+    url: str
+    config: Config
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def tokens(self) -> TokenManager:
+        """The proxy's token manager, for observing waiting counts and generations."""
+        return self.app[TOKENS]
+
+    async def stop(self) -> None:
+        """Shut the proxy down (idempotent)."""
+        await self.runner.cleanup()
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class ProxyFactory:
+    """The `make_proxy` fixture: starts proxies in front of the fake token server and API, and stops them all."""
+
+    def __init__(self, token_server: FakeTokenServer, api: FakeApi, state_file: Path, upstream_client: str) -> None:
+        self._token_server = token_server
+        self._api = api
+        self._state_file = state_file
+        self._upstream_client = upstream_client
+        self._started: list[Proxy] = []
+
+    async def __call__(
+        self,
+        clock: Callable[[], float] = time.time,
+        *,
+        server: Section = None,
+        upstream: Section = None,
+        token: Section = None,
+        queue: Section = None,
+        retry: Section = None,
+        log: Section = None,
+    ) -> Proxy:
+        """Start a proxy listening on 127.0.0.1; each section given overrides those keys of the test defaults."""
+        raw = {
+            "server": {"listen": "127.0.0.1:0"},
+            "upstream": {
+                "url": self._api.base_url,
+                "connect_timeout": 5.0,
+                "read_timeout": 10.0,
+                "client": self._upstream_client,
+            },
+            "token": {
+                "grant": "refresh_token",
+                "token_url": f"{self._token_server.base_url}/oauth/token",
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "refresh_token": self._token_server.current_refresh,
+                "state_file": str(self._state_file),
+                "min_refresh_interval": 0.0,
+                "backoff_initial": 0.5,
+                "backoff_max": 2.0,
+                "timeout": 5.0,
+            },
+            "queue": {"max_waiting": 1000, "wait_timeout": 10.0},
+        }
+        given = {"server": server, "upstream": upstream, "token": token, "queue": queue, "retry": retry, "log": log}
+        config = parse_config(_merge(raw, {name: keys for name, keys in given.items() if keys is not None}), {})
+        app = build_app(config, clock=clock)
+        runner = make_runner(app, config)
+        await runner.setup()
+        url = await start_listener(runner, "127.0.0.1:0", backlog=config.server.max_connections)
+        proxy = Proxy(url, config, app, runner)
+        self._started.append(proxy)
+        return proxy
+
+    async def stop_all(self) -> None:
+        """Stop every proxy started, the last first."""
+        for proxy in reversed(self._started):
+            await proxy.stop()
+
 
 # --- the command line -------------------------------------------------------------------------
 

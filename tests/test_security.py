@@ -28,6 +28,7 @@ from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
 from tests.helpers import (
     BOTH_LOOPS,
     RAW_BOUND,
+    ProxyFactory,
     assert_proxy_error,
     close_raw,
     no_tracebacks,
@@ -70,7 +71,7 @@ DESTINATION_CASES = [
 
 @pytest.mark.parametrize(("target", "host"), DESTINATION_CASES)
 async def test_destination_hostile_target_or_host_reaches_configured_upstream_path_unchanged(
-    make_proxy: Any, upstream: CountingUpstream, canary: Canary, target: str, host: str
+    make_proxy: ProxyFactory, upstream: CountingUpstream, canary: Canary, target: str, host: str
 ) -> None:
     """A Host naming another host, `//`, `/../`, `%2F..` or `@` in the path: forwarded to the upstream, path exactly as sent."""
     proxy = await make_proxy(upstream={"url": upstream.url})
@@ -101,21 +102,21 @@ async def _redirect_location(proxy_url: str, location: str) -> str:
     return value
 
 
-async def test_redirect_upstream_origin_left_alone_by_default(make_proxy: Any, upstream: CountingUpstream) -> None:
+async def test_redirect_upstream_origin_left_alone_by_default(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
     """Without rewrite_redirects, a Location naming the upstream reaches the client as the upstream sent it."""
     proxy = await make_proxy(upstream={"url": upstream.url})
     location = f"{upstream.url}/echo/next?a=1"
     assert await _redirect_location(proxy.url, location) == location
 
 
-async def test_redirect_rewrite_true_points_upstream_origin_at_proxy(make_proxy: Any, upstream: CountingUpstream) -> None:
+async def test_redirect_rewrite_true_points_upstream_origin_at_proxy(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
     """With rewrite_redirects = true, a Location naming the upstream's origin names the proxy instead."""
     proxy = await make_proxy(upstream={"url": upstream.url, "rewrite_redirects": True})
     assert await _redirect_location(proxy.url, f"{upstream.url}/echo/next?a=1#f") == f"{proxy.url}/echo/next?a=1#f"
 
 
 async def test_redirect_rewrite_true_leaves_other_origins_and_relative_alone(
-    make_proxy: Any, upstream: CountingUpstream, canary: Canary
+    make_proxy: ProxyFactory, upstream: CountingUpstream, canary: Canary
 ) -> None:
     """rewrite_redirects never touches a Location naming another host, or a relative one."""
     proxy = await make_proxy(upstream={"url": upstream.url, "rewrite_redirects": True})
@@ -123,7 +124,7 @@ async def test_redirect_rewrite_true_leaves_other_origins_and_relative_alone(
         assert await _redirect_location(proxy.url, location) == location
 
 
-async def test_redirect_rewrite_true_maps_base_path(make_proxy: Any, upstream: CountingUpstream) -> None:
+async def test_redirect_rewrite_true_maps_base_path(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
     """Under a base path, a Location inside it maps back to the client's path; one outside it is left alone."""
     proxy = await make_proxy(upstream={"url": upstream.url + "/api", "rewrite_redirects": True})
     assert await _redirect_location(proxy.url, f"{upstream.url}/api/v2/item") == f"{proxy.url}/v2/item"
@@ -196,7 +197,7 @@ on_both_loops = pytest.mark.asyncio(loop_factories=BOTH_LOOPS)
 @on_both_loops
 @pytest.mark.parametrize(("server", "request_bytes", "status", "code"), OVERSIZED)
 async def test_limits_over_limit_gets_json_error_others_unaffected(
-    make_proxy: Any,
+    make_proxy: ProxyFactory,
     upstream: CountingUpstream,
     caplog: pytest.LogCaptureFixture,
     server: dict[str, int],
@@ -230,7 +231,7 @@ async def test_limits_over_limit_gets_json_error_others_unaffected(
 
 @on_both_loops
 async def test_limits_slowloris_headers_cut_after_header_timeout_others_served(
-    make_proxy: Any, upstream: CountingUpstream
+    make_proxy: ProxyFactory, upstream: CountingUpstream
 ) -> None:
     """A client sending its headers one byte per second gets 408 (or is cut off) while a normal client is served."""
     proxy = await make_proxy(upstream={"url": upstream.url}, server={"header_timeout": 1.0})
@@ -260,7 +261,7 @@ async def test_limits_slowloris_headers_cut_after_header_timeout_others_served(
 
 
 @on_both_loops
-async def test_limits_idle_keepalive_connection_closed_after_timeout(make_proxy: Any, upstream: CountingUpstream) -> None:
+async def test_limits_idle_keepalive_connection_closed_after_timeout(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
     """A kept-alive connection that stays idle is closed after server.keepalive_timeout."""
     proxy = await make_proxy(upstream={"url": upstream.url}, server={"keepalive_timeout": 0.5})
     reader, writer = await open_raw(proxy.url)
@@ -274,7 +275,7 @@ async def test_limits_idle_keepalive_connection_closed_after_timeout(make_proxy:
 
 @on_both_loops
 async def test_limits_max_connections_new_ones_get_503_existing_keep_working(
-    make_proxy: Any, upstream: CountingUpstream, caplog: pytest.LogCaptureFixture
+    make_proxy: ProxyFactory, upstream: CountingUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Beyond server.max_connections a new connection gets 503 JSON and is closed; the open ones keep working."""
     proxy = await make_proxy(upstream={"url": upstream.url}, server={"max_connections": 2})
