@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules: a running proxy, the command line, raw HTTP, the proxy's error shape, event loops.
+"""Helpers shared by the test modules: a running proxy, the CLI, raw HTTP, the proxy's error shape, event loops.
 
 Fixtures live in conftest.py and fake servers in tests/fakes/; a test module
 imports what it shares from here, never from another test module.
@@ -155,7 +155,7 @@ def write_config(
     server: str = "",
     upstream: str = "",
 ) -> Path:
-    """A config file for `tokenproxy run`/`check` in front of the fakes; the client secret comes from $TEST_CLIENT_SECRET."""
+    """A config file for `tokenproxy run`/`check` in front of the fakes; the secret comes from $TEST_CLIENT_SECRET."""
     path.write_text(
         f"""
 [server]
@@ -178,15 +178,20 @@ state_file = "{state}"
     return path
 
 
-async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
-    """Run `tokenproxy ARGS` to its end: exit code, standard output, standard error."""
-    proc = await asyncio.create_subprocess_exec(
+async def start_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """Start `tokenproxy ARGS` with its output piped; `env` is laid over this process's environment."""
+    return await asyncio.create_subprocess_exec(
         *TOKENPROXY,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
+    """Run `tokenproxy ARGS` to its end: exit code, standard output, standard error."""
+    proc = await start_cli(*args, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -266,6 +271,27 @@ async def raw_exchange(base_url: str, request: bytes) -> RawResponse:
         writer.write(request)
         await writer.drain()
         data = await asyncio.wait_for(reader.read(), RAW_BOUND)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return parse_response(data)
+
+
+async def read_one_answer(reader: asyncio.StreamReader) -> bytes:
+    """One answer with a Content-Length off a kept-alive connection: header block and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
+    length = int(parse_response(head).all("Content-Length")[0])
+    return head + await asyncio.wait_for(reader.readexactly(length), RAW_BOUND)
+
+
+async def raw_exchange_kept_alive(base_url: str, request: bytes) -> RawResponse:
+    """Send raw request bytes on a connection left open and read one answer by its Content-Length."""
+    url = URL(base_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await read_one_answer(reader)
     finally:
         writer.close()
         await writer.wait_closed()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import stat
-import sys
 from pathlib import Path
 
 import aiohttp
 
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
-from tests.helpers import ProxyFactory, read_until, run_cli, write_config
+from tests.helpers import ProxyFactory, read_until, run_cli, start_cli, write_config
 
 CLIENT_TOKEN = "client-token-0123456789abcdef"
 
@@ -104,17 +102,7 @@ async def test_access_unix_socket_is_0600_and_serves(
     sock = tmp_path / "tp.sock"
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
     path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "unix:{sock}"'))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
-    )
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     seen: list[str] = []
     try:
         assert proc.stderr is not None

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.fakes.token_server import CLIENT_SECRET
-from tests.helpers import TOKENPROXY, read_until, run_cli, write_config
+from tests.helpers import TOKENPROXY, read_until, run_cli, start_cli, write_config
 
 
 async def test_cli_bad_config_exits_2_naming_each_key(tmp_path: Path) -> None:
@@ -93,15 +93,7 @@ async def test_cli_run_serves_until_sigterm(tmp_path: Path, token_server, api, l
     path = write_config(
         tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=f'loop = "{loop}"', upstream=f'client = "{client}"'
     )
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY,
-        "run",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
-    )
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     seen: list[str] = []
     try:
         assert proc.stderr is not None
@@ -144,14 +136,7 @@ async def test_cli_run_defaults_to_loopback() -> None:
 @pytest.mark.timeout(60)
 async def test_cli_demo_serves_through_proxy_across_expiry(tmp_path: Path) -> None:
     """`tokenproxy demo` serves a request through the proxy, and one after the demo token expired."""
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY,
-        "demo",
-        "--lifetime",
-        "2",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_cli("demo", "--lifetime", "2")
     seen: list[str] = []
     try:
         assert proc.stdout is not None
@@ -179,11 +164,7 @@ async def test_cli_run_fetch_on_start_and_admin_listener(tmp_path: Path, token_s
     extra = '[server]\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\nfetch_on_start = true\n'
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
     path.write_text(path.read_text().replace('[server]\nlisten = "127.0.0.1:0"\n', extra))
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY, "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
-    )
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     seen: list[str] = []
     try:
         assert proc.stderr is not None
@@ -238,10 +219,8 @@ async def test_cli_run_without_c_parser_forwards_any_method_token(tmp_path: Path
     port = server.sockets[0].getsockname()[1]
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
     path.write_text(path.read_text().replace(api.base_url, f"http://127.0.0.1:{port}"))
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY, "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET, "AIOHTTP_NO_EXTENSIONS": "1"},
+    proc = await start_cli(
+        "run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET, "AIOHTTP_NO_EXTENSIONS": "1"}
     )
     seen: list[str] = []
     try:
@@ -294,11 +273,7 @@ async def test_cli_run_unix_socket_stale_file_is_replaced(tmp_path: Path, token_
     assert stat.S_ISSOCK(sock_path.stat().st_mode)
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=f'loop = "{loop}"')
     path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "unix:{sock_path}"'))
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY, "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
-    )
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     seen: list[str] = []
     try:
         assert proc.stderr is not None

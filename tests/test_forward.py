@@ -16,7 +16,13 @@ from yarl import URL
 
 from tests.fakes.api_server import GZIP_PAYLOAD, FakeApi
 from tests.fakes.token_server import FakeTokenServer
-from tests.helpers import RAW_BOUND, RawResponse, assert_proxy_error, parse_response, raw_exchange
+from tests.helpers import (
+    RAW_BOUND,
+    assert_proxy_error,
+    parse_response,
+    raw_exchange,
+    raw_exchange_kept_alive,
+)
 
 HOP_BY_HOP_NAMES = {
     "connection",
@@ -29,22 +35,6 @@ HOP_BY_HOP_NAMES = {
     "proxy-authenticate",
     "proxy-connection",
 }
-
-
-async def raw_exchange_kept_alive(base_url: str, request: bytes) -> RawResponse:
-    """Send raw request bytes on a connection left open and read one answer by its Content-Length."""
-    url = URL(base_url)
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
-        length = int(parse_response(head).all("Content-Length")[0])
-        body = await asyncio.wait_for(reader.readexactly(length), RAW_BOUND)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return parse_response(head + body)
 
 
 def closed_port() -> int:

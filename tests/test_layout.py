@@ -45,7 +45,7 @@ def _is_test_module(name: str) -> bool:
 
 
 def test_layout_no_test_module_imports_another() -> None:
-    """Test modules share helpers through tests/helpers.py and tests/fakes/, never by importing each other or conftest."""
+    """Test modules share helpers through tests/helpers.py and tests/fakes/, never importing each other or conftest."""
     offenders = {
         path.name: sorted(imported)
         for path in sorted((ROOT / "tests").glob("*.py"))

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -35,21 +33,13 @@ from tests.helpers import (
     open_raw,
     parse_response,
     raw_exchange,
+    read_one_answer,
     read_to_eof,
     read_until,
     run_cli,
+    start_cli,
     write_config,
 )
-
-# --- raw connections to the proxy ---------------------------------------------------------
-
-
-async def read_one_answer(reader: asyncio.StreamReader) -> bytes:
-    """One answer with a Content-Length off a kept-alive connection: header block and body."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
-    length = int(parse_response(head).all("Content-Length")[0])
-    return head + await asyncio.wait_for(reader.readexactly(length), RAW_BOUND)
-
 
 # --- the token goes to the upstream and nowhere else -----------------------------------------
 
@@ -357,10 +347,7 @@ async def test_config_file_readable_by_others_with_literal_secret_run_warns(
 ) -> None:
     """`run` with a 0644 file holding a literal client_secret warns at start, naming the key and not the value."""
     path = _config_with_literal_secret(tmp_path, token_server, api, 0o644)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
-    )
+    proc = await start_cli("run", "-c", str(path))
     seen: list[str] = []
     try:
         assert proc.stderr is not None
