@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,20 +263,6 @@ def parse_response(data: bytes) -> RawResponse:
     return RawResponse(status, headers, body, rest)
 
 
-async def raw_exchange(base_url: str, request: bytes) -> RawResponse:
-    """Send raw request bytes (which should say `Connection: close`) and read the answer to EOF."""
-    url = URL(base_url)
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), RAW_BOUND)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return parse_response(data)
-
-
 async def read_one_answer(reader: asyncio.StreamReader) -> bytes:
     """One answer with a Content-Length off a kept-alive connection: header block and body."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
@@ -284,18 +270,33 @@ async def read_one_answer(reader: asyncio.StreamReader) -> bytes:
     return head + await asyncio.wait_for(reader.readexactly(length), RAW_BOUND)
 
 
-async def raw_exchange_kept_alive(base_url: str, request: bytes) -> RawResponse:
-    """Send raw request bytes on a connection left open and read one answer by its Content-Length."""
+async def _read_answer_to_eof(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(), RAW_BOUND)
+
+
+async def _exchange(
+    base_url: str, request: bytes, read: Callable[[asyncio.StreamReader], Awaitable[bytes]]
+) -> RawResponse:
     url = URL(base_url)
     reader, writer = await asyncio.open_connection(url.host, url.port)
     try:
         writer.write(request)
         await writer.drain()
-        data = await read_one_answer(reader)
+        data = await read(reader)
     finally:
         writer.close()
         await writer.wait_closed()
     return parse_response(data)
+
+
+async def raw_exchange(base_url: str, request: bytes) -> RawResponse:
+    """Send raw request bytes (which should say `Connection: close`) and read the answer to EOF."""
+    return await _exchange(base_url, request, _read_answer_to_eof)
+
+
+async def raw_exchange_kept_alive(base_url: str, request: bytes) -> RawResponse:
+    """Send raw request bytes on a connection left open and read one answer by its Content-Length."""
+    return await _exchange(base_url, request, read_one_answer)
 
 
 async def open_raw(base_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
