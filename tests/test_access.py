@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import stat
-import sys
 from pathlib import Path
 
 import aiohttp
 
-from tests.fakes.token_server import CLIENT_SECRET
-from tests.test_cli import read_until, run_cli, write_config
+from tests.fakes.api_server import FakeApi
+from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
+from tests.helpers import ProxyFactory, read_until, run_cli, start_cli, write_config
 
 CLIENT_TOKEN = "client-token-0123456789abcdef"
 
 
-async def test_access_non_loopback_listen_without_rule_refuses_to_start(tmp_path: Path, token_server, api) -> None:
+async def test_access_non_loopback_listen_without_rule_refuses_to_start(
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi
+) -> None:
     """listen = 0.0.0.0 with no access rule: exit 2, the message names server.allow_from."""
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
     path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', 'listen = "0.0.0.0:0"'))
@@ -27,7 +28,9 @@ async def test_access_non_loopback_listen_without_rule_refuses_to_start(tmp_path
     assert "server.allow_from" in err and "server.client_token" in err and "server.allow_any" in err
 
 
-async def test_access_allow_from_other_range_gets_403_not_forwarded(make_proxy, api, client) -> None:
+async def test_access_allow_from_other_range_gets_403_not_forwarded(
+    make_proxy: ProxyFactory, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
     """A client outside server.allow_from gets 403 forbidden and nothing reaches the upstream."""
     proxy = await make_proxy(server={"allow_from": ["10.0.0.0/8"]})
     async with client.get(f"{proxy.url}/echo/x") as resp:
@@ -37,14 +40,18 @@ async def test_access_allow_from_other_range_gets_403_not_forwarded(make_proxy, 
     assert api.requests == 0
 
 
-async def test_access_allow_from_matching_range_forwards(make_proxy, client) -> None:
+async def test_access_allow_from_matching_range_forwards(
+    make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """A client inside server.allow_from is served."""
     proxy = await make_proxy(server={"allow_from": ["127.0.0.0/8", "::1/128"]})
     async with client.get(f"{proxy.url}/echo/x") as resp:
         assert resp.status == 200
 
 
-async def test_access_client_token_missing_gets_407(make_proxy, api, client) -> None:
+async def test_access_client_token_missing_gets_407(
+    make_proxy: ProxyFactory, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
     """With server.client_token set, a request without it gets 407 and a Proxy-Authenticate challenge."""
     proxy = await make_proxy(server={"client_token": CLIENT_TOKEN})
     async with client.get(f"{proxy.url}/echo/x") as resp:
@@ -54,7 +61,9 @@ async def test_access_client_token_missing_gets_407(make_proxy, api, client) -> 
     assert api.requests == 0
 
 
-async def test_access_client_token_wrong_gets_403(make_proxy, api, client) -> None:
+async def test_access_client_token_wrong_gets_403(
+    make_proxy: ProxyFactory, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
     """A wrong client token gets 403 forbidden."""
     proxy = await make_proxy(server={"client_token": CLIENT_TOKEN})
     async with client.get(f"{proxy.url}/echo/x", headers={"Proxy-Authorization": "Bearer nope"}) as resp:
@@ -64,7 +73,9 @@ async def test_access_client_token_wrong_gets_403(make_proxy, api, client) -> No
     assert api.requests == 0
 
 
-async def test_access_client_token_right_forwards_without_it(make_proxy, client) -> None:
+async def test_access_client_token_right_forwards_without_it(
+    make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """The right client token is accepted and not forwarded upstream."""
     proxy = await make_proxy(server={"client_token": CLIENT_TOKEN})
     async with client.get(f"{proxy.url}/echo/x", headers={"Proxy-Authorization": f"Bearer {CLIENT_TOKEN}"}) as resp:
@@ -73,7 +84,9 @@ async def test_access_client_token_right_forwards_without_it(make_proxy, client)
     assert all(CLIENT_TOKEN not in value for _, value in seen["headers"])
 
 
-async def test_access_client_token_custom_header_removed_before_forwarding(make_proxy, client) -> None:
+async def test_access_client_token_custom_header_removed_before_forwarding(
+    make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """A client token in a configured header is checked and removed before forwarding."""
     proxy = await make_proxy(server={"client_token": CLIENT_TOKEN, "client_token_header": "X-Proxy-Token"})
     async with client.get(f"{proxy.url}/echo/x", headers={"X-Proxy-Token": CLIENT_TOKEN}) as resp:
@@ -82,16 +95,14 @@ async def test_access_client_token_custom_header_removed_before_forwarding(make_
     assert [name for name, _ in seen["headers"] if name.lower() == "x-proxy-token"] == []
 
 
-async def test_access_unix_socket_is_0600_and_serves(tmp_path: Path, token_server, api) -> None:
+async def test_access_unix_socket_is_0600_and_serves(
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi
+) -> None:
     """listen = unix:PATH creates the socket 0600 and serves requests over it."""
     sock = tmp_path / "tp.sock"
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
     path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "unix:{sock}"'))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
-    )
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     seen: list[str] = []
     try:
         assert proc.stderr is not None

@@ -20,13 +20,22 @@ import aiohttp
 import pytest
 
 from proxy.runtime.app import FORWARDER
-from tests.conftest import BOTH_LOOPS
 from tests.fakes.api_server import FakeApi
 from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.raw_upstream import RawUpstream, Request, answer
 from tests.fakes.token_server import FakeTokenServer, until
-from tests.test_forward import RAW_BOUND, RawResponse, assert_proxy_error, parse_response, raw_exchange
-from tests.test_security import close_raw, no_tracebacks, open_raw, read_to_eof
+from tests.helpers import (
+    BOTH_LOOPS,
+    RAW_BOUND,
+    RawResponse,
+    assert_proxy_error,
+    close_raw,
+    no_tracebacks,
+    open_raw,
+    parse_response,
+    raw_exchange,
+    read_to_eof,
+)
 
 on_both_loops = pytest.mark.asyncio(loop_factories=BOTH_LOOPS)
 

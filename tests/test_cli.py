@@ -5,74 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import socket
 import stat
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.fakes.api_server import FakeApi
-from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
-
-TOKENPROXY = [sys.executable, "-m", "proxy"]
-
-
-def write_config(
-    path: Path, token_server: FakeTokenServer, api: FakeApi, state: Path, extra: str = "", server: str = "", upstream: str = ""
-) -> Path:
-    path.write_text(
-        f"""
-[server]
-listen = "127.0.0.1:0"
-{server}
-[upstream]
-url = "{api.base_url}"
-{upstream}
-[token]
-grant = "refresh_token"
-token_url = "{token_server.base_url}/oauth/token"
-client_id = "{CLIENT_ID}"
-client_secret = "${{TEST_CLIENT_SECRET}}"
-refresh_token = "{token_server.current_refresh}"
-state_file = "{state}"
-{extra}
-"""
-    )
-    path.chmod(0o600)  # it holds a literal refresh token: readable by others, run and check would warn
-    return path
-
-
-async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-async def read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str], timeout: float = 20) -> re.Match[str]:
-    """Read lines until one matches; the lines read are kept in `seen`."""
-
-    async def scan() -> re.Match[str]:
-        while True:
-            line = await stream.readline()
-            if not line:
-                raise AssertionError("process ended before printing " + pattern + ":\n" + "".join(seen))
-            seen.append(line.decode())
-            match = re.search(pattern, seen[-1])
-            if match:
-                return match
-
-    return await asyncio.wait_for(scan(), timeout)
+from tests.fakes.token_server import CLIENT_SECRET
+from tests.helpers import TOKENPROXY, read_until, run_cli, start_cli, write_config
 
 
 async def test_cli_bad_config_exits_2_naming_each_key(tmp_path: Path) -> None:
@@ -151,15 +93,7 @@ async def test_cli_run_serves_until_sigterm(tmp_path: Path, token_server, api, l
     path = write_config(
         tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=f'loop = "{loop}"', upstream=f'client = "{client}"'
     )
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY,
-        "run",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
-    )
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     seen: list[str] = []
     try:
         assert proc.stderr is not None
@@ -202,14 +136,7 @@ async def test_cli_run_defaults_to_loopback() -> None:
 @pytest.mark.timeout(60)
 async def test_cli_demo_serves_through_proxy_across_expiry(tmp_path: Path) -> None:
     """`tokenproxy demo` serves a request through the proxy, and one after the demo token expired."""
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY,
-        "demo",
-        "--lifetime",
-        "2",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_cli("demo", "--lifetime", "2")
     seen: list[str] = []
     try:
         assert proc.stdout is not None
@@ -237,11 +164,7 @@ async def test_cli_run_fetch_on_start_and_admin_listener(tmp_path: Path, token_s
     extra = '[server]\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\nfetch_on_start = true\n'
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
     path.write_text(path.read_text().replace('[server]\nlisten = "127.0.0.1:0"\n', extra))
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY, "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
-    )
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     seen: list[str] = []
     try:
         assert proc.stderr is not None
@@ -296,10 +219,8 @@ async def test_cli_run_without_c_parser_forwards_any_method_token(tmp_path: Path
     port = server.sockets[0].getsockname()[1]
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
     path.write_text(path.read_text().replace(api.base_url, f"http://127.0.0.1:{port}"))
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY, "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET, "AIOHTTP_NO_EXTENSIONS": "1"},
+    proc = await start_cli(
+        "run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET, "AIOHTTP_NO_EXTENSIONS": "1"}
     )
     seen: list[str] = []
     try:
@@ -352,11 +273,7 @@ async def test_cli_run_unix_socket_stale_file_is_replaced(tmp_path: Path, token_
     assert stat.S_ISSOCK(sock_path.stat().st_mode)
     path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=f'loop = "{loop}"')
     path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "unix:{sock_path}"'))
-    proc = await asyncio.create_subprocess_exec(
-        *TOKENPROXY, "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TEST_CLIENT_SECRET": CLIENT_SECRET},
-    )
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     seen: list[str] = []
     try:
         assert proc.stderr is not None

@@ -13,7 +13,7 @@ import pytest
 
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import FakeTokenServer
-from tests.test_cli import run_cli
+from tests.helpers import run_cli
 
 HEADER_SECRET = "hdr-s3cret-4b9e1f"
 BODY_SECRET = "body-s3cret-7c2d0a"

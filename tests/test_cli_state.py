@@ -20,7 +20,7 @@ from proxy.runtime.credentials import credential_of
 from proxy.tokens.store import SavedState
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
-from tests.test_cli import run_cli, write_config
+from tests.helpers import run_cli, write_config
 
 OTHER_UID = 12345
 PLANTED = "ATTACKER-TOKEN"

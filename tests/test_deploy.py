@@ -18,7 +18,7 @@ import yaml
 
 from proxy.config.load import parse_config
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET
-from tests.test_cli import read_until
+from tests.helpers import read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["run", "-c", "/etc/tokenproxy/tokenproxy.toml"]

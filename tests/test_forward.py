@@ -7,8 +7,7 @@ import gzip
 import hashlib
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,9 +16,13 @@ from yarl import URL
 
 from tests.fakes.api_server import GZIP_PAYLOAD, FakeApi
 from tests.fakes.token_server import FakeTokenServer
-
-# Bound for one raw exchange; a hang fails the test instead of stalling the run.
-RAW_BOUND = 10.0
+from tests.helpers import (
+    RAW_BOUND,
+    assert_proxy_error,
+    parse_response,
+    raw_exchange,
+    raw_exchange_kept_alive,
+)
 
 HOP_BY_HOP_NAMES = {
     "connection",
@@ -32,80 +35,6 @@ HOP_BY_HOP_NAMES = {
     "proxy-authenticate",
     "proxy-connection",
 }
-
-
-@dataclass
-class RawResponse:
-    """One HTTP/1.1 answer exactly as it came off the wire."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes  # de-chunked when the answer was chunked
-    rest: bytes  # every byte after the header block, as received
-
-    def all(self, name: str) -> list[str]:
-        """Every value of header `name`, in order."""
-        return [v for k, v in self.headers if k.lower() == name.lower()]
-
-    def json(self) -> Any:
-        """The body parsed as JSON."""
-        return json.loads(self.body)
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while True:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            return bytes(out)
-        out += data[:size]
-        data = data[size + 2 :]
-
-
-def parse_response(data: bytes) -> RawResponse:
-    """Split a raw answer (read up to EOF) into status, headers and body."""
-    head, sep, rest = data.partition(b"\r\n\r\n")
-    assert sep, f"no complete header block in {data[:200]!r}"
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.append((name, value.strip()))
-    chunked = any(k.lower() == "transfer-encoding" and "chunked" in v.lower() for k, v in headers)
-    body = _dechunk(rest) if chunked and rest else rest
-    return RawResponse(status, headers, body, rest)
-
-
-async def raw_exchange(base_url: str, request: bytes) -> RawResponse:
-    """Send raw request bytes (which should say `Connection: close`) and read the answer to EOF."""
-    url = URL(base_url)
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), RAW_BOUND)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return parse_response(data)
-
-
-async def raw_exchange_kept_alive(base_url: str, request: bytes) -> RawResponse:
-    """Send raw request bytes on a connection left open and read one answer by its Content-Length."""
-    url = URL(base_url)
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
-        length = int(parse_response(head).all("Content-Length")[0])
-        body = await asyncio.wait_for(reader.readexactly(length), RAW_BOUND)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return parse_response(head + body)
 
 
 def closed_port() -> int:
@@ -604,15 +533,6 @@ async def test_expect_100_continue_gets_continue_then_answer(make_proxy: Any) ->
 
 
 # --- the proxy's own answers -----------------------------------------------------------------
-
-
-def assert_proxy_error(status: int, headers: Callable[[str], list[str]], body: bytes, want: int, code: str) -> None:
-    """The answer is tokenproxy's own JSON error with the given status and code."""
-    assert status == want
-    assert headers("X-Tokenproxy-Error") == [code]
-    data = json.loads(body)
-    assert data["error"] == code
-    assert isinstance(data["detail"], str) and data["detail"]
 
 
 async def test_upstream_closed_port_gives_502_unreachable(make_proxy: Any, client: aiohttp.ClientSession) -> None:

@@ -22,8 +22,7 @@ import pytest
 
 from tests.fakes.canary import Canary
 from tests.fakes.counting_upstream import CountingUpstream
-from tests.test_forward import raw_exchange
-from tests.test_security import no_tracebacks, open_raw
+from tests.helpers import no_tracebacks, open_raw, raw_exchange
 
 SEED = 20261123
 CASES = 3000

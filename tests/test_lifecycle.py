@@ -16,9 +16,17 @@ import aiohttp
 import pytest
 
 from tests.fakes.token_server import CLIENT_SECRET
-from tests.test_cli import read_until, write_config
-from tests.test_forward import RAW_BOUND, assert_proxy_error, parse_response, raw_exchange
-from tests.test_security import close_raw, open_raw, read_to_eof
+from tests.helpers import (
+    RAW_BOUND,
+    assert_proxy_error,
+    close_raw,
+    open_raw,
+    parse_response,
+    raw_exchange,
+    read_to_eof,
+    read_until,
+    write_config,
+)
 
 
 class Running:

@@ -16,8 +16,16 @@ from typing import Any, Self
 import pytest
 
 from tests.fakes.counting_upstream import CountingUpstream
-from tests.test_forward import RAW_BOUND, assert_proxy_error, parse_response, raw_exchange
-from tests.test_security import close_raw, no_tracebacks, open_raw, read_to_eof
+from tests.helpers import (
+    RAW_BOUND,
+    assert_proxy_error,
+    close_raw,
+    no_tracebacks,
+    open_raw,
+    parse_response,
+    raw_exchange,
+    read_to_eof,
+)
 
 # --- requests aiohttp's parser refuses -------------------------------------------------------
 

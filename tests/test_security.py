@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,52 +19,27 @@ from yarl import URL
 
 from proxy.config.load import exposed_secrets_warning, literal_secrets
 from proxy.upstream.model import Upstream
-from tests.conftest import BOTH_LOOPS
 from tests.fakes.api_server import FakeApi
 from tests.fakes.canary import Canary
 from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
-from tests.test_cli import read_until, run_cli, write_config
-from tests.test_forward import RAW_BOUND, assert_proxy_error, parse_response, raw_exchange
-
-# --- raw connections to the proxy ---------------------------------------------------------
-
-
-async def open_raw(base_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw connection to the proxy."""
-    url = URL(base_url)
-    return await asyncio.open_connection(url.host, url.port)
-
-
-async def close_raw(writer: asyncio.StreamWriter) -> None:
-    """Close a raw connection, tolerating one the other side already reset."""
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except ConnectionError:
-        pass
-
-
-async def read_one_answer(reader: asyncio.StreamReader) -> bytes:
-    """One answer with a Content-Length off a kept-alive connection: header block and body."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_BOUND)
-    length = int(parse_response(head).all("Content-Length")[0])
-    return head + await asyncio.wait_for(reader.readexactly(length), RAW_BOUND)
-
-
-async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
-    """Everything until the proxy closes the connection (a reset counts as the end)."""
-    try:
-        return await asyncio.wait_for(reader.read(), RAW_BOUND)
-    except ConnectionResetError:
-        return b""
-
-
-def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
-    """No record at ERROR or above, and none carrying a traceback."""
-    bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-    assert bad == []
-
+from tests.helpers import (
+    BOTH_LOOPS,
+    RAW_BOUND,
+    ProxyFactory,
+    assert_proxy_error,
+    close_raw,
+    no_tracebacks,
+    open_raw,
+    parse_response,
+    raw_exchange,
+    read_one_answer,
+    read_to_eof,
+    read_until,
+    run_cli,
+    start_cli,
+    write_config,
+)
 
 # --- the token goes to the upstream and nowhere else -----------------------------------------
 
@@ -88,7 +61,7 @@ DESTINATION_CASES = [
 
 @pytest.mark.parametrize(("target", "host"), DESTINATION_CASES)
 async def test_destination_hostile_target_or_host_reaches_configured_upstream_path_unchanged(
-    make_proxy: Any, upstream: CountingUpstream, canary: Canary, target: str, host: str
+    make_proxy: ProxyFactory, upstream: CountingUpstream, canary: Canary, target: str, host: str
 ) -> None:
     """A Host naming another host, `//`, `/../`, `%2F..` or `@` in the path: forwarded to the upstream, path exactly as sent."""
     proxy = await make_proxy(upstream={"url": upstream.url})
@@ -119,21 +92,21 @@ async def _redirect_location(proxy_url: str, location: str) -> str:
     return value
 
 
-async def test_redirect_upstream_origin_left_alone_by_default(make_proxy: Any, upstream: CountingUpstream) -> None:
+async def test_redirect_upstream_origin_left_alone_by_default(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
     """Without rewrite_redirects, a Location naming the upstream reaches the client as the upstream sent it."""
     proxy = await make_proxy(upstream={"url": upstream.url})
     location = f"{upstream.url}/echo/next?a=1"
     assert await _redirect_location(proxy.url, location) == location
 
 
-async def test_redirect_rewrite_true_points_upstream_origin_at_proxy(make_proxy: Any, upstream: CountingUpstream) -> None:
+async def test_redirect_rewrite_true_points_upstream_origin_at_proxy(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
     """With rewrite_redirects = true, a Location naming the upstream's origin names the proxy instead."""
     proxy = await make_proxy(upstream={"url": upstream.url, "rewrite_redirects": True})
     assert await _redirect_location(proxy.url, f"{upstream.url}/echo/next?a=1#f") == f"{proxy.url}/echo/next?a=1#f"
 
 
 async def test_redirect_rewrite_true_leaves_other_origins_and_relative_alone(
-    make_proxy: Any, upstream: CountingUpstream, canary: Canary
+    make_proxy: ProxyFactory, upstream: CountingUpstream, canary: Canary
 ) -> None:
     """rewrite_redirects never touches a Location naming another host, or a relative one."""
     proxy = await make_proxy(upstream={"url": upstream.url, "rewrite_redirects": True})
@@ -141,7 +114,7 @@ async def test_redirect_rewrite_true_leaves_other_origins_and_relative_alone(
         assert await _redirect_location(proxy.url, location) == location
 
 
-async def test_redirect_rewrite_true_maps_base_path(make_proxy: Any, upstream: CountingUpstream) -> None:
+async def test_redirect_rewrite_true_maps_base_path(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
     """Under a base path, a Location inside it maps back to the client's path; one outside it is left alone."""
     proxy = await make_proxy(upstream={"url": upstream.url + "/api", "rewrite_redirects": True})
     assert await _redirect_location(proxy.url, f"{upstream.url}/api/v2/item") == f"{proxy.url}/v2/item"
@@ -214,7 +187,7 @@ on_both_loops = pytest.mark.asyncio(loop_factories=BOTH_LOOPS)
 @on_both_loops
 @pytest.mark.parametrize(("server", "request_bytes", "status", "code"), OVERSIZED)
 async def test_limits_over_limit_gets_json_error_others_unaffected(
-    make_proxy: Any,
+    make_proxy: ProxyFactory,
     upstream: CountingUpstream,
     caplog: pytest.LogCaptureFixture,
     server: dict[str, int],
@@ -248,7 +221,7 @@ async def test_limits_over_limit_gets_json_error_others_unaffected(
 
 @on_both_loops
 async def test_limits_slowloris_headers_cut_after_header_timeout_others_served(
-    make_proxy: Any, upstream: CountingUpstream
+    make_proxy: ProxyFactory, upstream: CountingUpstream
 ) -> None:
     """A client sending its headers one byte per second gets 408 (or is cut off) while a normal client is served."""
     proxy = await make_proxy(upstream={"url": upstream.url}, server={"header_timeout": 1.0})
@@ -278,7 +251,7 @@ async def test_limits_slowloris_headers_cut_after_header_timeout_others_served(
 
 
 @on_both_loops
-async def test_limits_idle_keepalive_connection_closed_after_timeout(make_proxy: Any, upstream: CountingUpstream) -> None:
+async def test_limits_idle_keepalive_connection_closed_after_timeout(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
     """A kept-alive connection that stays idle is closed after server.keepalive_timeout."""
     proxy = await make_proxy(upstream={"url": upstream.url}, server={"keepalive_timeout": 0.5})
     reader, writer = await open_raw(proxy.url)
@@ -292,7 +265,7 @@ async def test_limits_idle_keepalive_connection_closed_after_timeout(make_proxy:
 
 @on_both_loops
 async def test_limits_max_connections_new_ones_get_503_existing_keep_working(
-    make_proxy: Any, upstream: CountingUpstream, caplog: pytest.LogCaptureFixture
+    make_proxy: ProxyFactory, upstream: CountingUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Beyond server.max_connections a new connection gets 503 JSON and is closed; the open ones keep working."""
     proxy = await make_proxy(upstream={"url": upstream.url}, server={"max_connections": 2})
@@ -374,10 +347,7 @@ async def test_config_file_readable_by_others_with_literal_secret_run_warns(
 ) -> None:
     """`run` with a 0644 file holding a literal client_secret warns at start, naming the key and not the value."""
     path = _config_with_literal_secret(tmp_path, token_server, api, 0o644)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
-    )
+    proc = await start_cli("run", "-c", str(path))
     seen: list[str] = []
     try:
         assert proc.stderr is not None

@@ -1,10 +1,9 @@
 """`tokenproxy demo`: a demo token server, a demo API and the proxy, all on 127.0.0.1.
 
-Owns: two small aiohttp apps that behave like the real thing (an OAuth2
-token endpoint issuing short-lived JWTs and rotating refresh tokens, with
-reuse detection; an API that checks the JWT with no clock skew and answers
-401 once it has expired) and the wiring that starts the proxy in front of
-them. Needs no config and no network.
+Owns: the wiring that starts the proxy in front of the demo's two servers
+(`proxy.demo`: a token endpoint issuing short-lived JWTs and rotating refresh
+tokens, an API that answers 401 once a token has expired), and the burst that
+shows one refresh serving many requests. Needs no config and no network.
 """
 
 from __future__ import annotations
@@ -20,10 +19,11 @@ import time
 from pathlib import Path
 
 import aiohttp
-import jwt
 from aiohttp import web
 
 from ..config.load import parse_config
+from ..demo.api import DemoApi
+from ..demo.token_server import TokenServer
 from ..runtime.app import build_app
 from ..runtime.serve import make_runner
 
@@ -31,96 +31,6 @@ logger = logging.getLogger("tokenproxy.demo")
 
 DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret"
-
-
-class DemoAuthServer:
-    """An OAuth2 token endpoint: refresh_token grant, rotating refresh tokens, reuse revokes the grant."""
-
-    def __init__(self, signing_key: str, lifetime: float) -> None:
-        self.signing_key = signing_key
-        self.lifetime = lifetime
-        self.current_refresh = "rt-" + secrets.token_urlsafe(16)
-        self.used: set[str] = set()
-        self.revoked = False
-        self.calls = 0
-
-    def app(self) -> web.Application:
-        """The aiohttp app serving POST /oauth/token."""
-        app = web.Application()
-        app.router.add_post("/oauth/token", self.token)
-        return app
-
-    async def token(self, request: web.Request) -> web.Response:
-        """Exchange the current refresh token for a JWT and a new refresh token."""
-        self.calls += 1
-        form = await request.post()
-        if form.get("grant_type") != "refresh_token":
-            return web.json_response({"error": "unsupported_grant_type"}, status=400)
-        presented = form.get("refresh_token")
-        if presented in self.used:
-            self.revoked = True  # reuse of a rotated-away token: revoke the whole grant
-        if self.revoked or presented != self.current_refresh:
-            return web.json_response({"error": "invalid_grant"}, status=400)
-        self.used.add(self.current_refresh)
-        self.current_refresh = "rt-" + secrets.token_urlsafe(16)
-        now = time.time()
-        access = jwt.encode(
-            # exp as a fraction, so the API's view of expiry and expires_in agree exactly.
-            {"sub": "demo-user", "iat": int(now), "exp": now + self.lifetime, "jti": secrets.token_hex(4)},
-            self.signing_key,
-            algorithm="HS256",
-        )
-        return web.json_response(
-            {
-                "access_token": access,
-                "token_type": "Bearer",
-                "expires_in": self.lifetime,
-                "refresh_token": self.current_refresh,
-            }
-        )
-
-
-class DemoApi:
-    """An API that wants a valid JWT (zero clock skew) and echoes what it received."""
-
-    def __init__(self, signing_key: str) -> None:
-        self.signing_key = signing_key
-
-    def app(self) -> web.Application:
-        """The aiohttp app: every path echoes method, path, query and who called."""
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.echo)
-        return app
-
-    async def echo(self, request: web.Request) -> web.Response:
-        """Check the bearer, then describe the request."""
-        auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bearer "):
-            return self._unauthorized("missing bearer token")
-        try:
-            claims = jwt.decode(auth[7:], self.signing_key, algorithms=["HS256"], leeway=0)
-        except jwt.ExpiredSignatureError:
-            return self._unauthorized("token expired")
-        except jwt.PyJWTError:
-            return self._unauthorized("token invalid")
-        body = await request.read()
-        return web.json_response(
-            {
-                "method": request.method,
-                "path": request.raw_path,
-                "user": claims["sub"],
-                "token_expires_in": round(claims["exp"] - time.time(), 1),
-                "body_bytes": len(body),
-            }
-        )
-
-    @staticmethod
-    def _unauthorized(why: str) -> web.Response:
-        return web.json_response(
-            {"error": "invalid_token", "detail": why},
-            status=401,
-            headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{why}"'},
-        )
 
 
 async def _start(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
@@ -140,7 +50,12 @@ async def run_demo(listen: str, lifetime: float, state_dir: Path | None, *, burs
     """
     ok = True
     signing_key = secrets.token_hex(32)
-    auth = DemoAuthServer(signing_key, lifetime)
+    auth = TokenServer(
+        signing_key=signing_key,
+        lifetime=lifetime,
+        jwt_lifetime=lifetime,  # `exp` and expires_in agree exactly, so the API's view of expiry is the proxy's
+        grants=frozenset({"refresh_token"}),
+    )
     api = DemoApi(signing_key)
     runners: list[web.AppRunner] = []
     with tempfile.TemporaryDirectory(prefix="tokenproxy-demo-") as tmp:
@@ -197,7 +112,7 @@ async def run_demo(listen: str, lifetime: float, state_dir: Path | None, *, burs
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, stop.set)
                 await stop.wait()
-            logger.info("demo stopping; token server saw %d calls", auth.calls)
+            logger.info("demo stopping; token server saw %d calls", auth.count)
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()
@@ -217,7 +132,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
-async def run_burst(proxy_url: str, auth: DemoAuthServer, count: int, lifetime: float) -> bool:
+async def run_burst(proxy_url: str, auth: TokenServer, count: int, lifetime: float) -> bool:
     """Get a token, wait until it has expired, then send `count` requests at once; report and judge."""
     connector = aiohttp.TCPConnector(limit=count)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -233,7 +148,7 @@ async def run_burst(proxy_url: str, auth: DemoAuthServer, count: int, lifetime: 
             await asyncio.sleep(min(0.1, expires_in - elapsed))
         progress("waiting for the token to expire", expires_in, expires_in, "expired")
 
-        calls_before = auth.calls
+        calls_before = auth.count
         latencies: list[float] = []
         statuses: list[int] = []
 
@@ -250,7 +165,7 @@ async def run_burst(proxy_url: str, auth: DemoAuthServer, count: int, lifetime: 
             progress("burst", len(statuses), count, f"{len(statuses)}/{count}")
 
         await asyncio.gather(*(one(i) for i in range(count)))
-    refreshes = auth.calls - calls_before
+    refreshes = auth.count - calls_before
     succeeded = sum(1 for status in statuses if status == 200)
     print(
         f"requests {count}  ok {succeeded}  failed {count - succeeded}  refreshes {refreshes}  "

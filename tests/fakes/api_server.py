@@ -1,7 +1,8 @@
 """A small API for tests: checks the JWT like a strict real API, and echoes what it got.
 
-Tokens are checked with zero clock skew; `expire_all()` makes every token
-issued so far count as expired, so tests need no sleeping to see a 401.
+Tokens are checked with zero clock skew by the demo API's check
+(`proxy.demo.api.bearer_claims`); `expire_all()` makes every token issued
+so far count as expired, so tests need no sleeping to see a 401.
 Routes stream, drip, gzip, redirect and misbehave on demand; counters and
 events let tests synchronise without sleeps.
 """
@@ -13,8 +14,10 @@ import gzip
 import hashlib
 from dataclasses import dataclass, field
 
-import jwt
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.demo.api import bearer_claims
 
 GZIP_PAYLOAD = gzip.compress(b"hello compressed world " * 100, mtime=0)
 
@@ -32,6 +35,8 @@ class FakeApi:
     hang_entered: asyncio.Event = field(default_factory=asyncio.Event)
     upload_started: asyncio.Event = field(default_factory=asyncio.Event)
     endless_aborted: asyncio.Event = field(default_factory=asyncio.Event)  # /endless lost its reader
+    base_url: str = ""  # where it listens, set by the fixture that starts it
+    server: TestServer | None = None  # the server it runs in, set by that fixture
 
     def expire_all(self, issued: list[str]) -> None:
         """From now on, treat every token in `issued` as expired."""
@@ -62,15 +67,12 @@ class FakeApi:
     def _check(self, request: web.BaseRequest) -> web.Response | None:
         self.requests += 1
         auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bearer "):
-            return self._unauthorized("missing bearer token")
-        token = auth[7:]
-        self.tokens_seen.append(token)
-        try:
-            jwt.decode(token, self.signing_key, algorithms=["HS256"], leeway=0)
-        except jwt.PyJWTError:
-            return self._unauthorized("token invalid or expired")
-        if token in self.expired:
+        if auth.startswith("Bearer "):
+            self.tokens_seen.append(auth[7:])
+        claims = bearer_claims(request, self.signing_key)
+        if isinstance(claims, str):
+            return self._unauthorized(claims)
+        if auth[7:] in self.expired:
             return self._unauthorized("token expired")
         return None
 

@@ -1,25 +1,23 @@
-"""A small OAuth2 authorization server for tests.
+"""The tests' OAuth2 authorization server: the demo's token server (`proxy.demo.token_server`) plus faults.
 
-Issues HS256 JWTs with PyJWT, rotates refresh tokens and revokes the whole
-grant when a rotated-away refresh token is reused (as real servers do).
-Counts its calls and exposes events to hold a refresh in flight. Also
-serves the home-made `json` refresh endpoints, in body and cookie mode.
-Its answers can be broken on purpose: a given access token value, any
-`expires_in` or `exp` (NaN, 400 digits, in the past), or an endless body.
+On top of the demo's JWTs, refresh-token rotation and reuse detection: it
+serves the password grant and the home-made `json` refresh endpoints (body
+and cookie mode), records every call, and exposes events to hold a refresh
+in flight. Its answers can be broken on purpose: a given access token value,
+any `expires_in` or `exp` (NaN, 400 digits, in the past), or an endless body.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
 from aiohttp import web
+
+from proxy.demo.token_server import TokenServer, oauth_error
 
 CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-secret-s3cr3t"
@@ -38,12 +36,13 @@ class Call:
 
 
 @dataclass
-class FakeTokenServer:
+class FakeTokenServer(TokenServer):
     """The token endpoint's state; mutate the attributes to change its behaviour."""
 
-    signing_key: str = field(default_factory=lambda: secrets.token_hex(32))
-    lifetime: Any = 300.0  # expires_in, sent as it is (NaN, 10**400, 1e-9 ...); None leaves it out
-    jwt_lifetime: float = 3600.0  # the `exp` claim, seconds from now
+    subject: str = "alice"
+    client_id: str | None = CLIENT_ID
+    client_secret: str = CLIENT_SECRET
+    users: dict[str, str] = field(default_factory=lambda: {USERNAME: PASSWORD})
     jwt_exp: Any = None  # when not None, the `exp` claim as it is (NaN, 10**400, a past time ...)
     access_value: str | None = None  # when set, issued as the access token instead of a JWT
     # ok | 500 | html | invalid_grant | invalid_client | no_token | hang | garbage_json
@@ -52,52 +51,46 @@ class FakeTokenServer:
     huge_limit: int = 256 << 20  # the most a huge answer streams before it gives up
     huge_sent: int = 0  # bytes of huge answers written so far
     huge_dropped: asyncio.Event = field(default_factory=asyncio.Event)  # set when the client dropped one
-    rotate: bool = True
     calls: list[Call] = field(default_factory=list)
     issued_access: list[str] = field(default_factory=list)
-    current_refresh: str = field(default_factory=lambda: "rt-" + secrets.token_urlsafe(12))
-    used_refresh: set[str] = field(default_factory=set)
-    reuse_detected: bool = False
-    revoked: bool = False
     gate: asyncio.Event | None = None  # when set to an Event, answers wait for it
     entered: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call arrives
-
-    @property
-    def count(self) -> int:
-        """How many calls the token endpoint has seen."""
-        return len(self.calls)
+    base_url: str = ""  # where it listens, set by the fixture that starts it
 
     def app(self) -> web.Application:
         """The aiohttp app: /oauth/token, /auth/refresh (json body), /auth/cookie (json, cookie)."""
-        app = web.Application()
-        app.router.add_post("/oauth/token", self.oauth_token)
+        app = super().app()
         app.router.add_route("*", "/auth/refresh", self.json_refresh)
         app.router.add_route("*", "/auth/cookie", self.cookie_refresh)
         return app
 
+    def expiry(self, now: float) -> Any:
+        """`jwt_exp` when set, else the demo server's expiry."""
+        return super().expiry(now) if self.jwt_exp is None else self.jwt_exp
+
     def new_access(self) -> str:
-        """Sign a fresh access token (or issue `access_value`)."""
-        now = time.time()
-        exp = now + self.jwt_lifetime if self.jwt_exp is None else self.jwt_exp
-        token = self.access_value or jwt.encode(
-            {"sub": "alice", "iat": int(now), "exp": exp, "jti": secrets.token_hex(6)},
-            self.signing_key,
-            algorithm="HS256",
-        )
+        """Sign a fresh access token (or issue `access_value`), and remember it."""
+        token = self.access_value or super().new_access()
         self.issued_access.append(token)
         return token
 
-    def _spend_refresh(self, presented: str | None) -> bool:
-        """Check a refresh token and rotate it; False when it is not the current one."""
-        if presented in self.used_refresh:
-            self.reuse_detected = True
-            self.revoked = True
-        if self.revoked or presented != self.current_refresh:
-            return False
-        if self.rotate:
-            self.used_refresh.add(self.current_refresh)
-            self.current_refresh = "rt-" + secrets.token_urlsafe(12)
-        return True
+    def issue(self) -> dict[str, Any]:
+        """The demo server's token fields, without the access token in `no_token` mode."""
+        if self.mode != "no_token":
+            return super().issue()
+        return {} if self.lifetime is None else {"expires_in": self.lifetime}
+
+    def record(self, request: web.Request, form: dict[str, str], json_body: Any = None) -> None:
+        """Keep the call, for tests to read."""
+        super().record(request, form)
+        self.calls.append(Call(request.path, form, dict(request.headers), json_body))
+
+    async def intercept(self, request: web.Request) -> web.StreamResponse | None:
+        """The fault `mode` asks for, or the OAuth error of the `invalid_grant`/`invalid_client` modes."""
+        fault = await self._fault(request)
+        if fault is None and self.mode in ("invalid_grant", "invalid_client"):
+            return oauth_error(self.mode, 400 if self.mode == "invalid_grant" else 401)
+        return fault
 
     async def _huge(self, request: web.Request) -> web.StreamResponse:
         """A JSON answer that never ends (up to `huge_limit`), written 64 KiB at a time, never held whole."""
@@ -136,50 +129,18 @@ class FakeTokenServer:
             return await self._huge(request)
         return None
 
-    async def oauth_token(self, request: web.Request) -> web.StreamResponse:
-        """RFC 6749 token endpoint: refresh_token, client_credentials and password grants."""
-        form = {k: str(v) for k, v in (await request.post()).items()}
-        self.calls.append(Call(request.path, form, dict(request.headers)))
-        fault = await self._fault(request)
-        if fault is not None:
-            return fault
-        if self.mode in ("invalid_grant", "invalid_client"):
-            return web.json_response({"error": self.mode}, status=400 if self.mode == "invalid_grant" else 401)
-        client_id, client_secret = form.get("client_id"), form.get("client_secret")
-        auth = request.headers.get("Authorization", "")
-        if auth.startswith("Basic "):
-            client_id, _, client_secret = base64.b64decode(auth[6:]).decode().partition(":")
-        if client_id != CLIENT_ID or client_secret != CLIENT_SECRET:
-            return web.json_response({"error": "invalid_client"}, status=401)
-        grant = form.get("grant_type")
-        answer: dict[str, Any] = {"token_type": "Bearer"}
-        if grant == "refresh_token":
-            if not self._spend_refresh(form.get("refresh_token")):
-                return web.json_response({"error": "invalid_grant"}, status=400)
-            answer["refresh_token"] = self.current_refresh
-        elif grant == "password":
-            if form.get("username") != USERNAME or form.get("password") != PASSWORD:
-                return web.json_response({"error": "invalid_grant"}, status=400)
-        elif grant != "client_credentials":
-            return web.json_response({"error": "unsupported_grant_type"}, status=400)
-        if self.mode != "no_token":
-            answer["access_token"] = self.new_access()
-        if self.lifetime is not None:
-            answer["expires_in"] = self.lifetime
-        return web.json_response(answer)
-
     async def json_refresh(self, request: web.Request) -> web.StreamResponse:
         """A home-made endpoint: {"refreshToken": ...} -> {"data": {"accessToken", "refreshToken", "expiresIn"}}."""
         try:
             body = await request.json()
         except json.JSONDecodeError:
             body = None
-        self.calls.append(Call(request.path, {}, dict(request.headers), body))
+        self.record(request, {}, body)
         fault = await self._fault(request)
         if fault is not None:
             return fault
         presented = body.get("refreshToken") if isinstance(body, dict) else None
-        if self.mode == "invalid_grant" or not self._spend_refresh(presented):
+        if self.mode == "invalid_grant" or not self.spend_refresh(presented):
             return web.json_response({"message": "refresh token invalid"}, status=401)
         data: dict[str, Any] = {"refreshToken": self.current_refresh}
         if self.mode != "no_token":
@@ -190,12 +151,12 @@ class FakeTokenServer:
 
     async def cookie_refresh(self, request: web.Request) -> web.StreamResponse:
         """A home-made endpoint reading the refresh token from a cookie and rotating it by Set-Cookie."""
-        self.calls.append(Call(request.path, {}, dict(request.headers)))
+        self.record(request, {})
         fault = await self._fault(request)
         if fault is not None:
             return fault
         presented = request.cookies.get("refresh")
-        if self.mode == "invalid_grant" or not self._spend_refresh(presented):
+        if self.mode == "invalid_grant" or not self.spend_refresh(presented):
             return web.json_response({"message": "refresh token invalid"}, status=403)
         answer: dict[str, Any] = {}
         if self.mode != "no_token":
