@@ -19,9 +19,10 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from ..core.errors import BadRequest, ProxyError, UpstreamUnreachable
+from ..core.token import Token
 from ..observe.log import access_line
 from ..observe.metrics import Metrics
-from ..tokens.manager import Token, TokenManager
+from ..tokens.manager import TokenManager
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 from .body import ReplayMemory, read_body
 from .headers import (
