@@ -48,7 +48,8 @@ class SingleFlight:
     others wait for; only `close()` may cancel it, and only when it hangs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, refresh: Refresh) -> None:
+        self._refresh = refresh  # what one refresh does; built once, started at most once at a time
         # All guarded by running on the event loop thread only.
         self._task: asyncio.Task[Outcome] | None = None
         # The waiters of the refresh under way: its end wakes them in one pass (asyncio.wait
@@ -72,23 +73,23 @@ class SingleFlight:
         """True once `close()` was called: nobody may wait and no refresh may start."""
         return self._closed
 
-    def start(self, refresh: Refresh) -> None:
-        """Start `refresh` in the background; the caller has checked that none is running."""
-        task = asyncio.get_running_loop().create_task(self._run(refresh), name="tokenproxy-refresh")
+    def start(self) -> None:
+        """Start the refresh in the background; the caller has checked that none is running."""
+        task = asyncio.get_running_loop().create_task(self._run(), name="tokenproxy-refresh")
         waiters: set[asyncio.Future[Outcome]] = set()
         task.add_done_callback(lambda done: _wake(waiters, _outcome(done)))
         self._task = task
         self._waiters = waiters
 
-    async def _run(self, refresh: Refresh) -> Outcome:
+    async def _run(self) -> Outcome:
         try:
-            return await refresh()
+            return await self._refresh()
         finally:
             # Free the slot before the waiters wake, so a waiter that finds the outcome stale can start another.
             self._task = None
 
-    async def join(self, refresh: Refresh, *, max_waiting: int, wait_timeout: float) -> Token:
-        """Wait for the refresh under way, starting `refresh` when none is; its token, or its error raised.
+    async def join(self, *, max_waiting: int, wait_timeout: float) -> Token:
+        """Wait for the refresh under way, starting one when none is; its token, or its error raised.
 
         Raises QueueFull when `max_waiting` requests already wait, QueueTimeout
         after `wait_timeout` seconds, ShuttingDown when `close()` is called
@@ -97,7 +98,7 @@ class SingleFlight:
         if self._waiting >= max_waiting:
             raise QueueFull(f"{self._waiting} requests already wait for a token (queue.max_waiting)", retry_after=1)
         if self._task is None:
-            self.start(refresh)
+            self.start()
         waiters = self._waiters
         waiter: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         waiters.add(waiter)

@@ -98,7 +98,7 @@ class TokenManager:
         self._login = 0  # grows when a reload changes the credential: a refresh begun before is void
         # The highest generation the upstream refused with a refresh status; 0 = none.
         self._rejected = 0
-        self._flight = SingleFlight()
+        self._flight = SingleFlight(self._refresh)
         self._failures = FailureState(policy.backoff_initial, policy.backoff_max)
 
     # -- start-up, reload and shut-down -----------------------------------------
@@ -178,7 +178,7 @@ class TokenManager:
             if token.generation <= self._rejected and self._flight.running:
                 return await self._await_refresh()
             if now >= token.refresh_at and not self._flight.running and self._may_refresh(now):
-                self._flight.start(self._refresh)
+                self._flight.start()
             return token
         return await self._await_refresh()
 
@@ -210,7 +210,7 @@ class TokenManager:
             return
         self._rejected = max(self._rejected, seen.generation)
         if not self._flight.running and self._may_refresh(now):
-            self._flight.start(self._refresh)
+            self._flight.start()
 
     def status(self) -> ManagerStatus:
         """What the manager knows now, without any token value."""
@@ -250,7 +250,7 @@ class TokenManager:
             raise ShuttingDown("tokenproxy is shutting down")
         self._failures.refuse(self._clock(), refreshing=flight.running)
         policy = self._policy
-        return await flight.join(self._refresh, max_waiting=policy.max_waiting, wait_timeout=policy.wait_timeout)
+        return await flight.join(max_waiting=policy.max_waiting, wait_timeout=policy.wait_timeout)
 
     def _belongs(self, state: SavedState) -> bool:
         """True when `state` was saved for this credential and login (the refresh token it started from)."""
