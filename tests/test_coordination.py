@@ -105,32 +105,38 @@ def manager(
     )
 
 
-async def test_coordination_peer_token_is_adopted_without_a_token_call(
+@pytest.fixture
+async def peers(
     token_server: FakeTokenServer, session: aiohttp.ClientSession, tmp_path: Path
-) -> None:
-    """A process that finds a newer token saved by a peer under the right uses it: no second token call."""
+) -> AsyncIterator[tuple[TokenManager, TokenManager]]:
+    """Two managers standing for two processes that share one state file and one right to refresh."""
     store = FileStore(tmp_path / "state" / "tokens.json")
     shared = SharedFile(store)
     first = manager(token_server, session, store, shared)
     second = manager(token_server, session, store, shared)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_coordination_peer_token_is_adopted_without_a_token_call(
+    token_server: FakeTokenServer, peers: tuple[TokenManager, TokenManager]
+) -> None:
+    """A process that finds a newer token saved by a peer under the right uses it: no second token call."""
+    first, second = peers
 
     fetched = await first.get()
     adopted = await second.get()
 
     assert token_server.count == 1
     assert adopted.value == fetched.value and adopted.generation == fetched.generation == 1
-    await first.close()
-    await second.close()
 
 
 async def test_coordination_peer_rotated_refresh_token_is_presented_never_the_spent_one(
-    token_server: FakeTokenServer, session: aiohttp.ClientSession, tmp_path: Path
+    token_server: FakeTokenServer, peers: tuple[TokenManager, TokenManager]
 ) -> None:
     """After a peer rotated the refresh token, the next refresh presents the rotated one: no reuse is detected."""
-    store = FileStore(tmp_path / "state" / "tokens.json")
-    shared = SharedFile(store)
-    first = manager(token_server, session, store, shared)
-    second = manager(token_server, session, store, shared)
+    first, second = peers
     await first.get()
     seen = await second.get()
 
@@ -140,8 +146,6 @@ async def test_coordination_peer_rotated_refresh_token_is_presented_never_the_sp
     assert token_server.count == 2 and not token_server.reuse_detected
     assert (await first.renew(seen, "invalid_token")) == renewed  # adopted from the file: still two calls
     assert token_server.count == 2
-    await first.close()
-    await second.close()
 
 
 async def test_coordination_unavailable_fails_and_backs_off_without_a_token_call(
