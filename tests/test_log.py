@@ -8,7 +8,8 @@ import logging
 
 import jwt
 
-from proxy.observe.log import JsonFormatter, RedactingFilter, fingerprint, redact
+from proxy.core.token import fingerprint
+from proxy.observe.log import JsonFormatter, RedactingFilter, redact
 
 A_JWT = jwt.encode({"sub": "x", "exp": 2_000_000_000}, "k" * 32, algorithm="HS256")
 

@@ -7,15 +7,8 @@ import pytest
 
 from proxy.auth.grants import TokenResponse
 from proxy.core.errors import FailureKind, GrantError
-from proxy.tokens.manager import (
-    Renewal,
-    backoff_delay,
-    decide_renewal,
-    expiry_of,
-    lifetime_floor,
-    lifetime_warning,
-    make_token,
-)
+from proxy.core.renewal import Renewal, backoff_delay, decide_renewal
+from proxy.core.token import expiry_of, lifetime_floor, lifetime_warning, make_token
 
 NOW = 1_700_000_000.0
 

@@ -1,4 +1,4 @@
-"""The pure core: the error types and (soon) the token value and decisions.
+"""The pure core: the error types, the token value and the pure decisions about it.
 
 Imports nothing of the package and no aiohttp.
 """

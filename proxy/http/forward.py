@@ -19,9 +19,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from ..core.errors import BadRequest, ProxyError, UpstreamUnreachable
+from ..core.token import Token
 from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
-from ..tokens.manager import Token
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 from .body import ReplayMemory, read_body
 from .headers import challenge_error, control_character_in, request_header_bytes, response_headers

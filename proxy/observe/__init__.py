@@ -1,4 +1,4 @@
 """Observability: logging (text/JSON, fingerprints, redaction) and Prometheus metrics.
 
-Imports nothing of the package.
+Imports only the core (a token's fingerprint).
 """

@@ -7,7 +7,6 @@ fingerprints, never values; the filter catches what slips through.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -15,17 +14,14 @@ import sys
 import time
 from typing import Any
 
+from ..core.token import fingerprint
+
 LOGGER = "tokenproxy"
 ACCESS_LOGGER = "tokenproxy.access"
 
 # Anything shaped like a JWT, or following "Bearer ", is replaced before output.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
-
-
-def fingerprint(secret: str) -> str:
-    """A short, stable, non-reversible name for a token: 8 hex digits of SHA-256."""
-    return hashlib.sha256(secret.encode()).hexdigest()[:8]
 
 
 def redact(text: str) -> str:

@@ -10,7 +10,7 @@ import aiohttp
 
 from ..auth.grants import Grant, JsonGrant, OAuthGrant, StaticGrant
 from ..config.load import Config, TokenConfig
-from ..observe.metrics import Metrics
+from ..observe.metrics import NULL_METRICS, Metrics
 from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
 from ..tokens.store import FileStore, NullStore, Store
 
@@ -85,7 +85,7 @@ def make_token_manager(
         refresh_token=tok.refresh_token or None,
         credential=credential_of(tok),
         clock=clock,
-        metrics=metrics,
+        metrics=metrics if metrics is not None else NULL_METRICS,
     )
     manager.resume()
     return manager

@@ -1,212 +1,51 @@
-"""The token manager: the current token, one refresh at a time, bounded waiting.
+"""The token manager: the current token of one credential, and when to replace it.
 
-Owns: the `Token` value, the decision of what to do with a refresh status
-(a pure function of generations, age and the challenge), and the
-`TokenManager` that carries it out: refresh-ahead, single-flight refresh,
-at most `max_waiting` waiters, back-off after failures, persisting a new
-token before anyone uses it. Knows nothing of client requests or of which
-grant is used beyond its name.
+Owns: the token cache (the current `Token`, the last generation issued, the
+highest generation the upstream refused), the renewal decision carried out
+(refresh-ahead, `renew` after a refresh status), and the refresh itself:
+fetch from the grant, save, then publish. Wires the parts that own the rest:
+the single flight with its bounded waiters (flight.py), the failure and
+back-off state (failures.py), the right to refresh among peers
+(coordination.py) and the store the state survives a restart in (store.py).
+Knows nothing of client requests or of which grant is used beyond its name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import logging
-import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import jwt
-
 from ..auth.grants import BadAnswer, Grant, TokenResponse
-from ..core.errors import (
-    FailureKind,
-    GrantError,
-    LoginRequired,
-    ProxyError,
-    QueueFull,
-    QueueTimeout,
-    ShuttingDown,
-    TokenUnavailable,
-)
-from ..observe.log import fingerprint
-from ..observe.metrics import Metrics
+from ..core.errors import GrantError, LoginRequired, ShuttingDown, TokenUnavailable
+from ..core.renewal import Renewal, decide_renewal
+from ..core.token import Token, expiry_of, fingerprint, lifetime_floor, lifetime_warning, make_token, sendable
+from ..observe.metrics import NULL_METRICS, Recorder
+from .coordination import Coordination, CoordinationUnavailable, InProcessCoordination, RefreshRight, RefreshRightLost
+from .failures import FailureState
+from .flight import Outcome, SingleFlight
 from .store import SavedState, Store
 
 logger = logging.getLogger("tokenproxy.tokens")
 
-# What an access token may consist of to be sent as `Bearer <token>`: visible ASCII (RFC 6750 §2.1 is stricter).
-_SENDABLE = re.compile(r"[\x21-\x7e]+")
-
 Clock = Callable[[], float]
-
-# The least lifetime a token is scheduled by, whatever `min_refresh_interval` says (it may be 0):
-# a token endpoint handing out tokens dead on arrival costs at most one call per floor.
-MIN_LIFETIME_FLOOR = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    """An access token and what is known of it. Immutable; a refresh makes a new one."""
-
-    value: str
-    expires_at: float  # wall-clock seconds
-    obtained_at: float
-    generation: int  # grows by one with every successful refresh
-    usable_until: float  # expires_at less a small leeway: never sent after this
-    refresh_at: float  # from here on a background refresh starts
-    header: str  # "Bearer <value>", built once per generation
-    fingerprint: str
-
-    def usable_at(self, now: float) -> bool:
-        """True while the token may still be sent upstream."""
-        return now < self.usable_until
-
-    def __repr__(self) -> str:
-        return f"Token(generation={self.generation}, fingerprint={self.fingerprint})"
-
-
-def make_token(
-    value: str,
-    expires_at: float,
-    obtained_at: float,
-    generation: int,
-    refresh_before: float,
-    floor: float = 0.0,
-) -> Token:
-    """Build a Token, choosing the send deadline and the refresh-ahead point.
-
-    The leeway (at most 1 s or a tenth of the lifetime) keeps a token from
-    arriving expired at an API that checks `exp` with no clock skew; the
-    refresh-ahead point is never earlier than half the lifetime, so a short
-    lifetime cannot cause back-to-back refreshes.
-
-    A token whose lifetime is shorter than `floor` (already expired by this
-    clock, a skewed clock, a nonsense `expires_in`) is sent, and not replaced
-    by the clock, until `floor` seconds after it was obtained: a broken or
-    skewed server costs one token call per `floor`, not one per request.
-    `expires_at` stays what the answer said.
-    """
-    if expires_at - obtained_at < floor:
-        usable_until = refresh_at = obtained_at + floor
-    else:
-        lifetime = max(0.0, expires_at - obtained_at)
-        usable_until = expires_at - min(1.0, lifetime * 0.1)
-        refresh_at = expires_at - min(refresh_before, lifetime * 0.5)
-    return Token(
-        value=value,
-        expires_at=expires_at,
-        obtained_at=obtained_at,
-        generation=generation,
-        usable_until=usable_until,
-        refresh_at=refresh_at,
-        header=f"Bearer {value}",
-        fingerprint=fingerprint(value),
-    )
-
-
-def lifetime_floor(min_refresh_interval: float) -> float:
-    """The least lifetime a new token is scheduled by: `min_refresh_interval`, and never under 1 s."""
-    return max(min_refresh_interval, MIN_LIFETIME_FLOOR)
-
-
-def expiry_of(response: TokenResponse, obtained_at: float, default_lifetime: float) -> float:
-    """When the token expires: `expires_in`, else the JWT's `exp`, else the default lifetime.
-
-    A zero, negative or missing `expires_in` says nothing (the JWT's `exp` or the
-    default decides). An `exp` that is not a number is ignored; one that is a
-    number but not a finite one (NaN, Infinity, 400 digits) makes the answer
-    malformed: GrantError. An `exp` in the past is returned as it is (the
-    caller warns and applies the floor).
-    """
-    if response.expires_in is not None and response.expires_in > 0:
-        return obtained_at + response.expires_in
-    try:
-        claims = jwt.decode(response.access_token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        claims = None
-    if isinstance(claims, dict):
-        exp = claims.get("exp")
-        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
-            try:
-                seconds = float(exp)
-            except OverflowError:
-                seconds = math.inf
-            if not math.isfinite(seconds):
-                raise GrantError("the access token's exp claim is not a finite number")
-            return seconds
-    return obtained_at + default_lifetime
-
-
-def lifetime_warning(expires_at: float, obtained_at: float, floor: float) -> str | None:
-    """Why a new token's stated expiry is not the one it is scheduled by, or None when it is."""
-    lifetime = expires_at - obtained_at
-    if lifetime >= floor:
-        return None
-    if lifetime <= 0:
-        return (
-            f"the new token was already expired when it arrived ({abs(lifetime):.0f}s ago by this machine's clock): "
-            f"the token server's clock or this one is wrong (clock skew); using it for {floor:g}s"
-        )
-    return (
-        f"the new token lives {lifetime:.3g}s, less than {floor:g}s (min_refresh_interval, at least 1s); "
-        f"if the token server's clock differs from this one (clock skew), fix it; using it for {floor:g}s"
-    )
-
-
-class Renewal(enum.Enum):
-    """What to do when the upstream rejected a token."""
-
-    USE_CURRENT = "use_current"  # someone already refreshed: resend with the current token
-    REFRESH = "refresh"  # join or start the one refresh
-    GIVE_UP = "give_up"  # a new token would not help: pass the answer through
-
-
-def decide_renewal(
-    seen_generation: int,
-    current: Token | None,
-    now: float,
-    min_refresh_interval: float,
-    challenge_error: str | None,
-) -> Renewal:
-    """Decide what a refresh status for a token of `seen_generation` calls for.
-
-    "Already refreshed?" is answered by generation, never by the clock.
-    """
-    if current is not None and current.generation > seen_generation:
-        return Renewal.USE_CURRENT
-    if challenge_error is not None and challenge_error != "invalid_token":
-        return Renewal.GIVE_UP
-    if current is not None and now - current.obtained_at < min_refresh_interval:
-        return Renewal.GIVE_UP
-    return Renewal.REFRESH
-
-
-def backoff_delay(failures: int, initial: float, cap: float) -> float:
-    """Seconds to wait after `failures` consecutive failed refreshes.
-
-    The exponent is bounded, so days of failures give the cap rather than an
-    OverflowError inside the refresh task.
-    """
-    return min(cap, initial * 2.0 ** min(max(0, failures - 1), 64))
 
 
 @dataclass(frozen=True)
 class RefreshPolicy:
-    """The token manager's bounds and timings, from the config."""
+    """The token manager's bounds and timings, from the config (which alone holds their defaults)."""
 
-    refresh_before: float = 30.0
-    min_refresh_interval: float = 5.0
-    default_lifetime: float = 300.0
-    timeout: float = 10.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    max_waiting: int = 1000
-    wait_timeout: float = 30.0
+    refresh_before: float
+    min_refresh_interval: float
+    default_lifetime: float
+    timeout: float
+    backoff_initial: float
+    backoff_max: float
+    max_waiting: int
+    wait_timeout: float
 
 
 @dataclass(frozen=True)
@@ -225,31 +64,12 @@ class ManagerStatus:
     dead: str | None  # code of a final failure (login_required, token_unavailable)
 
 
-def _outcome(task: asyncio.Task[Token | ProxyError]) -> Token | ProxyError:
-    """What a finished refresh gives its waiters (it returns errors rather than raising them)."""
-    if task.cancelled():
-        return ShuttingDown("tokenproxy is shutting down")
-    error = task.exception()
-    if error is not None:
-        return TokenUnavailable(f"internal error ({type(error).__name__})")
-    return task.result()
-
-
-def _wake(waiters: set[asyncio.Future[Token | ProxyError]], outcome: Token | ProxyError) -> None:
-    """Hand `outcome` to every waiter still waiting, in one pass."""
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(outcome)
-    waiters.clear()
-
-
 class TokenManager:
     """The current token for one credential, and the one refresh that replaces it.
 
     Safe to call from many requests at once; at most one refresh runs at a
-    time. All state below is owned by this object and changed only on the
-    event loop thread, so no lock is needed: the single-flight guard is the
-    `_refresh_task` slot, read and set with no await in between.
+    time (among peers too, under the coordination). All state is changed
+    only on the event loop thread, so no lock is needed.
     """
 
     def __init__(
@@ -261,11 +81,13 @@ class TokenManager:
         refresh_token: str | None = None,
         credential: str = "",
         clock: Clock = time.time,
-        metrics: Metrics | None = None,
+        metrics: Recorder = NULL_METRICS,
+        coordination: Coordination | None = None,
     ) -> None:
         self._metrics = metrics
         self._grant = grant
         self._store = store
+        self._coordination = coordination if coordination is not None else InProcessCoordination(store)
         self._policy = policy
         self._clock = clock
         self._credential = credential
@@ -276,19 +98,10 @@ class TokenManager:
         self._login = 0  # grows when a reload changes the credential: a refresh begun before is void
         # The highest generation the upstream refused with a refresh status; 0 = none.
         self._rejected = 0
-        self._refresh_task: asyncio.Task[Token | ProxyError] | None = None
-        # The requests waiting for the refresh under way, each on a future of its own: the
-        # refresh's end wakes them in one pass (asyncio.wait on one shared task would cost
-        # O(waiters) per waiter to unhook, O(n²) in a storm of 10 000).
-        self._refresh_waiters: set[asyncio.Future[Token | ProxyError]] = set()
-        self._waiting = 0
-        self._failures = 0
-        self._backoff_until = 0.0
-        self._last_error: ProxyError | None = None
-        self._dead: ProxyError | None = None
-        self._closing = False  # close() was called: no new waiting, no new refresh
+        self._flight = SingleFlight(self._refresh)
+        self._failures = FailureState(policy.backoff_initial, policy.backoff_max)
 
-    # -- start-up and shut-down -------------------------------------------------
+    # -- start-up, reload and shut-down -----------------------------------------
 
     def resume(self) -> None:
         """Adopt the saved state if it belongs to this credential and login.
@@ -297,26 +110,14 @@ class TokenManager:
         started from means a new login: the configured one wins.
         """
         state = self._store.load()
-        if state is None or state.credential != self._credential:
+        if state is None or not self._belongs(state):
             return
-        if self._seed and state.seed != self._seed:
-            return
-        self._seed = state.seed
-        if state.refresh_token:
-            self._refresh_token = state.refresh_token
-        self._generation = state.generation
+        self._take_chain(state)
         if not state.access_token:
             # Saved from an answer that rotated the refresh token but gave no usable access token.
             logger.info("resumed the refresh token from the state file; no access token yet")
             return
-        self._token = make_token(
-            state.access_token,
-            state.expires_at,
-            state.obtained_at,
-            state.generation,
-            self._policy.refresh_before,
-            lifetime_floor(self._policy.min_refresh_interval),
-        )
+        self._token = self._token_of(state)
         logger.info(
             "resumed token %s generation %d from state file, expires in %.0fs",
             self._token.fingerprint,
@@ -354,24 +155,12 @@ class TokenManager:
                 policy.refresh_before,
                 lifetime_floor(policy.min_refresh_interval),
             )
-        self._dead = None
-        self._failures = 0
-        self._backoff_until = 0.0
-        self._last_error = None
+        self._failures = FailureState(policy.backoff_initial, policy.backoff_max)
         return keep
 
     async def close(self) -> None:
         """Answer every waiter with `shutting_down` and stop a refresh in flight."""
-        self._closing = True
-        _wake(self._refresh_waiters, ShuttingDown("tokenproxy is shutting down"))
-        task = self._refresh_task
-        if task is not None and not task.done():
-            # Let a refresh that is already talking to the endpoint finish and
-            # persist a rotated refresh token; cancel it only if it hangs.
-            done, _ = await asyncio.wait((task,), timeout=self._policy.timeout)
-            if not done:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await self._flight.close(self._policy.timeout)
 
     # -- the two calls requests make -------------------------------------------
 
@@ -386,10 +175,10 @@ class TokenManager:
         now = self._clock()
         token = self._token
         if token is not None and token.usable_at(now):
-            if token.generation <= self._rejected and self._refresh_task is not None:
+            if token.generation <= self._rejected and self._flight.running:
                 return await self._await_refresh()
-            if now >= token.refresh_at and self._refresh_task is None and self._may_refresh(now):
-                self._start_refresh()
+            if now >= token.refresh_at and not self._flight.running and self._may_refresh(now):
+                self._flight.start()
             return token
         return await self._await_refresh()
 
@@ -420,29 +209,30 @@ class TokenManager:
         if decision is not Renewal.REFRESH:
             return
         self._rejected = max(self._rejected, seen.generation)
-        if self._refresh_task is None and self._may_refresh(now):
-            self._start_refresh()
+        if not self._flight.running and self._may_refresh(now):
+            self._flight.start()
 
     def status(self) -> ManagerStatus:
         """What the manager knows now, without any token value."""
         token = self._token
+        failures = self._failures
         return ManagerStatus(
             generation=token.generation if token else None,
             fingerprint=token.fingerprint if token else None,
             expires_at=token.expires_at if token else None,
             usable=token is not None and token.usable_at(self._clock()),
-            refreshing=self._refresh_task is not None,
-            waiting=self._waiting,
-            backoff_until=self._backoff_until,
-            failures=self._failures,
-            last_error=self._last_error.code if self._last_error else None,
-            dead=self._dead.code if self._dead else None,
+            refreshing=self._flight.running,
+            waiting=self._flight.waiting,
+            backoff_until=failures.backoff_until,
+            failures=failures.failures,
+            last_error=failures.last_error.code if failures.last_error else None,
+            dead=failures.final.code if failures.final else None,
         )
 
     @property
     def waiting(self) -> int:
         """How many requests wait for a token right now."""
-        return self._waiting
+        return self._flight.waiting
 
     @property
     def grant_name(self) -> str:
@@ -452,70 +242,58 @@ class TokenManager:
     # -- internals --------------------------------------------------------------
 
     def _may_refresh(self, now: float) -> bool:
-        return self._dead is None and now >= self._backoff_until and not self._closing
+        return self._failures.may_refresh(now) and not self._flight.closed
 
     async def _await_refresh(self) -> Token:
-        if self._closing:
+        flight = self._flight
+        if flight.closed:
             raise ShuttingDown("tokenproxy is shutting down")
-        if self._dead is not None:
-            raise self._dead.again()
-        task = self._refresh_task
-        if task is None:
-            now = self._clock()
-            if now < self._backoff_until:
-                last = self._last_error.detail if self._last_error else "the last refresh failed"
-                raise TokenUnavailable(
-                    f"{last}; next attempt in {self._backoff_until - now:.1f}s",
-                    retry_after=math.ceil(self._backoff_until - now),
-                )
-        if self._waiting >= self._policy.max_waiting:
-            raise QueueFull(
-                f"{self._waiting} requests already wait for a token (queue.max_waiting)", retry_after=1
-            )
-        if task is None:
-            self._start_refresh()
-        waiters = self._refresh_waiters
-        waiter: asyncio.Future[Token | ProxyError] = asyncio.get_running_loop().create_future()
-        waiters.add(waiter)
-        self._waiting += 1
-        try:
-            async with asyncio.timeout(self._policy.wait_timeout):
-                result = await waiter
-        except TimeoutError:
-            raise QueueTimeout(
-                f"no token within {self._policy.wait_timeout:g}s (queue.wait_timeout)", retry_after=1
-            ) from None
-        finally:
-            self._waiting -= 1
-            waiters.discard(waiter)
-        if isinstance(result, ProxyError):
-            raise result.again()
-        return result
+        self._failures.refuse(self._clock(), refreshing=flight.running)
+        policy = self._policy
+        return await flight.join(max_waiting=policy.max_waiting, wait_timeout=policy.wait_timeout)
 
-    def _start_refresh(self) -> asyncio.Task[Token | ProxyError]:
-        task = asyncio.get_running_loop().create_task(self._refresh(), name="tokenproxy-refresh")
-        waiters: set[asyncio.Future[Token | ProxyError]] = set()
-        task.add_done_callback(lambda done: _wake(waiters, _outcome(done)))
-        self._refresh_task = task
-        self._refresh_waiters = waiters
-        return task
+    def _belongs(self, state: SavedState) -> bool:
+        """True when `state` was saved for this credential and login (the refresh token it started from)."""
+        return state.credential == self._credential and (not self._seed or state.seed == self._seed)
 
-    async def _refresh(self) -> Token | ProxyError:
-        """The one refresh: fetch, persist, publish. Returns the error instead of raising it,
-        so a refresh-ahead nobody awaits leaves no unretrieved exception."""
+    def _take_chain(self, state: SavedState) -> None:
+        """Continue the refresh-token chain and the generations `state` (which belongs here) was saved with."""
+        self._seed = state.seed
+        if state.refresh_token:
+            self._refresh_token = state.refresh_token
+        self._generation = state.generation
+
+    def _token_of(self, state: SavedState) -> Token:
+        return make_token(
+            state.access_token,
+            state.expires_at,
+            state.obtained_at,
+            state.generation,
+            self._policy.refresh_before,
+            lifetime_floor(self._policy.min_refresh_interval),
+        )
+
+    async def _refresh(self) -> Outcome:
+        """The one refresh, under the right to refresh; its metrics. Returns the error instead of raising it."""
         timer = time.perf_counter()
+        login = self._login
         try:
-            result = await self._fetch_and_publish()
-        finally:
-            self._refresh_task = None
-        if self._metrics is not None:
-            outcome = "ok" if isinstance(result, Token) else result.code
-            self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
+            async with self._coordination.refresh_right(self._credential) as right:
+                result = await self._fetch_and_publish(right, login)
+        except CoordinationUnavailable as exc:
+            result = self._failures.failed(GrantError(exc.reason), self._clock(), self._grant.name, rotated=False)
+        outcome = "ok" if isinstance(result, Token) else result.code
+        self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
         return result
 
-    async def _fetch_and_publish(self) -> Token | ProxyError:
+    async def _fetch_and_publish(self, right: RefreshRight, login: int) -> Outcome:
+        peer = await right.peer_state()
         started = self._clock()
-        login = self._login
+        if peer is not None and self._belongs(peer) and peer.generation > self._generation:
+            # A peer refreshed while this process waited for the right, spending the refresh token held here.
+            self._take_chain(peer)
+            if peer.access_token and (adopted := self._token_of(peer)).usable_at(started):
+                return self._adopt(adopted)
         response: TokenResponse | None = None
         error: GrantError | None = None
         rotated: str | None = None
@@ -558,13 +336,14 @@ class TokenManager:
         if token is None:
             if rotated:
                 # Persisted with the current token (if any), so a restart presents it too.
-                await self._save(self._state(self._token))
-            return self._failed(error or GrantError("no token in the answer"), started, rotated=bool(rotated))
-        return await self._publish(token, rotated=bool(rotated))
+                await self._save(right, self._state(self._token))
+            failure = error or GrantError("no token in the answer")
+            return self._failures.failed(failure, self._clock(), self._grant.name, rotated=bool(rotated))
+        return await self._publish(right, token, rotated=bool(rotated))
 
     def _token_from(self, response: TokenResponse, started: float) -> Token:
         """The next Token from a token answer, or GrantError when the answer cannot give one."""
-        if not _SENDABLE.fullmatch(response.access_token):
+        if not sendable(response.access_token):
             # A control character or a space would break (or inject into) the request head.
             raise GrantError("the access token has characters a header cannot carry")
         expires_at = expiry_of(response, started, self._policy.default_lifetime)
@@ -588,20 +367,20 @@ class TokenManager:
             generation=token.generation if token else self._generation,
         )
 
-    async def _save(self, state: SavedState) -> None:
+    async def _save(self, right: RefreshRight, state: SavedState) -> None:
         try:
-            await asyncio.to_thread(self._store.save, state)
+            await right.save(state)
         except OSError as exc:
             logger.error("could not write the state file (%s); the new token is kept in memory only", exc.strerror)
+        except RefreshRightLost:
+            logger.error("lost the right to refresh before saving; the new token is kept in memory only")
 
-    async def _publish(self, token: Token, *, rotated: bool) -> Token:
-        # Persist before publishing, so a rotated refresh token survives a crash.
-        await self._save(self._state(token))
+    async def _publish(self, right: RefreshRight, token: Token, *, rotated: bool) -> Token:
+        # Saved before it is published, so a rotated refresh token survives a crash.
+        await self._save(right, self._state(token))
         self._token = token
         self._generation = token.generation
-        self._failures = 0
-        self._backoff_until = 0.0
-        self._last_error = None
+        self._failures.succeeded()
         logger.info(
             "refresh ok grant=%s token=%s generation=%d expires_in=%.0fs rotated=%s",
             self._grant.name,
@@ -612,31 +391,17 @@ class TokenManager:
         )
         return token
 
-    def _failed(self, exc: GrantError, started: float, *, rotated: bool = False) -> ProxyError:
-        error: ProxyError
-        if exc.kind is not FailureKind.TRANSIENT:
-            error = (
-                LoginRequired(f"the refresh token was rejected ({exc.oauth_error or exc.reason}); log in again")
-                if exc.kind is FailureKind.LOGIN_REQUIRED
-                else TokenUnavailable(f"{exc.reason}; fix the configuration and restart")
-            )
-            self._dead = error
-            logger.error("refresh failed for good grant=%s reason=%s", self._grant.name, exc.reason)
-        else:
-            self._failures += 1
-            delay = backoff_delay(self._failures, self._policy.backoff_initial, self._policy.backoff_max)
-            self._backoff_until = self._clock() + delay
-            error = TokenUnavailable(exc.reason, retry_after=math.ceil(delay))
-            logger.warning(
-                "refresh failed grant=%s reason=%s failures=%d retry_in=%.1fs rotated=%s",
-                self._grant.name,
-                exc.reason,
-                self._failures,
-                delay,
-                "yes (kept for the next refresh)" if rotated else "no",
-            )
-        self._last_error = error
-        return error
+    def _adopt(self, token: Token) -> Token:
+        """Publish a token a peer fetched and saved: the endpoint is not called, nothing is saved again."""
+        self._token = token
+        self._failures.succeeded()
+        logger.info(
+            "adopted token %s generation %d that another process fetched, expires_in=%.0fs",
+            token.fingerprint,
+            token.generation,
+            token.expires_at - self._clock(),
+        )
+        return token
 
 
 def credential_id(*parts: str) -> str:
