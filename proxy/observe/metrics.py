@@ -79,23 +79,10 @@ class Recorder(Protocol):
 class NullMetrics:
     """A recorder that keeps nothing: for parts built without a metrics registry (the `token` command, tests)."""
 
-    def request_done(self, status: int) -> None:
+    def _ignore(self, *values: object) -> None:
         """Keep nothing."""
 
-    def upstream_answered(self, seconds: float) -> None:
-        """Keep nothing."""
-
-    def resent(self) -> None:
-        """Keep nothing."""
-
-    def rejection_passed_through(self) -> None:
-        """Keep nothing."""
-
-    def refresh_done(self, grant: str, result: str, seconds: float) -> None:
-        """Keep nothing."""
-
-    def queue_rejected(self, reason: str) -> None:
-        """Keep nothing."""
+    request_done = upstream_answered = resent = rejection_passed_through = refresh_done = queue_rejected = _ignore
 
 
 NULL_METRICS = NullMetrics()
