@@ -23,7 +23,7 @@ import aiohttp
 import jwt
 from aiohttp import web
 
-from ..config.load import parse_config
+from ..config import parse_config
 from ..runtime.app import build_app
 from ..runtime.serve import make_runner
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import hdrs, web
 
-from ..config.load import Config
+from ..config import Config
 from ..core.errors import ExpectationFailed
 from ..http.access import AccessRules
 from ..http.forward import Forwarder
