@@ -145,6 +145,20 @@ async def test_grant_client_credentials_post_sends_client_in_form(
     assert "Authorization" not in call.headers
 
 
+async def test_grant_client_auth_none_sends_client_id_alone(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """client_auth = "none" (a public client): client_id in the form, no secret anywhere; this endpoint refuses it."""
+    proxy = await make_proxy(token={"grant": "client_credentials", "client_auth": "none"})
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+
+    call = token_server.calls[-1]
+    assert call.form == {"grant_type": "client_credentials", "client_id": CLIENT_ID}
+    assert "Authorization" not in call.headers
+
+
 async def test_grant_client_credentials_expiry_refreshes_with_same_credentials(
     make_proxy, token_server: FakeTokenServer, api: FakeApi, client: aiohttp.ClientSession
 ) -> None:

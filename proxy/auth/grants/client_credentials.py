@@ -5,22 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..endpoint import TokenEndpoint
 from ..protocol import GrantContext, GrantType, Problem, TokenResponse
-from .oauth import OAuthSettings, client_identity, oauth_problems, request_fields, token_endpoint
+from .oauth import OAuthGrant, OAuthSettings, client_identity, oauth_problems, request_fields, token_endpoint
 
 
 @dataclass(frozen=True)
-class ClientCredentialsSettings(OAuthSettings):
-    """An OAuth client's keys; the client id is required."""
-
-
-@dataclass(frozen=True)
-class ClientCredentialsGrant:
+class ClientCredentialsGrant(OAuthGrant):
     """Asks for a token with the client's own credentials; no refresh token is involved."""
 
-    endpoint: TokenEndpoint
-    fields: dict[str, str]  # scope and audience, when configured
     name: str = "client_credentials"
     uses_refresh_token: bool = False
 
@@ -29,7 +21,7 @@ class ClientCredentialsGrant:
         return await self.endpoint.request({"grant_type": self.name, **self.fields}, spends_refresh_token=False)
 
 
-def check(settings: ClientCredentialsSettings) -> Sequence[Problem]:
+def check(settings: OAuthSettings) -> Sequence[Problem]:
     """The client's problems, and a missing client id."""
     problems = oauth_problems(settings)
     if not settings.client_id:
@@ -37,11 +29,9 @@ def check(settings: ClientCredentialsSettings) -> Sequence[Problem]:
     return problems
 
 
-def build(settings: ClientCredentialsSettings, context: GrantContext) -> ClientCredentialsGrant:
+def build(settings: OAuthSettings, context: GrantContext) -> ClientCredentialsGrant:
     """The grant these settings describe."""
     return ClientCredentialsGrant(token_endpoint(settings, context), request_fields(settings))
 
 
-GRANT = GrantType(
-    "client_credentials", ClientCredentialsSettings, check, build, client_identity, uses_refresh_token=False
-)
+GRANT = GrantType("client_credentials", OAuthSettings, check, build, client_identity, uses_refresh_token=False)

@@ -28,6 +28,14 @@ class OAuthSettings:
     audience: str = ""
 
 
+@dataclass(frozen=True)
+class OAuthGrant:
+    """What every OAuth grant holds: its token endpoint, and the optional fields each request carries."""
+
+    endpoint: TokenEndpoint
+    fields: dict[str, str]  # scope and audience, when configured
+
+
 def oauth_problems(settings: OAuthSettings) -> list[Problem]:
     """The problems every OAuth grant checks: the client authentication method and the token endpoint."""
     problems: list[Problem] = []

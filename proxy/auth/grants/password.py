@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..endpoint import TokenEndpoint
 from ..protocol import GrantContext, GrantType, Problem, TokenResponse
 from ..settings import secret
-from .oauth import OAuthSettings, oauth_problems, request_fields, token_endpoint
+from .oauth import OAuthGrant, OAuthSettings, oauth_problems, request_fields, token_endpoint
 
 
 @dataclass(frozen=True)
@@ -20,13 +19,11 @@ class PasswordSettings(OAuthSettings):
 
 
 @dataclass(frozen=True)
-class PasswordGrant:
+class PasswordGrant(OAuthGrant):
     """Sends the user's name and password with each token request."""
 
-    endpoint: TokenEndpoint
     username: str
     password: str = field(repr=False)
-    fields: dict[str, str] = field(default_factory=dict)  # scope and audience, when configured
     name: str = "password"
     uses_refresh_token: bool = False
 
@@ -48,7 +45,7 @@ def check(settings: PasswordSettings) -> Sequence[Problem]:
 def build(settings: PasswordSettings, context: GrantContext) -> PasswordGrant:
     """The grant these settings describe."""
     endpoint = token_endpoint(settings, context)
-    return PasswordGrant(endpoint, settings.username, settings.password, request_fields(settings))
+    return PasswordGrant(endpoint, request_fields(settings), settings.username, settings.password)
 
 
 def identity(settings: PasswordSettings) -> tuple[str, str, str]:

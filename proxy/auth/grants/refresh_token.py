@@ -6,22 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...core.errors import FailureKind, GrantError
-from ..endpoint import TokenEndpoint
 from ..protocol import GrantContext, GrantType, Problem, TokenResponse
-from .oauth import OAuthSettings, client_identity, oauth_problems, request_fields, token_endpoint
+from .oauth import OAuthGrant, OAuthSettings, client_identity, oauth_problems, request_fields, token_endpoint
 
 
 @dataclass(frozen=True)
-class RefreshTokenSettings(OAuthSettings):
-    """An OAuth client's keys; the refresh token itself is the credential's, kept by the token manager."""
-
-
-@dataclass(frozen=True)
-class RefreshTokenGrant:
+class RefreshTokenGrant(OAuthGrant):
     """Presents the current refresh token; the answer may rotate it."""
 
-    endpoint: TokenEndpoint
-    fields: dict[str, str]  # scope and audience, when configured
     name: str = "refresh_token"
     uses_refresh_token: bool = True
 
@@ -33,16 +25,17 @@ class RefreshTokenGrant:
         return await self.endpoint.request(form, spends_refresh_token=True)
 
 
-def check(settings: RefreshTokenSettings) -> Sequence[Problem]:
-    """The client's problems; whether a refresh token is known is the token section's check."""
+def check(settings: OAuthSettings) -> Sequence[Problem]:
+    """The client's problems; whether a refresh token is known is the token section's check.
+
+    The settings are an OAuth client's keys alone: the refresh token is the credential's, kept by the token manager.
+    """
     return oauth_problems(settings)
 
 
-def build(settings: RefreshTokenSettings, context: GrantContext) -> RefreshTokenGrant:
+def build(settings: OAuthSettings, context: GrantContext) -> RefreshTokenGrant:
     """The grant these settings describe."""
     return RefreshTokenGrant(token_endpoint(settings, context), request_fields(settings))
 
 
-GRANT = GrantType(
-    "refresh_token", RefreshTokenSettings, check, build, client_identity, uses_refresh_token=True
-)
+GRANT = GrantType("refresh_token", OAuthSettings, check, build, client_identity, uses_refresh_token=True)
