@@ -153,7 +153,7 @@ access_log = false
 def _has_key(section: str, key: str) -> bool:
     """Whether this checkout's tokenproxy config knows `section.key` (the config grows under us)."""
     try:
-        from proxy.config import load as config
+        from proxy import config
     except ImportError:
         return False
     table = typing.get_type_hints(config.Config).get(section)

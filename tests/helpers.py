@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.config.load import Config, parse_config
+from proxy.config import Config, parse_config
 from proxy.runtime.app import TOKENS, build_app
 from proxy.runtime.serve import make_runner, start_listener
 from proxy.tokens.manager import TokenManager

@@ -255,7 +255,7 @@ async def test_replay_memory_taken_back_when_a_kept_body_breaks_off(
 
 def test_config_body_timeout_and_replay_memory_defaults_and_checks() -> None:
     """body_timeout defaults to 30 s and replay_memory to 32 MiB; a body_timeout of 0 or a negative replay_memory is refused by key."""
-    from proxy.config.load import ConfigError, parse_config
+    from proxy.config import ConfigError, parse_config
 
     base = {"upstream": {"url": "http://a"}, "token": {"grant": "static", "access_token": "t"}}
     config = parse_config(base, {})

@@ -127,7 +127,7 @@ async def test_cli_run_serves_until_sigterm(tmp_path: Path, token_server, api, l
 
 async def test_cli_run_defaults_to_loopback() -> None:
     """Without --listen the proxy's default address is 127.0.0.1:8080."""
-    from proxy.config.load import parse_config
+    from proxy.config import parse_config
 
     config = parse_config({"upstream": {"url": "http://a"}, "token": {"grant": "static", "access_token": "t"}}, {})
     assert config.server.listen == "127.0.0.1:8080"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.load import load_config
+from proxy.config import load_config
 from proxy.runtime.credentials import credential_of
 from proxy.tokens.store import SavedState
 from tests.fakes.api_server import FakeApi

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.load import ConfigError, load_config, parse_config
+from proxy.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {"upstream": {"url": "https://api.example.com"}, "token": {"grant": "static", "access_token": "abc"}}
@@ -30,16 +30,20 @@ def test_config_minimal_gets_documented_defaults() -> None:
 
 
 def test_config_example_file_is_valid_and_complete() -> None:
-    """config.example.toml parses, and names every key the schema has."""
+    """config.example.toml parses, and names every key the schema has, every grant's own keys included."""
     raw = tomllib.loads((ROOT / "config.example.toml").read_text())
     parse_config(raw, {"CLIENT_SECRET": "s", "REFRESH_TOKEN": "r"})
     import dataclasses
 
-    from proxy.config.load import Config
+    from proxy.auth.registry import GRANTS
+    from proxy.config import Config
 
     def keys(cls, prefix=""):
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            if f.metadata.get("flat"):  # the grant's keys sit in the section itself
+                for grant in GRANTS.values():
+                    yield from keys(grant.settings, prefix)
+            elif dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
                 yield from keys(f.default_factory, f"{prefix}{f.name}.")
             else:
                 yield f"{prefix}{f.name}"
@@ -60,12 +64,12 @@ def test_config_env_interpolation_with_default_and_dollar_escape() -> None:
     """${VAR} reads the environment, ${VAR:-d} falls back, $$ is a literal $."""
     raw = {
         "upstream": {"url": "${API:-https://fallback.example}"},
-        "token": {"grant": "static", "access_token": "${TOKEN}", "client_secret": "pa$$word"},
+        "token": {"grant": "static", "access_token": "${TOKEN}", "refresh_token": "pa$$word"},
     }
     config = parse_config(raw, {"TOKEN": "from-env"})
     assert config.upstream.url == "https://fallback.example"
-    assert config.token.access_token == "from-env"
-    assert config.token.client_secret == "pa$word"
+    assert config.token.settings.access_token == "from-env"
+    assert config.token.refresh_token == "pa$word"
 
 
 def test_config_missing_variable_names_key_and_variable() -> None:
@@ -215,7 +219,7 @@ def test_config_secrets_of_includes_json_headers_and_body_literals() -> None:
 
     Not: the placeholder strings, the body's keys or numbers, or headers that never carry a credential.
     """
-    from proxy.config.load import secrets_of
+    from proxy.config import secrets_of
 
     config = parse_config(
         {
@@ -261,6 +265,6 @@ def test_config_secrets_of_includes_json_headers_and_body_literals() -> None:
 )
 def test_config_literal_secrets_cover_json_headers_and_body(spec: dict, expected: list[str]) -> None:
     """For the permission warning, literal header values and body string values count as secrets."""
-    from proxy.config.load import literal_secrets
+    from proxy.config import literal_secrets
 
     assert literal_secrets({"token": {"json": spec}}) == expected

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from proxy.config.load import parse_config
+from proxy.config import parse_config
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET
 from tests.helpers import read_until
 

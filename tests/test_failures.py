@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.auth.grants import MAX_ANSWER_BYTES
+from proxy.auth.endpoint import MAX_ANSWER_BYTES
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import FakeClock, FakeTokenServer, until
 

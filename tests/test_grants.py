@@ -10,7 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.auth.grants import MAX_ANSWER_BYTES, BadAnswer, _answer, _lifetime, _parse_json, _read_answer
+from proxy.auth.endpoint import MAX_ANSWER_BYTES, lifetime, parse_json, read_answer, token_response
+from proxy.auth.protocol import BadAnswer
 from proxy.core.errors import FailureKind, GrantError
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, PASSWORD, USERNAME, FakeClock, FakeTokenServer
@@ -144,6 +145,20 @@ async def test_grant_client_credentials_post_sends_client_in_form(
     assert "Authorization" not in call.headers
 
 
+async def test_grant_client_auth_none_sends_client_id_alone(
+    make_proxy, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """client_auth = "none" (a public client): client_id in the form, no secret anywhere; this endpoint refuses it."""
+    proxy = await make_proxy(token={"grant": "client_credentials", "client_auth": "none"})
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
+
+    call = token_server.calls[-1]
+    assert call.form == {"grant_type": "client_credentials", "client_id": CLIENT_ID}
+    assert "Authorization" not in call.headers
+
+
 async def test_grant_client_credentials_expiry_refreshes_with_same_credentials(
     make_proxy, token_server: FakeTokenServer, api: FakeApi, client: aiohttp.ClientSession
 ) -> None:
@@ -226,7 +241,7 @@ async def test_grant_token_that_cannot_be_a_header_refused_never_sent(
 )
 def test_grant_lifetime_reads_positive_numbers_and_ignores_the_rest(value: Any, seconds: float | None) -> None:
     """expires_in: a positive number is the lifetime; zero, negative or not a number says nothing."""
-    assert _lifetime(value, "expires_in", "rt-new") == seconds
+    assert lifetime(value, "expires_in", "rt-new") == seconds
 
 
 @pytest.mark.parametrize(
@@ -235,7 +250,7 @@ def test_grant_lifetime_reads_positive_numbers_and_ignores_the_rest(value: Any, 
 def test_grant_lifetime_not_finite_is_bad_answer_keeping_rotated(value: Any) -> None:
     """A number that is not a finite one is a malformed answer, and the rotated refresh token rides along."""
     with pytest.raises(BadAnswer, match="not a finite number") as raised:
-        _lifetime(value, "the answer's expires_in", "rt-new")
+        lifetime(value, "the answer's expires_in", "rt-new")
     assert raised.value.refresh_token == "rt-new"
     assert raised.value.kind is FailureKind.TRANSIENT
 
@@ -244,24 +259,24 @@ def test_grant_lifetime_not_finite_is_bad_answer_keeping_rotated(value: Any) -> 
 def test_grant_answer_without_access_token_keeps_rotated(access: Any) -> None:
     """An answer with no access token still hands back the rotated refresh token it carried."""
     with pytest.raises(BadAnswer, match="has no access_token") as raised:
-        _answer(access, 300, "rt-new", "access_token", "expires_in")
+        token_response(access, 300, "rt-new", "access_token", "expires_in")
     assert raised.value.refresh_token == "rt-new"
 
 
 def test_grant_parse_json_number_beyond_int_limit_is_infinite_not_unreadable() -> None:
     """A 5 000-digit number (beyond Python's int() limit) still parses: the rest of the answer stays readable."""
     body = b'{"refresh_token": "rt-new", "expires_in": 1' + b"0" * 5000 + b"}"
-    data = _parse_json(body, "application/json")
+    data = parse_json(body, "application/json")
     assert data["refresh_token"] == "rt-new"
     with pytest.raises(BadAnswer) as raised:
-        _answer("at", data["expires_in"], data["refresh_token"], "access_token", "expires_in")
+        token_response("at", data["expires_in"], data["refresh_token"], "access_token", "expires_in")
     assert raised.value.refresh_token == "rt-new"
 
 
 def test_grant_parse_json_too_deep_is_not_json() -> None:
     """JSON nested deeper than the parser's recursion limit is an unreadable answer, not a crash."""
     with pytest.raises(BadAnswer, match="not JSON"):
-        _parse_json(b"[" * 200_000 + b"]" * 200_000, "application/json")
+        parse_json(b"[" * 200_000 + b"]" * 200_000, "application/json")
 
 
 class EndlessContent:
@@ -281,7 +296,7 @@ class EndlessContent:
 
 
 class StubResponse:
-    """The part of aiohttp's ClientResponse `_read_answer` uses."""
+    """The part of aiohttp's ClientResponse `read_answer` uses."""
 
     def __init__(self, content: EndlessContent, content_length: int | None = None) -> None:
         self.content = content
@@ -296,7 +311,7 @@ async def test_grant_read_answer_reads_at_most_one_byte_beyond_the_cap() -> None
     """An endless answer: refused after reading MAX_ANSWER_BYTES + 1 bytes, and the connection dropped."""
     resp = StubResponse(EndlessContent())
     with pytest.raises(GrantError, match="larger than 1024 KiB") as raised:
-        await _read_answer(resp)  # type: ignore[arg-type]
+        await read_answer(resp)  # type: ignore[arg-type]
     assert resp.content.given == MAX_ANSWER_BYTES + 1
     assert resp.closed
     assert raised.value.kind is FailureKind.TRANSIENT
@@ -306,7 +321,7 @@ async def test_grant_read_answer_declared_too_large_reads_nothing() -> None:
     """A Content-Length beyond the cap is refused before a byte is read."""
     resp = StubResponse(EndlessContent(), content_length=MAX_ANSWER_BYTES + 1)
     with pytest.raises(GrantError, match="larger than"):
-        await _read_answer(resp)  # type: ignore[arg-type]
+        await read_answer(resp)  # type: ignore[arg-type]
     assert resp.content.given == 0
     assert resp.closed
 
@@ -314,7 +329,7 @@ async def test_grant_read_answer_declared_too_large_reads_nothing() -> None:
 async def test_grant_read_answer_exactly_the_cap_is_read_whole() -> None:
     """An answer of exactly MAX_ANSWER_BYTES is read whole and the connection kept."""
     resp = StubResponse(EndlessContent(limit=MAX_ANSWER_BYTES))
-    assert len(await _read_answer(resp)) == MAX_ANSWER_BYTES  # type: ignore[arg-type]
+    assert len(await read_answer(resp)) == MAX_ANSWER_BYTES  # type: ignore[arg-type]
     assert not resp.closed
 
 

@@ -166,13 +166,17 @@ async def test_lifecycle_reload_changing_credential_voids_refresh_in_flight(make
     import dataclasses
     from pathlib import Path
 
+    from proxy.auth.grants.password import PasswordSettings
     from proxy.runtime.reload import apply_reload
+    from tests.fakes.token_server import PASSWORD, USERNAME
 
     token_server.gate = asyncio.Event()
     proxy = await make_proxy(token={"grant": "client_credentials"})
     waiting = asyncio.ensure_future(client.get(f"{proxy.url}/echo/during"))
     await token_server.entered.wait()
-    new = dataclasses.replace(proxy.config, token=dataclasses.replace(proxy.config.token, username="someone-else"))
+    # The same client now logs a user in: another credential.
+    user = PasswordSettings(**dataclasses.asdict(proxy.config.token.settings), username=USERNAME, password=PASSWORD)
+    new = dataclasses.replace(proxy.config, token=dataclasses.replace(proxy.config.token, grant="password", settings=user))
     assert "credential changed: a new token will be fetched" in apply_reload(proxy.app, proxy.config, new)
     token_server.gate.set()
     resp = await waiting

@@ -74,7 +74,7 @@ def test_json_formatter_writes_one_object_per_line_with_extras() -> None:
 def test_redacting_filter_hides_json_grant_header_and_body_secrets() -> None:
     """With the config's secrets (secrets_of), a `[token.json]` header value, the credentials of an
     Authorization header alone, and a literal string of the body template never reach a log line."""
-    from proxy.config.load import parse_config, secrets_of
+    from proxy.config import parse_config, secrets_of
 
     config = parse_config(
         {

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.config.load import Config
+from proxy.config import Config
 from proxy.runtime.reload import apply_reload
 from tests.fakes.raw_upstream import RawUpstream, Request, answer
 from tests.fakes.token_server import until

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import pytest
 from yarl import URL
 
-from proxy.config.load import exposed_secrets_warning, literal_secrets
+from proxy.config import exposed_secrets_warning, literal_secrets
 from proxy.upstream.model import Upstream
 from tests.fakes.api_server import FakeApi
 from tests.fakes.canary import Canary

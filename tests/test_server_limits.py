@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config.load import ServerConfig
+from proxy.config.schema import ServerConfig
 from proxy.http.server import ServerLimits
 
 # A connection the proxy should answer at once is given this long before it counts as hung.

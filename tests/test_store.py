@@ -282,7 +282,7 @@ async def test_store_planted_state_never_reaches_upstream(
     The planted access token is never sent upstream, and the token endpoint is never called with the
     planted refresh token.
     """
-    from proxy.config.load import parse_config
+    from proxy.config import parse_config
     from proxy.runtime.credentials import credential_of
 
     directory = tmp_path / "state"

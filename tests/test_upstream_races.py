@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from proxy.config.load import Config
+from proxy.config import Config
 from proxy.runtime.app import METRICS
 from proxy.runtime.reload import apply_reload
 from tests.fakes.raw_upstream import RawUpstream, Request, answer

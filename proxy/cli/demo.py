@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from ..config.load import parse_config
+from ..config import parse_config
 from ..demo.api import DemoApi
 from ..demo.token_server import TokenServer
 from ..runtime.app import build_app

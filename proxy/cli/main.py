@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ..config.load import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
+from ..config import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
 from ..core.errors import ProxyError
 from ..observe.log import setup_logging
 from ..tokens.store import FileStore, UnsafeStateError

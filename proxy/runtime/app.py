@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from ..config.load import Config
+from ..config import Config
 from ..http.access import AccessRules
 from ..http.entry import Entry
 from ..http.forward import Forwarder

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ..config.load import Config
+from ..config import Config
 from ..upstream.fast_client import FastClient
 from ..upstream.model import UpstreamClient
 from ..upstream.session_client import SessionClient

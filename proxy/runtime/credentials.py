@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import aiohttp
 
-from ..auth.grants import Grant, JsonGrant, OAuthGrant, StaticGrant
-from ..config.load import Config, TokenConfig
+from ..auth.protocol import Grant, GrantContext
+from ..auth.registry import GRANTS
+from ..config import Config, TokenConfig
 from ..observe.metrics import NULL_METRICS, Metrics
 from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
 from ..tokens.store import FileStore, NullStore, Store
@@ -17,40 +17,13 @@ from ..tokens.store import FileStore, NullStore, Store
 
 def build_grant(token: TokenConfig, session: aiohttp.ClientSession) -> Grant:
     """The grant object the `token` section describes; `session` carries its calls to the endpoint."""
-    if token.grant == "static":
-        return StaticGrant(token.access_token, token.default_lifetime)
-    if token.grant == "json":
-        spec = token.json
-        return JsonGrant(
-            session=session,
-            url=spec.url or token.token_url,
-            method=spec.method.upper(),
-            headers=dict(spec.headers),
-            body_template=None if spec.refresh_cookie else json.loads(spec.body),
-            access_token_path=spec.access_token_path,
-            refresh_token_path=spec.refresh_token_path,
-            expires_in_path=spec.expires_in_path,
-            refresh_cookie=spec.refresh_cookie,
-            timeout=token.timeout,
-        )
-    params = {"username": token.username, "password": token.password} if token.grant == "password" else {}
-    return OAuthGrant(
-        session=session,
-        name=token.grant,
-        token_url=token.token_url,
-        client_id=token.client_id,
-        client_secret=token.client_secret,
-        client_auth=token.client_auth,
-        params=params,
-        scope=token.scope,
-        audience=token.audience,
-        timeout=token.timeout,
-    )
+    context = GrantContext(session, timeout=token.timeout, default_lifetime=token.default_lifetime)
+    return GRANTS[token.grant].build(token.settings, context)
 
 
 def credential_of(token: TokenConfig) -> str:
-    """What identifies the credential a token belongs to: grant, endpoint, client, user."""
-    return credential_id(token.grant, token.token_url or token.json.url, token.client_id, token.username)
+    """What identifies the credential a token belongs to: the grant and what its registry entry names."""
+    return credential_id(token.grant, *GRANTS[token.grant].identity(token.settings))
 
 
 def build_store(token: TokenConfig) -> Store:

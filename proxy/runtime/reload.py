@@ -4,36 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..config.load import Config
+from ..config import Config, restart_only_changes
 from .app import ENTRY, FORWARDER, TOKEN_SESSION, TOKENS, build_route
 from .credentials import build_grant, build_policy, credential_of
-
-# Keys whose change needs a restart: they shape listeners, pools and TLS set up once.
-RESTART_ONLY = (
-    "server.listen",
-    "server.admin_listen",
-    "server.socket_mode",
-    "server.max_connections",
-    "server.header_timeout",
-    "server.body_timeout",
-    "server.keepalive_timeout",
-    "server.max_headers",
-    "server.max_header_size",
-    "server.max_request_line",
-    "server.loop",
-    "upstream.connect_timeout",
-    "upstream.read_timeout",
-    "upstream.verify_tls",
-    "upstream.ca_file",
-    "upstream.max_connections",
-    "upstream.client",
-    "token.state_file",
-)
-
-
-def _dotted(config: Config, key: str) -> object:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
 
 
 def apply_reload(app: web.Application, old: Config, new: Config) -> list[str]:
@@ -42,11 +15,7 @@ def apply_reload(app: web.Application, old: Config, new: Config) -> list[str]:
     Returns notes for the log: restart-only keys that changed (kept as they
     were) and whether the current token was kept.
     """
-    notes = [
-        f"{key} changed; it takes effect after a restart"
-        for key in RESTART_ONLY
-        if _dotted(old, key) != _dotted(new, key)
-    ]
+    notes = [f"{key} changed; it takes effect after a restart" for key in restart_only_changes(old, new)]
     tok = new.token
     kept = app[TOKENS].reconfigure(
         build_grant(tok, app[TOKEN_SESSION]),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
-from ..config.load import Config, ConfigError, is_loopback, parse_listen, secrets_of
+from ..config import Config, ConfigError, is_loopback, parse_listen, secrets_of
 from ..http.admin import build_admin_app
 from ..http.listener import BatchAcceptSite
 from ..http.server import ProxyRunner, ServerLimits

@@ -1,0 +1,172 @@
+"""Validating a parsed Config: each section's checks, one line per problem naming the key.
+
+Owns: the checks of values that have the right type but are not usable
+(`key.path: what is wrong, got X`); the grant's own checks come from the
+grant registry. Knows nothing of TOML or the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+
+from ..auth.registry import GRANTS
+from ..auth.settings import url_problems
+from .schema import (
+    EVENT_LOOPS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    UPSTREAM_CLIENTS,
+    Config,
+    LogConfig,
+    QueueConfig,
+    RetryConfig,
+    ServerConfig,
+    TokenConfig,
+    UpstreamConfig,
+)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split `host:port` (or `[v6]:port`) into its parts; ValueError if malformed.
+
+    (`unix:/path` is handled by the caller.)
+    """
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` names only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_problems(server: ServerConfig) -> list[str]:
+    problems = []
+    for key, value in (("server.listen", server.listen), ("server.admin_listen", server.admin_listen)):
+        if (key == "server.admin_listen" and not value) or value.startswith("unix:"):
+            if value == "unix:":
+                problems.append(f"{key}: a unix socket needs a path, got {value!r}")
+            continue
+        try:
+            host, _ = parse_listen(value)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}, got {value!r}")
+            continue
+        if key == "server.listen" and not is_loopback(host) and not (
+            server.allow_from or server.client_token or server.allow_any
+        ):
+            problems.append(
+                f"server.listen: {host} is reachable from other machines, and anyone who can reach the proxy "
+                "uses its token: say who may connect with server.allow_from (client CIDRs), "
+                "server.client_token, or server.allow_any = true"
+            )
+    for index, cidr in enumerate(server.allow_from):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append(f"server.allow_from[{index}]: must be an address or CIDR range, got {cidr!r}")
+    if server.client_token and len(server.client_token) < 16:
+        problems.append("server.client_token: must be at least 16 characters long")
+    if not re.fullmatch(r"[A-Za-z0-9-]+", server.client_token_header):
+        problems.append(f"server.client_token_header: must be a header name, got {server.client_token_header!r}")
+    if not 0 <= server.socket_mode <= 0o777:
+        problems.append(f"server.socket_mode: must be a file mode like 0o600, got {server.socket_mode!r}")
+    if server.loop not in EVENT_LOOPS:
+        problems.append(f"server.loop: must be one of {', '.join(EVENT_LOOPS)}, got {server.loop!r}")
+    if server.shutdown_timeout < 0:
+        problems.append(f"server.shutdown_timeout: must not be negative, got {server.shutdown_timeout!r}")
+    for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
+        if getattr(server, name) <= 0:
+            problems.append(f"server.{name}: must be greater than 0, got {getattr(server, name)!r}")
+    for name, least in (("max_connections", 1), ("max_headers", 1), ("max_header_size", 64), ("max_request_line", 64)):
+        if getattr(server, name) < least:
+            problems.append(f"server.{name}: must be at least {least}, got {getattr(server, name)!r}")
+    return problems
+
+
+def _upstream_problems(up: UpstreamConfig) -> list[str]:
+    problems = [f"upstream.{key}: {what}" for key, what in url_problems("url", up.url)]
+    for name in ("connect_timeout", "read_timeout"):
+        if getattr(up, name) <= 0:
+            problems.append(f"upstream.{name}: must be greater than 0, got {getattr(up, name)!r}")
+    if up.client not in UPSTREAM_CLIENTS:
+        problems.append(f"upstream.client: must be one of {', '.join(UPSTREAM_CLIENTS)}, got {up.client!r}")
+    if up.max_connections < 1:
+        problems.append(f"upstream.max_connections: must be at least 1, got {up.max_connections!r}")
+    if up.ca_file and not Path(up.ca_file).expanduser().is_file():
+        problems.append(f"upstream.ca_file: no such file, got {up.ca_file!r}")
+    return problems
+
+
+def _token_problems(tok: TokenConfig) -> list[str]:
+    problems = []
+    grant = GRANTS.get(tok.grant)
+    if grant is None:
+        problems.append(f"token.grant: must be one of {', '.join(GRANTS)}, got {tok.grant!r}")
+    else:
+        problems += [f"token.{key}: {what}" for key, what in grant.check(tok.settings)]
+        if grant.uses_refresh_token and not tok.refresh_token and not tok.state_file:
+            problems.append(
+                f"token.refresh_token: is required for grant {tok.grant!r} when token.state_file is empty"
+            )
+    for name in ("refresh_before", "min_refresh_interval"):
+        if getattr(tok, name) < 0:
+            problems.append(f"token.{name}: must not be negative, got {getattr(tok, name)!r}")
+    for name in ("default_lifetime", "timeout", "backoff_initial", "backoff_max"):
+        if getattr(tok, name) <= 0:
+            problems.append(f"token.{name}: must be greater than 0, got {getattr(tok, name)!r}")
+    for status in tok.refresh_on:
+        if not 400 <= status <= 599:
+            problems.append(f"token.refresh_on: must list 4xx or 5xx statuses, got {status!r}")
+    return problems
+
+
+def _queue_problems(queue: QueueConfig) -> list[str]:
+    problems = []
+    if queue.max_waiting < 0:
+        problems.append(f"queue.max_waiting: must not be negative, got {queue.max_waiting!r}")
+    if queue.wait_timeout <= 0:
+        problems.append(f"queue.wait_timeout: must be greater than 0, got {queue.wait_timeout!r}")
+    return problems
+
+
+def _retry_problems(retry: RetryConfig) -> list[str]:
+    return [
+        f"retry.{name}: must not be negative, got {getattr(retry, name)!r}"
+        for name in ("replay_limit", "replay_memory")
+        if getattr(retry, name) < 0
+    ]
+
+
+def _log_problems(log: LogConfig) -> list[str]:
+    problems = []
+    if log.level not in LOG_LEVELS:
+        problems.append(f"log.level: must be one of {', '.join(LOG_LEVELS)}, got {log.level!r}")
+    if log.format not in LOG_FORMATS:
+        problems.append(f"log.format: must be one of {', '.join(LOG_FORMATS)}, got {log.format!r}")
+    return problems
+
+
+def validate(config: Config) -> list[str]:
+    """Every problem of a config whose values have the right types, one line each, naming the key."""
+    return [
+        *_server_problems(config.server),
+        *_upstream_problems(config.upstream),
+        *_token_problems(config.token),
+        *_queue_problems(config.queue),
+        *_retry_problems(config.retry),
+        *_log_problems(config.log),
+    ]

@@ -1,0 +1,110 @@
+"""Warnings about the config file itself: literal secrets in a file other users may read.
+
+Owns: finding the secret keys (by their `secret()` markers) whose value in
+the file is literal text rather than `${VAR}` references, and the warning
+naming them (never their values). Knows nothing of validation.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..auth.settings import PLAIN_HEADERS, REFRESH_PLACEHOLDER, SecretShape, body_secrets, template_strings
+from .load import interpolate
+from .secrets import SECRET_KEYS
+
+
+def _literal(value: Any) -> bool:
+    """True when a raw config string says something of its own, not only `${VAR}` references.
+
+    A `${VAR:-default}` with a non-empty default counts as literal: the default is in the file.
+    """
+    return isinstance(value, str) and bool(interpolate(value, {}, "", []))
+
+
+def _literal_body(body: Any) -> bool:
+    """True when a raw JSON body template holds a literal secret (a string value body_secrets would mask)."""
+    if not isinstance(body, str):
+        return False
+    try:
+        strings = template_strings(json.loads(body))
+    except (ValueError, RecursionError):
+        # Not JSON until `${VAR}` is filled in (a bare `${PIN}`): judge it filled with nothing,
+        # and when even that is not JSON, assume the worst.
+        filled = interpolate(body, {}, "", [])
+        try:
+            json.loads(filled)
+        except (ValueError, RecursionError):
+            return bool(filled.strip())
+        return bool(body_secrets(filled))
+    return any(_literal(text) and REFRESH_PLACEHOLDER not in text for text in strings)
+
+
+def _raw_value(raw: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key in a parsed config file, or None."""
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def literal_secrets(raw: Mapping[str, Any]) -> list[str]:
+    """The secret keys whose value in a parsed config file is literal text, not only `${VAR}` references.
+
+    A `${VAR:-default}` with a non-empty default counts as literal: the default
+    is in the file. Each header value of a header table but those of
+    PLAIN_HEADERS counts as `KEY.NAME`, and a body template as its key when
+    one of its string values is literal.
+    """
+    found = []
+    for key, shape in SECRET_KEYS.items():
+        value = _raw_value(raw, key)
+        if shape is SecretShape.HEADER_VALUES:
+            if isinstance(value, Mapping):
+                found += [
+                    f"{key}.{name}"
+                    for name, text in value.items()
+                    if str(name).lower() not in PLAIN_HEADERS and _literal(text)
+                ]
+        elif shape is SecretShape.TEMPLATE_STRINGS:
+            if _literal_body(value):
+                found.append(key)
+        elif _literal(value):
+            found.append(key)
+    return found
+
+
+def exposed_secrets_warning(path: str, mode: int, raw: Mapping[str, Any]) -> str | None:
+    """A warning when a config file its group or other users may read holds a literal secret, else None.
+
+    Pure: the file's permission bits and parsed contents are passed in. The
+    warning names the keys, never their values.
+    """
+    if not mode & 0o044:
+        return None
+    keys = literal_secrets(raw)
+    if not keys:
+        return None
+    return (
+        f"{path} is readable by other users and holds {', '.join(keys)} as literal text: "
+        "chmod 600 the file, or write ${VAR} there and set the variable"
+    )
+
+
+def config_file_warnings(path: Path | None) -> list[str]:
+    """Warnings about the config file itself, for `run` and `check` (read after load_config accepted it)."""
+    if path is None:
+        return []
+    try:
+        mode = path.stat().st_mode
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    warning = exposed_secrets_warning(str(path), mode & 0o777, raw)
+    return [warning] if warning else []
