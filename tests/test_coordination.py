@@ -17,7 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.auth.grants import OAuthGrant
+from proxy.auth.grants.oauth import OAuthSettings
+from proxy.auth.protocol import Grant, GrantContext
+from proxy.auth.registry import GRANTS
 from proxy.core.errors import TokenUnavailable
 from proxy.tokens.coordination import Coordination, CoordinationUnavailable, RefreshRight, RefreshRightLost
 from proxy.tokens.manager import RefreshPolicy, TokenManager
@@ -76,17 +78,15 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield http
 
 
-def grant(token_server: FakeTokenServer, session: aiohttp.ClientSession) -> OAuthGrant:
-    """A refresh_token grant against the fake token server."""
-    return OAuthGrant(
-        session=session,
-        name="refresh_token",
-        token_url=f"{token_server.base_url}/oauth/token",  # type: ignore[attr-defined]
+def grant(token_server: FakeTokenServer, session: aiohttp.ClientSession) -> Grant:
+    """A refresh_token grant against the fake token server, built as the proxy builds it."""
+    settings = OAuthSettings(
+        token_url=f"{token_server.base_url}/oauth/token",
         client_id=CLIENT_ID,
         client_secret=CLIENT_SECRET,
         client_auth="post",
-        params={},
     )
+    return GRANTS["refresh_token"].build(settings, GrantContext(session, timeout=10.0, default_lifetime=300.0))
 
 
 def manager(
