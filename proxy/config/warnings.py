@@ -1,4 +1,4 @@
-"""Warnings about the config file itself: literal secrets in a file other users may read.
+"""Warnings about the config file itself: literal secrets in a file other users may read, keys no one reads.
 
 Owns: finding the secret keys (by their `secret()` markers) whose value in
 the file is literal text rather than `${VAR}` references, and the warning
@@ -7,14 +7,17 @@ naming them (never their values). Knows nothing of validation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..auth.registry import GRANTS
 from ..auth.settings import PLAIN_HEADERS, REFRESH_PLACEHOLDER, SecretShape, body_secrets, template_strings
 from .load import interpolate
+from .schema import DEFAULT_GRANT, TokenConfig
 from .secrets import SECRET_KEYS
 
 
@@ -97,6 +100,22 @@ def exposed_secrets_warning(path: str, mode: int, raw: Mapping[str, Any]) -> str
     )
 
 
+def unused_grant_keys_warning(raw: Mapping[str, Any]) -> str | None:
+    """A warning naming the `[token]` keys that only another grant reads: they are ignored, not an error."""
+    token = raw.get("token")
+    if not isinstance(token, Mapping):
+        return None
+    grant = GRANTS.get(str(token.get("grant", DEFAULT_GRANT)))
+    if grant is None:
+        return None
+    used = {f.name for f in dataclasses.fields(TokenConfig)} | {f.name for f in dataclasses.fields(grant.settings)}
+    other = {f.name for other in GRANTS.values() for f in dataclasses.fields(other.settings)}
+    unused = [f"token.{key}" for key in token if key not in used and key in other]
+    if not unused:
+        return None
+    return f"{', '.join(unused)}: not used by grant {grant.name!r}, ignored"
+
+
 def config_file_warnings(path: Path | None) -> list[str]:
     """Warnings about the config file itself, for `run` and `check` (read after load_config accepted it)."""
     if path is None:
@@ -106,5 +125,5 @@ def config_file_warnings(path: Path | None) -> list[str]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return []
-    warning = exposed_secrets_warning(str(path), mode & 0o777, raw)
-    return [warning] if warning else []
+    warnings = (exposed_secrets_warning(str(path), mode & 0o777, raw), unused_grant_keys_warning(raw))
+    return [warning for warning in warnings if warning]
