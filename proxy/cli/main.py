@@ -12,8 +12,10 @@ from typing import Any, NoReturn
 
 import click
 
+from ..auth.grants.static import StaticSettings
 from ..config import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
 from ..core.errors import ProxyError
+from ..core.token import sendable
 from ..observe.log import setup_logging
 from ..tokens.store import FileStore, UnsafeStateError
 
@@ -109,7 +111,8 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
         sys.exit(1)
 
 
-async def _one_token(config: Config) -> tuple[str, float, str, int]:
+async def _one_token(config: Config, *, fresh: bool = False) -> tuple[str, float, str, int]:
+    """A token of the configured credential: the cached one when still valid, or with `fresh` one fetched now."""
     from ..runtime.clients import token_session
     from ..runtime.credentials import make_token_manager
 
@@ -117,7 +120,7 @@ async def _one_token(config: Config) -> tuple[str, float, str, int]:
     try:
         manager = make_token_manager(config, session)
         try:
-            token = await manager.get()
+            token = await (manager.refresh_now() if fresh else manager.get())
         finally:
             await manager.close()
         return token.value, token.expires_at, token.fingerprint, token.generation
@@ -128,14 +131,17 @@ async def _one_token(config: Config) -> tuple[str, float, str, int]:
 @main.command()
 @_config_option
 def check(config_path: str | None) -> None:
-    """Validate the config, obtain one token and print its expiry (never the token)."""
+    """Validate the config, fetch one token from the token endpoint now and print its expiry (never the token)."""
     config = _load(config_path)
     setup_logging("critical", "text", secrets_of(config))
     for warning in _file_warnings(config_path):
         click.echo(f"warning: config: {warning}", err=True)
     _refuse_unsafe_state(config.token.state_file, "check")
+    if config.token.grant == "static":
+        _check_static(config)
     try:
-        _, expires_at, fp, generation = asyncio.run(_one_token(config))
+        # A token in the state file proves nothing about the credential now: always ask the endpoint.
+        _, expires_at, fp, generation = asyncio.run(_one_token(config, fresh=True))
     except UnsafeStateError as error:
         _fail_state(error, "check")
     except ProxyError as error:
@@ -147,6 +153,16 @@ def check(config_path: str | None) -> None:
         f"ok: grant {config.token.grant}, token {fp} (generation {generation}), "
         f"expires {when} (in {remaining:.0f}s)"
     )
+
+
+def _check_static(config: Config) -> NoReturn:
+    """`check` for a static token: nothing to contact, so only whether it can be sent at all."""
+    settings = config.token.settings
+    if not isinstance(settings, StaticSettings) or not sendable(settings.access_token):
+        click.echo("check: token_unavailable: the access token has characters a header cannot carry", err=True)
+        sys.exit(1)
+    click.echo("ok: grant static: nothing to contact; the token is sent as configured")
+    sys.exit(0)
 
 
 @main.command()

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from .store import SavedState, Store
+from .store import SavedState, Store, UnsafeStateError
 
 
 class CoordinationUnavailable(Exception):
@@ -92,14 +92,21 @@ class Coordination(Protocol):
 
 
 class _OwnRight:
-    """The right to refresh inside one process: always held, and nobody else writes the store."""
+    """The right to refresh inside one process: always held; others write the store only now and then."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
     async def peer_state(self) -> SavedState | None:
-        """None: no peer shares this process's state."""
-        return None
+        """The store as it is now: `tokenproxy check` may have refreshed meanwhile and rotated the refresh token.
+
+        None when there is nothing saved, or when the store could have been
+        written by another user (its save then fails and says so).
+        """
+        try:
+            return await asyncio.to_thread(self._store.load)
+        except UnsafeStateError:
+            return None
 
     async def save(self, state: SavedState) -> None:
         """Write `state` to the store in a worker thread (the store blocks)."""
@@ -107,10 +114,13 @@ class _OwnRight:
 
 
 class InProcessCoordination:
-    """Coordination for a process that shares its token with nobody: the single flight is all it takes.
+    """Coordination for a process that shares its token with no other running proxy.
 
-    The right is granted at once and never lost; the state is saved to
-    `store`, which no one else writes.
+    The right is granted at once and never lost: within the process the
+    single flight is all it takes. The store is read before each refresh, so
+    a token and rotated refresh token that a one-off command (`tokenproxy
+    check`) saved meanwhile are taken up rather than the spent refresh token
+    presented again; nothing locks the store against such a command.
     """
 
     def __init__(self, store: Store) -> None:

@@ -62,6 +62,7 @@ class ManagerStatus:
     failures: int
     last_error: str | None  # code of the last failure, if the last refresh failed
     dead: str | None  # code of a final failure (login_required, token_unavailable)
+    obtained: bool  # a token was fetched, adopted or resumed still valid since the process started
 
 
 class TokenManager:
@@ -98,6 +99,10 @@ class TokenManager:
         self._login = 0  # grows when a reload changes the credential: a refresh begun before is void
         # The highest generation the upstream refused with a refresh status; 0 = none.
         self._rejected = 0
+        # True once a token was fetched, adopted or resumed still valid: the credential has worked.
+        self._obtained = False
+        # Set by refresh_now() for the refresh it starts: call the endpoint even when a peer saved a newer token.
+        self._fetch_required = False
         self._flight = SingleFlight(self._refresh)
         self._failures = FailureState(policy.backoff_initial, policy.backoff_max)
 
@@ -118,6 +123,7 @@ class TokenManager:
             logger.info("resumed the refresh token from the state file; no access token yet")
             return
         self._token = self._token_of(state)
+        self._obtained = self._token.usable_at(self._clock())
         logger.info(
             "resumed token %s generation %d from state file, expires in %.0fs",
             self._token.fingerprint,
@@ -182,6 +188,17 @@ class TokenManager:
             return token
         return await self._await_refresh()
 
+    async def refresh_now(self) -> Token:
+        """A token fetched from the token endpoint now, whatever the cache or a peer holds: proof the credential works.
+
+        Meant for a manager that no request uses (the `check` command). The
+        refresh is an ordinary one: under the coordination, presenting the
+        newest refresh token (a peer's, if it rotated it meanwhile), saved
+        before it is returned. Raises like `get()` when no token can be had.
+        """
+        self._fetch_required = True
+        return await self._await_refresh()
+
     async def renew(self, seen: Token, challenge_error: str | None) -> Token | None:
         """A token to resend with after the upstream rejected `seen`, or None to pass the answer through.
 
@@ -227,6 +244,7 @@ class TokenManager:
             failures=failures.failures,
             last_error=failures.last_error.code if failures.last_error else None,
             dead=failures.final.code if failures.final else None,
+            obtained=self._obtained,
         )
 
     @property
@@ -287,12 +305,13 @@ class TokenManager:
         return result
 
     async def _fetch_and_publish(self, right: RefreshRight, login: int) -> Outcome:
+        fetch_required, self._fetch_required = self._fetch_required, False
         peer = await right.peer_state()
         started = self._clock()
         if peer is not None and self._belongs(peer) and peer.generation > self._generation:
             # A peer refreshed while this process waited for the right, spending the refresh token held here.
             self._take_chain(peer)
-            if peer.access_token and (adopted := self._token_of(peer)).usable_at(started):
+            if not fetch_required and peer.access_token and (adopted := self._token_of(peer)).usable_at(started):
                 return self._adopt(adopted)
         response: TokenResponse | None = None
         error: GrantError | None = None
@@ -380,6 +399,7 @@ class TokenManager:
         await self._save(right, self._state(token))
         self._token = token
         self._generation = token.generation
+        self._obtained = True
         self._failures.succeeded()
         logger.info(
             "refresh ok grant=%s token=%s generation=%d expires_in=%.0fs rotated=%s",
@@ -394,6 +414,7 @@ class TokenManager:
     def _adopt(self, token: Token) -> Token:
         """Publish a token a peer fetched and saved: the endpoint is not called, nothing is saved again."""
         self._token = token
+        self._obtained = True
         self._failures.succeeded()
         logger.info(
             "adopted token %s generation %d that another process fetched, expires_in=%.0fs",
