@@ -71,10 +71,12 @@ async def test_admin_readyz_not_ready_while_backing_off(aiohttp_server, make_pro
     assert status["backoff_remaining"] > 0
 
 
-async def test_admin_readyz_ready_before_first_request(aiohttp_server, make_proxy, token_server, client) -> None:
-    """Before any request, /readyz is 200: a token can be obtained, none was tried yet."""
+async def test_admin_readyz_not_ready_before_first_token(aiohttp_server, make_proxy, token_server, client) -> None:
+    """Before any token was obtained, /readyz is 503 no_token_yet, and nothing is fetched for it."""
     proxy = await make_proxy()
     admin = await start_admin(aiohttp_server, proxy)
     async with client.get(f"{admin}/readyz") as resp:
-        assert resp.status == 200
+        assert resp.status == 503
+        assert resp.headers["X-Tokenproxy-Error"] == "no_token_yet"
+        assert (await resp.json())["reason"] == "no_token_yet"
     assert token_server.count == 0

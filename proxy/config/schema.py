@@ -38,6 +38,7 @@ class ServerConfig:
     listen: str = field(default="127.0.0.1:8080", metadata=RESTART)
     admin_listen: str = field(default="", metadata=RESTART)
     fetch_on_start: bool = False
+    ready_before_token: bool = False  # /readyz 200 before the first token (lazy readiness)
     shutdown_timeout: float = 30.0
     allow_from: tuple[str, ...] = ()
     client_token: str = field(default="", metadata=secret())

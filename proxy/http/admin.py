@@ -17,8 +17,13 @@ from .render import ERROR_HEADER
 StatusSource = Callable[[], TokenManager]
 
 
-def readiness(status: ManagerStatus, now: float) -> tuple[bool, str, str]:
-    """(ready, code, sentence) for a snapshot: ready while a token is held or can be obtained."""
+def readiness(status: ManagerStatus, now: float, ready_before_token: bool = False) -> tuple[bool, str, str]:
+    """(ready, code, sentence) for a snapshot: ready while a token is held or can be obtained.
+
+    Before the first token has been obtained, "can be obtained" is a guess:
+    not ready (`no_token_yet`) unless `ready_before_token` (lazy readiness)
+    takes the guess.
+    """
     if status.dead is not None:
         return False, status.dead, "the token cannot be renewed until the configuration changes"
     if status.usable:
@@ -30,12 +35,21 @@ def readiness(status: ManagerStatus, now: float) -> tuple[bool, str, str]:
             f"backing off after {status.failures} failed refresh(es); next attempt in "
             f"{status.backoff_until - now:.1f}s",
         )
+    if not status.obtained and not ready_before_token:
+        return (
+            False,
+            "no_token_yet",
+            "no token has been obtained yet: one is fetched by the first request, or at start with "
+            "server.fetch_on_start = true",
+        )
     return True, "ok", "a token will be obtained on the next request"
 
 
-def status_document(status: ManagerStatus, now: float, grant: str) -> dict[str, object]:
+def status_document(
+    status: ManagerStatus, now: float, grant: str, ready_before_token: bool = False
+) -> dict[str, object]:
     """The facts /status shows: no token value, only its fingerprint."""
-    ready, code, detail = readiness(status, now)
+    ready, code, detail = readiness(status, now, ready_before_token)
     return {
         "ready": ready,
         "reason": code,
@@ -55,16 +69,27 @@ def status_document(status: ManagerStatus, now: float, grant: str) -> dict[str, 
     }
 
 
-def build_admin_app(tokens: StatusSource, metrics_text: Callable[[], bytes] | None = None,
-                    clock: Callable[[], float] = time.time) -> web.Application:
-    """The admin Application: /healthz, /readyz, /status and (when given) /metrics."""
+def _not_before_token() -> bool:
+    return False
+
+
+def build_admin_app(
+    tokens: StatusSource,
+    metrics_text: Callable[[], bytes] | None = None,
+    clock: Callable[[], float] = time.time,
+    ready_before_token: Callable[[], bool] = _not_before_token,
+) -> web.Application:
+    """The admin Application: /healthz, /readyz, /status and (when given) /metrics.
+
+    `ready_before_token` reads `server.ready_before_token` as it is now (a reload may change it).
+    """
     app = web.Application()
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        ready, code, detail = readiness(tokens().status(), clock())
+        ready, code, detail = readiness(tokens().status(), clock(), ready_before_token())
         headers = {} if ready else {ERROR_HEADER: code}
         return web.json_response(
             {"status": "ready" if ready else "not_ready", "reason": code, "detail": detail},
@@ -74,7 +99,8 @@ def build_admin_app(tokens: StatusSource, metrics_text: Callable[[], bytes] | No
 
     async def status(request: web.Request) -> web.Response:
         manager = tokens()
-        return web.json_response(status_document(manager.status(), clock(), manager.grant_name))
+        document = status_document(manager.status(), clock(), manager.grant_name, ready_before_token())
+        return web.json_response(document)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

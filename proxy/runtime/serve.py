@@ -222,7 +222,10 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
             # Probes and scrapes get the proxy port's limits: a slow or oversized request gets its
             # 408/431 and a flood its 503 here too.
             admin_runner = ProxyRunner(
-                build_admin_app(lambda: app[TOKENS], app[METRICS].render),
+                build_admin_app(
+                    lambda: app[TOKENS], app[METRICS].render,
+                    ready_before_token=lambda: current.server.ready_before_token,
+                ),
                 limits=server_limits(config),
                 access_log=None,
                 shutdown_timeout=config.server.shutdown_timeout,
