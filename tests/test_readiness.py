@@ -133,3 +133,23 @@ async def test_readiness_run_ready_before_token_from_config(tmp_path: Path, toke
     """`tokenproxy run` with server.ready_before_token = true: /readyz is 200 before any token."""
     assert await run_and_probe(tmp_path, token_server, api, "ready_before_token = true\n") == (200, READY_LAZILY)
     assert token_server.count == 0
+
+
+async def test_readiness_ready_before_token_follows_a_reload(tmp_path: Path, token_server, api) -> None:
+    """SIGHUP with server.ready_before_token now true: /readyz turns from 503 no_token_yet to 200, no token fetched."""
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server='admin_listen = "127.0.0.1:0"')
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        admin = (await read_until(proc.stderr, r"admin listening on (http://127\.0\.0\.1:\d+)", seen)).group(1)
+        async with aiohttp.ClientSession() as session:
+            assert await readyz(session, admin) == (503, "no_token_yet", NO_TOKEN_YET)
+            path.write_text(path.read_text().replace("[server]\n", "[server]\nready_before_token = true\n"))
+            proc.send_signal(signal.SIGHUP)
+            await read_until(proc.stderr, r"config reloaded", seen)
+            assert await readyz(session, admin) == (200, None, READY_LAZILY)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 20)
+    assert token_server.count == 0
