@@ -137,7 +137,7 @@ class TokenManager:
         *,
         refresh_token: str | None,
         credential: str,
-        request: RequestShape = (),
+        request: RequestShape,
         fetch_now: bool = False,
     ) -> Reconfigured:
         """Take a reloaded configuration; says whether the current token was kept, and if not, why (change.py).
