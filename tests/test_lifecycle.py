@@ -107,8 +107,9 @@ async def test_lifecycle_sigterm_answers_waiting_requests_shutting_down(start_pr
     assert running.proc.returncode == 0
 
 
-async def test_lifecycle_sighup_good_config_applies_and_keeps_token(start_proxy, token_server, api, tmp_path) -> None:
-    """SIGHUP with a new scope: the current token is kept, the next refresh sends the new scope."""
+async def test_lifecycle_sighup_new_scope_fetches_new_token(start_proxy, token_server, api, tmp_path) -> None:
+    """SIGHUP with a new scope: the log says the token request changed, the next request gets a token with the new
+    scope, and the old token is not sent again."""
     running = await start_proxy("min_refresh_interval = 0.0")
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{running.url}/echo/a") as resp:
@@ -116,17 +117,56 @@ async def test_lifecycle_sighup_good_config_applies_and_keeps_token(start_proxy,
         path = tmp_path / "c.toml"
         path.write_text(path.read_text().replace("[token]\n", '[token]\nscope = "read write"\n'))
         running.proc.send_signal(signal.SIGHUP)
-        await running.expect("config reloaded: current token kept")
+        await running.expect(r"INFO tokenproxy: config reloaded: token request changed \(scope\): a new token will be fetched")
         async with session.get(f"{running.url}/echo/b") as resp:
             assert resp.status == 200
-        assert token_server.count == 1
-        api.expire_all(token_server.issued_access)
         async with session.get(f"{running.url}/echo/c") as resp:
             assert resp.status == 200
     assert token_server.count == 2
     assert token_server.calls[-1].form["scope"] == "read write"
+    old, new = token_server.issued_access
+    assert api.tokens_seen == [old, new, new]
+    running.proc.send_signal(signal.SIGTERM)
+    log = await running.finish()
+    assert "current token kept" not in log
+
+
+async def test_lifecycle_sighup_same_scope_keeps_token(start_proxy, token_server, api, tmp_path) -> None:
+    """SIGHUP with only a timing changed: the current token is kept and still sent."""
+    running = await start_proxy()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{running.url}/echo/a") as resp:
+            assert resp.status == 200
+        path = tmp_path / "c.toml"
+        path.write_text(path.read_text().replace("[token]\n", "[token]\nrefresh_before = 10.0\n"))
+        running.proc.send_signal(signal.SIGHUP)
+        await running.expect("config reloaded: current token kept")
+        async with session.get(f"{running.url}/echo/b") as resp:
+            assert resp.status == 200
+    assert token_server.count == 1
+    assert api.tokens_seen == [token_server.issued_access[0]] * 2
     running.proc.send_signal(signal.SIGTERM)
     await running.finish()
+
+
+async def test_lifecycle_sighup_listen_changed_and_back_warns_once(start_proxy, tmp_path) -> None:
+    """server.listen changed then changed back, a SIGHUP after each: one warning, for the first only (the listener
+    in force never moved)."""
+    running = await start_proxy()
+    path = tmp_path / "c.toml"
+    started = path.read_text()
+    path.write_text(started.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:9"'))
+    running.proc.send_signal(signal.SIGHUP)
+    await running.expect(
+        r"WARNING tokenproxy: config reloaded: server\.listen changed; it takes effect after a restart"
+    )
+    await running.expect("config reloaded: current token kept")
+    path.write_text(started)
+    running.proc.send_signal(signal.SIGHUP)
+    await running.expect("config reloaded: current token kept")
+    running.proc.send_signal(signal.SIGTERM)
+    log = await running.finish()
+    assert log.count("server.listen changed") == 1
 
 
 async def test_lifecycle_sighup_bad_config_rejected_old_stays(start_proxy, tmp_path) -> None:
@@ -177,7 +217,8 @@ async def test_lifecycle_reload_changing_credential_voids_refresh_in_flight(make
     # The same client now logs a user in: another credential.
     user = PasswordSettings(**dataclasses.asdict(proxy.config.token.settings), username=USERNAME, password=PASSWORD)
     new = dataclasses.replace(proxy.config, token=dataclasses.replace(proxy.config.token, grant="password", settings=user))
-    assert "credential changed: a new token will be fetched" in apply_reload(proxy.app, proxy.config, new)
+    notes = [note.text for note in apply_reload(proxy.app, proxy.config, new)]
+    assert notes == ["credential changed (grant, username): a new token will be fetched"]
     token_server.gate.set()
     resp = await waiting
     assert resp.status == 503

@@ -2,7 +2,7 @@
 
 Owns: the interface the token manager calls (`Grant`, `TokenResponse`,
 `BadAnswer`) and the shape of a registry entry (`GrantType`: settings,
-checks, builder, identity). Knows nothing of any one grant, of the config
+checks, builder, identity, request shape). Knows nothing of any one grant, of the config
 file or of how a token is cached.
 """
 
@@ -19,6 +19,10 @@ from ..core.errors import GrantError
 # One problem with a grant's settings: the key (relative to the section holding the grant's keys)
 # and what is wrong with it, e.g. ("client_id", "is required for grant 'client_credentials'").
 Problem = tuple[str, str]
+
+# What shapes a grant's token request, key by key: (key, value), a secret's value given only as its fingerprint.
+# Two configs whose shapes are equal ask the endpoint for the same token; the keys that differ name the change.
+RequestShape = tuple[tuple[str, str], ...]
 
 
 class BadAnswer(GrantError):
@@ -85,7 +89,11 @@ class GrantType(Generic[S]):
     included; a field with `metadata=secret()` holds a credential). `check`
     names each problem with those settings; `build` makes the Grant;
     `identity` gives what identifies the credential (never a secret): the
-    parts its state is keyed by in state files and metrics.
+    parts its state is keyed by in state files and metrics. `request` gives
+    everything the token request carries (scope, audience, client
+    authentication, a body template...) but the client's own secret: a token
+    fetched with one request shape is not the token another one asks for,
+    even for the same credential.
     """
 
     name: str
@@ -94,4 +102,11 @@ class GrantType(Generic[S]):
     build: Callable[[S, GrantContext], Grant]
     identity: Callable[[S], tuple[str, ...]]
     uses_refresh_token: bool
+    request: Callable[[S], RequestShape]
 
+
+def changed_keys(old: RequestShape, new: RequestShape) -> list[str]:
+    """The keys whose values differ between two request shapes (in the order `new` names them, then gone ones)."""
+    before, after = dict(old), dict(new)
+    keys = [key for key in after if before.get(key) != after[key]]
+    return keys + [key for key in before if key not in after]

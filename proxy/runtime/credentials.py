@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ..auth.protocol import Grant, GrantContext
+from ..auth.protocol import Grant, GrantContext, RequestShape
 from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
 from ..observe.metrics import NULL_METRICS, Metrics
@@ -24,6 +24,11 @@ def build_grant(token: TokenConfig, session: aiohttp.ClientSession) -> Grant:
 def credential_of(token: TokenConfig) -> str:
     """What identifies the credential a token belongs to: the grant and what its registry entry names."""
     return credential_id(token.grant, *GRANTS[token.grant].identity(token.settings))
+
+
+def request_of(token: TokenConfig) -> RequestShape:
+    """What shapes the token request: the grant, and everything its registry entry says the request carries."""
+    return (("grant", token.grant), *GRANTS[token.grant].request(token.settings))
 
 
 def build_store(token: TokenConfig) -> Store:
@@ -57,6 +62,7 @@ def make_token_manager(
         build_policy(config),
         refresh_token=tok.refresh_token or None,
         credential=credential_of(tok),
+        request=request_of(tok),
         clock=clock,
         metrics=metrics if metrics is not None else NULL_METRICS,
     )

@@ -189,12 +189,10 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
             return
         stop.set()
 
-    current = config
-
     def on_hangup() -> None:
-        nonlocal current
         if reload is not None:
-            current = _reload(app, current, reload)
+            # Restart-only keys are compared with the config the listeners were started with.
+            _reload(app, config, reload)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -245,17 +243,19 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
                 loop.remove_signal_handler(sig)
 
 
-def _reload(app: web.Application, current: Config, reload: Callable[[], Config]) -> Config:
-    """SIGHUP: read the config again; put it in force if valid, else keep the old one."""
+def _reload(app: web.Application, started: Config, reload: Callable[[], Config]) -> None:
+    """SIGHUP: read the config again; put it in force if valid, else keep the old one.
+
+    `started` is the config the process started with: what its listeners, pools and store still use.
+    """
     try:
         new = reload()
     except ConfigError as error:
         for problem in error.problems:
             logger.error("config reload rejected, the old config stays in force: %s", problem)
-        return current
+        return
     setup_logging(new.log.level, new.log.format, secrets_of(new), access_log=new.log.access_log)
     for warning in startup_warnings(new):
         logger.warning("%s", warning)
-    for note in apply_reload(app, current, new):
-        logger.info("config reloaded: %s", note)
-    return new
+    for note in apply_reload(app, started, new):
+        logger.log(note.level, "config reloaded: %s", note.text)

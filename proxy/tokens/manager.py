@@ -20,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..auth.grants import BadAnswer, Grant, TokenResponse
+from ..auth.protocol import RequestShape
 from ..core.errors import GrantError, LoginRequired, ShuttingDown, TokenUnavailable
 from ..core.renewal import Renewal, decide_renewal
 from ..core.token import Token, expiry_of, fingerprint, lifetime_floor, lifetime_warning, make_token, sendable
 from ..observe.metrics import NULL_METRICS, Recorder
+from .change import Reconfigured, TokenChange, decide_change
 from .coordination import Coordination, CoordinationUnavailable, InProcessCoordination, RefreshRight, RefreshRightLost
 from .failures import FailureState
 from .flight import Outcome, SingleFlight
@@ -81,6 +83,7 @@ class TokenManager:
         *,
         refresh_token: str | None = None,
         credential: str = "",
+        request: RequestShape = (),
         clock: Clock = time.time,
         metrics: Recorder = NULL_METRICS,
         coordination: Coordination | None = None,
@@ -92,11 +95,13 @@ class TokenManager:
         self._policy = policy
         self._clock = clock
         self._credential = credential
+        self._request = request  # what the grant's token request carries (its shape, no secret)
         self._seed = fingerprint(refresh_token) if refresh_token else ""
         self._refresh_token = refresh_token or None
         self._token: Token | None = None
         self._generation = 0  # last generation issued; never goes back, even across a reload
         self._login = 0  # grows when a reload changes the credential: a refresh begun before is void
+        self._reshaped = 0  # grows when a reload changes the token request: a token fetched before is not used
         # The highest generation the upstream refused with a refresh status; 0 = none.
         self._rejected = 0
         # True once a token was fetched, adopted or resumed still valid: the credential has worked.
@@ -131,25 +136,43 @@ class TokenManager:
             state.expires_at - self._clock(),
         )
 
-    def reconfigure(self, grant: Grant, policy: RefreshPolicy, *, refresh_token: str | None, credential: str) -> bool:
-        """Take a reloaded configuration; True when the current token still applies and is kept.
+    def reconfigure(
+        self,
+        grant: Grant,
+        policy: RefreshPolicy,
+        *,
+        refresh_token: str | None,
+        credential: str,
+        request: RequestShape,
+        fetch_now: bool = False,
+    ) -> Reconfigured:
+        """Take a reloaded configuration; says whether the current token was kept, and if not, why (change.py).
 
-        A different credential (token URL, client, grant) or a newly configured
-        refresh token (a new login) drops the current token; the next request
-        fetches one. Final failures and back-off are forgotten either way: the
-        configuration they were about has changed. A refresh already in flight
-        finishes with the grant it started with; if the credential changed, its
-        token is discarded and its waiters get 503 token_unavailable.
+        Another credential or login drops the current token and its refresh-token
+        chain; another token request (scope, audience...) drops the token and
+        keeps the chain. The next request (or at once, with `fetch_now`) waits
+        for a new token: the dropped one is not sent again. Failures and
+        back-off are forgotten. A refresh in flight finishes with the grant it
+        started with; if what it asked for changed, its token is discarded (a
+        rotated refresh token of the same chain is kept) and its waiters get
+        503 token_unavailable.
         """
         seed = fingerprint(refresh_token) if refresh_token else ""
-        keep = credential == self._credential and (not seed or seed == self._seed)
+        outcome = decide_change(
+            self._credential, self._seed, self._request, new_credential=credential, new_seed=seed, new_request=request
+        )
+        change = outcome.change
         self._grant = grant
         self._policy = policy
-        if not keep:
+        self._request = request
+        if change in (TokenChange.CREDENTIAL, TokenChange.LOGIN):
             self._login += 1
             self._credential = credential
             self._seed = seed
             self._refresh_token = refresh_token or None
+            self._token = None
+        elif change is TokenChange.REQUEST:
+            self._reshaped += 1
             self._token = None
         elif self._token is not None:
             token = self._token
@@ -162,7 +185,9 @@ class TokenManager:
                 lifetime_floor(policy.min_refresh_interval),
             )
         self._failures = FailureState(policy.backoff_initial, policy.backoff_max)
-        return keep
+        if change is not TokenChange.KEPT and fetch_now and not self._flight.running and not self._flight.closed:
+            self._flight.start()
+        return outcome
 
     async def close(self) -> None:
         """Answer every waiter with `shutting_down` and stop a refresh in flight."""
@@ -294,17 +319,17 @@ class TokenManager:
     async def _refresh(self) -> Outcome:
         """The one refresh, under the right to refresh; its metrics. Returns the error instead of raising it."""
         timer = time.perf_counter()
-        login = self._login
+        login, reshaped = self._login, self._reshaped
         try:
             async with self._coordination.refresh_right(self._credential) as right:
-                result = await self._fetch_and_publish(right, login)
+                result = await self._fetch_and_publish(right, login, reshaped)
         except CoordinationUnavailable as exc:
             result = self._failures.failed(GrantError(exc.reason), self._clock(), self._grant.name, rotated=False)
         outcome = "ok" if isinstance(result, Token) else result.code
         self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
         return result
 
-    async def _fetch_and_publish(self, right: RefreshRight, login: int) -> Outcome:
+    async def _fetch_and_publish(self, right: RefreshRight, login: int, reshaped: int) -> Outcome:
         fetch_required, self._fetch_required = self._fetch_required, False
         peer = await right.peer_state()
         started = self._clock()
@@ -352,6 +377,12 @@ class TokenManager:
             # The endpoint has spent the refresh token presented: the rotated one is the
             # only one left, whatever else is wrong with the answer. Present it next.
             self._refresh_token = rotated
+        if reshaped != self._reshaped:
+            # A reload changed the token request while this refresh ran: its token answers the old
+            # request and is not used; a rotated refresh token continues the same chain and is kept.
+            if rotated:
+                await self._save(right, self._state(self._token))
+            return TokenUnavailable("the token request changed during the refresh; retry", retry_after=1)
         if token is None:
             if rotated:
                 # Persisted with the current token (if any), so a restart presents it too.

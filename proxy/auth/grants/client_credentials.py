@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..protocol import GrantContext, GrantType, Problem, TokenResponse
-from .oauth import OAuthGrant, OAuthSettings, client_identity, oauth_problems, request_fields, token_endpoint
+from .oauth import (
+    OAuthGrant,
+    OAuthSettings,
+    client_identity,
+    oauth_problems,
+    oauth_request,
+    request_fields,
+    token_endpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -34,4 +42,12 @@ def build(settings: OAuthSettings, context: GrantContext) -> ClientCredentialsGr
     return ClientCredentialsGrant(token_endpoint(settings, context), request_fields(settings))
 
 
-GRANT = GrantType("client_credentials", OAuthSettings, check, build, client_identity, uses_refresh_token=False)
+GRANT = GrantType(
+    "client_credentials",
+    OAuthSettings,
+    check,
+    build,
+    client_identity,
+    uses_refresh_token=False,
+    request=oauth_request,
+)

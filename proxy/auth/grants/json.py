@@ -15,8 +15,9 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from ...core.errors import FailureKind, GrantError
+from ...core.token import fingerprint
 from ..endpoint import exchange, parse_json, text_or_none, token_response
-from ..protocol import GrantContext, GrantType, Problem, TokenResponse
+from ..protocol import GrantContext, GrantType, Problem, RequestShape, TokenResponse
 from ..settings import REFRESH_PLACEHOLDER, SecretShape, secret, url_problems
 
 
@@ -182,4 +183,19 @@ def identity(settings: JsonSettings) -> tuple[str, str, str]:
     return settings.token_url or settings.json.url, "", ""
 
 
-GRANT = GrantType("json", JsonSettings, check, build, identity, uses_refresh_token=True)
+def request(settings: JsonSettings) -> RequestShape:
+    """What shapes the request: the endpoint, the method, the headers and the body template (both by their
+    fingerprints: they may hold secrets), and the cookie that carries the refresh token instead of the body."""
+    spec = settings.json
+    headers = json.dumps(sorted(spec.headers.items()))
+    return (
+        ("token_url", settings.token_url),
+        ("json.url", spec.url),
+        ("json.method", spec.method.upper()),
+        ("json.headers", fingerprint(headers)),
+        ("json.body", "" if spec.refresh_cookie else fingerprint(spec.body)),
+        ("json.refresh_cookie", spec.refresh_cookie),
+    )
+
+
+GRANT = GrantType("json", JsonSettings, check, build, identity, uses_refresh_token=True, request=request)

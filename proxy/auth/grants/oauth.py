@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..client_auth import CLIENT_AUTH
 from ..endpoint import TokenEndpoint
-from ..protocol import GrantContext, Problem
+from ..protocol import GrantContext, Problem, RequestShape
 from ..settings import secret, url_problems
 
 
@@ -59,6 +59,18 @@ def request_fields(settings: OAuthSettings) -> dict[str, str]:
     if settings.audience:
         fields["audience"] = settings.audience
     return fields
+
+
+def oauth_request(settings: OAuthSettings) -> RequestShape:
+    """What shapes an OAuth client's token request, the client secret aside: the endpoint, the client,
+    how it authenticates, and the scope and audience asked for."""
+    return (
+        ("token_url", settings.token_url),
+        ("client_id", settings.client_id),
+        ("client_auth", settings.client_auth),
+        ("scope", settings.scope),
+        ("audience", settings.audience),
+    )
 
 
 def client_identity(settings: OAuthSettings) -> tuple[str, str, str]:

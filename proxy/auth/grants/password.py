@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..protocol import GrantContext, GrantType, Problem, TokenResponse
+from ..protocol import GrantContext, GrantType, Problem, RequestShape, TokenResponse
 from ..settings import secret
-from .oauth import OAuthGrant, OAuthSettings, oauth_problems, request_fields, token_endpoint
+from .oauth import OAuthGrant, OAuthSettings, oauth_problems, oauth_request, request_fields, token_endpoint
 
 
 @dataclass(frozen=True)
@@ -53,4 +53,9 @@ def identity(settings: PasswordSettings) -> tuple[str, str, str]:
     return settings.token_url, settings.client_id, settings.username
 
 
-GRANT = GrantType("password", PasswordSettings, check, build, identity, uses_refresh_token=False)
+def request(settings: PasswordSettings) -> RequestShape:
+    """What shapes the request, the secrets aside: the client's keys and the user's name."""
+    return (*oauth_request(settings), ("username", settings.username))
+
+
+GRANT = GrantType("password", PasswordSettings, check, build, identity, uses_refresh_token=False, request=request)

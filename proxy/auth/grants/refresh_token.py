@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 from ...core.errors import FailureKind, GrantError
 from ..protocol import GrantContext, GrantType, Problem, TokenResponse
-from .oauth import OAuthGrant, OAuthSettings, client_identity, oauth_problems, request_fields, token_endpoint
+from .oauth import (
+    OAuthGrant,
+    OAuthSettings,
+    client_identity,
+    oauth_problems,
+    oauth_request,
+    request_fields,
+    token_endpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -38,4 +46,6 @@ def build(settings: OAuthSettings, context: GrantContext) -> RefreshTokenGrant:
     return RefreshTokenGrant(token_endpoint(settings, context), request_fields(settings))
 
 
-GRANT = GrantType("refresh_token", OAuthSettings, check, build, client_identity, uses_refresh_token=True)
+GRANT = GrantType(
+    "refresh_token", OAuthSettings, check, build, client_identity, uses_refresh_token=True, request=oauth_request
+)

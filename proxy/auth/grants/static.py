@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..protocol import GrantContext, GrantType, Problem, TokenResponse
+from ...core.token import fingerprint
+from ..protocol import GrantContext, GrantType, Problem, RequestShape, TokenResponse
 from ..settings import secret
 
 
@@ -45,4 +46,9 @@ def identity(settings: StaticSettings) -> tuple[str, str, str]:
     return "", "", ""
 
 
-GRANT = GrantType("static", StaticSettings, check, build, identity, uses_refresh_token=False)
+def request(settings: StaticSettings) -> RequestShape:
+    """The token itself (by its fingerprint): there is no request, and another token is another answer."""
+    return (("access_token", fingerprint(settings.access_token)),)
+
+
+GRANT = GrantType("static", StaticSettings, check, build, identity, uses_refresh_token=False, request=request)
