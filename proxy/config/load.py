@@ -33,6 +33,8 @@ class ConfigError(Exception):
 
 
 _ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Where find_config_path looks, in its order: for help texts.
+CONFIG_SEARCH = "-c FILE, else $TOKENPROXY_CONFIG, else ./tokenproxy.toml (in the current directory)"
 
 
 def interpolate(value: str, env: Mapping[str, str], key: str, problems: list[str]) -> str:
