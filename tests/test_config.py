@@ -96,7 +96,7 @@ def test_config_every_problem_reported_once_each() -> None:
     }
     problems = problems_of(raw)
     assert "config: " not in problems[0]
-    assert "extra: unknown key" in problems
+    assert "[extra]: unknown section; did you mean [retry]?" in problems
     assert "upstream.bogus: unknown key" in problems
     assert "upstream.url: must be an http(s) URL, got 'api.example.com'" in problems
     assert "queue.max_waiting: must be an integer, got 'many'" in problems

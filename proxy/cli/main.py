@@ -1,4 +1,4 @@
-"""The command line: `run`, `check`, `token`, `demo`. The only place that exits."""
+"""The command line: `run`, `check`, `token`, `demo`, `config`. The only place that exits."""
 
 from __future__ import annotations
 
@@ -13,11 +13,20 @@ from typing import Any, NoReturn
 import click
 
 from ..auth.grants.static import StaticSettings
-from ..config import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
+from ..config import (
+    CONFIG_SEARCH,
+    Config,
+    ConfigError,
+    config_file_warnings,
+    find_config_path,
+    load_config,
+    secrets_of,
+)
 from ..core.errors import ProxyError
 from ..core.token import sendable
 from ..observe.log import setup_logging
 from ..tokens.store import FileStore, UnsafeStateError
+from .config_cmd import config_commands
 
 
 def _fail_config(error: ConfigError) -> NoReturn:
@@ -61,15 +70,23 @@ _config_option = click.option(
     default=None,
     help="Config file (default: $TOKENPROXY_CONFIG, then ./tokenproxy.toml).",
 )
+# The end of every --help that reads a config: where it is looked for, and where to start one.
+_CONFIG_EPILOG = (
+    f"The config file is looked for at: {CONFIG_SEARCH}. "
+    "`tokenproxy config example` prints every key, commented, with its default."
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_CONFIG_EPILOG)
 @click.version_option(package_name="tokenproxy")
 def main() -> None:
     """tokenproxy: a local proxy that adds a fresh bearer token to every request."""
 
 
-@main.command()
+main.add_command(config_commands(_config_option, _load, _CONFIG_EPILOG))
+
+
+@main.command(epilog=_CONFIG_EPILOG)
 @_config_option
 @click.option("--listen", default=None, metavar="HOST:PORT", help="Override server.listen.")
 @click.option("--upstream", default=None, metavar="URL", help="Override upstream.url.")
@@ -128,7 +145,7 @@ async def _one_token(config: Config, *, fresh: bool = False) -> tuple[str, float
         await session.close()
 
 
-@main.command()
+@main.command(epilog=_CONFIG_EPILOG)
 @_config_option
 def check(config_path: str | None) -> None:
     """Validate the config, fetch one token from the token endpoint now and print its expiry (never the token)."""
@@ -165,7 +182,7 @@ def _check_static(config: Config) -> NoReturn:
     sys.exit(0)
 
 
-@main.command()
+@main.command(epilog=_CONFIG_EPILOG)
 @_config_option
 def token(config_path: str | None) -> None:
     """Print a valid access token on standard output, for scripts."""

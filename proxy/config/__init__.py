@@ -6,13 +6,14 @@ grant registry), secrets (which values are credentials), warnings (about
 the config file itself).
 """
 
-from .load import ConfigError, find_config_path, interpolate, load_config, parse_config
+from .load import CONFIG_SEARCH, ConfigError, find_config_path, interpolate, load_config, parse_config
 from .schema import Config, TokenConfig, restart_only_changes
 from .secrets import is_secret_key, secrets_of
 from .validate import is_loopback, parse_listen
 from .warnings import config_file_warnings, exposed_secrets_warning, literal_secrets
 
 __all__ = [
+    "CONFIG_SEARCH",
     "Config",
     "ConfigError",
     "TokenConfig",

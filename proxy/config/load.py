@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import os
 import re
 import tomllib
@@ -32,6 +33,8 @@ class ConfigError(Exception):
 
 
 _ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Where find_config_path looks, in its order: for help texts.
+CONFIG_SEARCH = "-c FILE, else $TOKENPROXY_CONFIG, else ./tokenproxy.toml (in the current directory)"
 
 
 def interpolate(value: str, env: Mapping[str, str], key: str, problems: list[str]) -> str:
@@ -122,12 +125,28 @@ def _values(
 ) -> dict[str, Any]:
     """The keys of one table, each checked against its type (in `types` order); unknown keys reported."""
     for unknown in sorted(set(raw) - set(types)):
-        problems.append(f"{prefix}.{unknown}: unknown key".lstrip("."))
+        problems.append(_unknown(unknown, raw[unknown], types, prefix))
     return {
         name: _convert(raw[name], tp, f"{prefix}.{name}".lstrip("."), env, problems)
         for name, tp in types.items()
         if name in raw
     }
+
+
+def _is_table(tp: Any) -> bool:
+    return (isinstance(tp, type) and dataclasses.is_dataclass(tp)) or get_origin(tp) is Mapping
+
+
+def _unknown(name: str, value: Any, types: Mapping[str, Any], prefix: str) -> str:
+    """The line for a key `types` does not have: a table is called a section, with the closest valid name if any."""
+    if isinstance(value, dict):
+        tables = [key for key, tp in types.items() if _is_table(tp)]
+        close = difflib.get_close_matches(name, tables, n=1)
+        dotted = f"{prefix}.{name}".lstrip(".")
+        guess = f"; did you mean [{f'{prefix}.{close[0]}'.lstrip('.')}]?" if close else ""
+        return f"[{dotted}]: unknown section{guess}"
+    close = difflib.get_close_matches(name, list(types), n=1)
+    return f"{prefix}.{name}: unknown key".lstrip(".") + (f"; did you mean {close[0]}?" if close else "")
 
 
 def _build(cls: Any, raw: Mapping[str, Any], prefix: str, env: Mapping[str, str], problems: list[str]) -> Any:

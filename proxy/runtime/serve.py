@@ -189,10 +189,13 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
             return
         stop.set()
 
+    current = config  # the config in force, for what is read live (readiness before the first token)
+
     def on_hangup() -> None:
+        nonlocal current
         if reload is not None:
             # Restart-only keys are compared with the config the listeners were started with.
-            _reload(app, config, reload)
+            current = _reload(app, config, reload) or current
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -243,8 +246,8 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
                 loop.remove_signal_handler(sig)
 
 
-def _reload(app: web.Application, started: Config, reload: Callable[[], Config]) -> None:
-    """SIGHUP: read the config again; put it in force if valid, else keep the old one.
+def _reload(app: web.Application, started: Config, reload: Callable[[], Config]) -> Config | None:
+    """SIGHUP: read the config again; put it in force and return it if valid, else keep the old one (None).
 
     `started` is the config the process started with: what its listeners, pools and store still use.
     """
@@ -253,9 +256,10 @@ def _reload(app: web.Application, started: Config, reload: Callable[[], Config])
     except ConfigError as error:
         for problem in error.problems:
             logger.error("config reload rejected, the old config stays in force: %s", problem)
-        return
+        return None
     setup_logging(new.log.level, new.log.format, secrets_of(new), access_log=new.log.access_log)
     for warning in startup_warnings(new):
         logger.warning("%s", warning)
     for note in apply_reload(app, started, new):
         logger.log(note.level, "config reloaded: %s", note.text)
+    return new
