@@ -15,6 +15,7 @@ import math
 
 from ..core.errors import FailureKind, GrantError, LoginRequired, ProxyError, TokenUnavailable
 from ..core.renewal import backoff_delay
+from ..observe.log import refresh_fields
 
 logger = logging.getLogger("tokenproxy.tokens")
 
@@ -80,11 +81,11 @@ class FailureState:
         self._backoff_until = 0.0
         self._last_error = None
 
-    def failed(self, exc: GrantError, now: float, grant: str, *, rotated: bool) -> ProxyError:
+    def failed(self, exc: GrantError, now: float, grant: str, *, rotated: bool, duration: float) -> ProxyError:
         """Record a failed refresh and log it; the error its waiters get.
 
         A transient failure backs off exponentially (capped); any other kind
-        is final until a reload.
+        is final until a reload. `duration` is how long the refresh took, for the log line.
         """
         error: ProxyError
         if exc.kind is not FailureKind.TRANSIENT:
@@ -94,7 +95,12 @@ class FailureState:
                 else TokenUnavailable(f"{exc.reason}; fix the configuration and restart")
             )
             self._final = error
-            logger.error("refresh failed for good grant=%s reason=%s", grant, exc.reason)
+            logger.error(
+                "refresh failed for good grant=%s reason=%s",
+                grant,
+                exc.reason,
+                extra=refresh_fields(grant, error.code, duration=duration, reason=exc.reason, rotated=rotated),
+            )
         else:
             self._failures += 1
             delay = backoff_delay(self._failures, self._backoff_initial, self._backoff_max)
@@ -107,6 +113,15 @@ class FailureState:
                 self._failures,
                 delay,
                 "yes (kept for the next refresh)" if rotated else "no",
+                extra=refresh_fields(
+                    grant,
+                    error.code,
+                    duration=duration,
+                    reason=exc.reason,
+                    failures=self._failures,
+                    retry_in=delay,
+                    rotated=rotated,
+                ),
             )
         self._last_error = error
         return error

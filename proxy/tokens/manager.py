@@ -23,6 +23,7 @@ from ..auth.grants import BadAnswer, Grant, TokenResponse
 from ..core.errors import GrantError, LoginRequired, ShuttingDown, TokenUnavailable
 from ..core.renewal import Renewal, decide_renewal
 from ..core.token import Token, expiry_of, fingerprint, lifetime_floor, lifetime_warning, make_token, sendable
+from ..observe.log import refresh_fields
 from ..observe.metrics import NULL_METRICS, Recorder
 from .coordination import Coordination, CoordinationUnavailable, InProcessCoordination, RefreshRight, RefreshRightLost
 from .failures import FailureState
@@ -279,21 +280,28 @@ class TokenManager:
         login = self._login
         try:
             async with self._coordination.refresh_right(self._credential) as right:
-                result = await self._fetch_and_publish(right, login)
+                result = await self._fetch_and_publish(right, login, timer)
         except CoordinationUnavailable as exc:
-            result = self._failures.failed(GrantError(exc.reason), self._clock(), self._grant.name, rotated=False)
+            result = self._failures.failed(
+                GrantError(exc.reason),
+                self._clock(),
+                self._grant.name,
+                rotated=False,
+                duration=time.perf_counter() - timer,
+            )
         outcome = "ok" if isinstance(result, Token) else result.code
         self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
         return result
 
-    async def _fetch_and_publish(self, right: RefreshRight, login: int) -> Outcome:
+    async def _fetch_and_publish(self, right: RefreshRight, login: int, timer: float) -> Outcome:
+        """Fetch a token (or adopt a peer's), save and publish it; `timer` is the refresh's perf_counter start."""
         peer = await right.peer_state()
         started = self._clock()
         if peer is not None and self._belongs(peer) and peer.generation > self._generation:
             # A peer refreshed while this process waited for the right, spending the refresh token held here.
             self._take_chain(peer)
             if peer.access_token and (adopted := self._token_of(peer)).usable_at(started):
-                return self._adopt(adopted)
+                return self._adopt(adopted, time.perf_counter() - timer)
         response: TokenResponse | None = None
         error: GrantError | None = None
         rotated: str | None = None
@@ -338,8 +346,10 @@ class TokenManager:
                 # Persisted with the current token (if any), so a restart presents it too.
                 await self._save(right, self._state(self._token))
             failure = error or GrantError("no token in the answer")
-            return self._failures.failed(failure, self._clock(), self._grant.name, rotated=bool(rotated))
-        return await self._publish(right, token, rotated=bool(rotated))
+            return self._failures.failed(
+                failure, self._clock(), self._grant.name, rotated=bool(rotated), duration=time.perf_counter() - timer
+            )
+        return await self._publish(right, token, rotated=bool(rotated), timer=timer)
 
     def _token_from(self, response: TokenResponse, started: float) -> Token:
         """The next Token from a token answer, or GrantError when the answer cannot give one."""
@@ -375,31 +385,52 @@ class TokenManager:
         except RefreshRightLost:
             logger.error("lost the right to refresh before saving; the new token is kept in memory only")
 
-    async def _publish(self, right: RefreshRight, token: Token, *, rotated: bool) -> Token:
+    async def _publish(self, right: RefreshRight, token: Token, *, rotated: bool, timer: float) -> Token:
         # Saved before it is published, so a rotated refresh token survives a crash.
         await self._save(right, self._state(token))
         self._token = token
         self._generation = token.generation
         self._failures.succeeded()
+        duration = time.perf_counter() - timer
+        expires_in = token.expires_at - self._clock()
         logger.info(
-            "refresh ok grant=%s token=%s generation=%d expires_in=%.0fs rotated=%s",
+            "refresh ok grant=%s token=%s generation=%d expires_in=%.0fs rotated=%s duration=%.1fms",
             self._grant.name,
             token.fingerprint,
             token.generation,
-            token.expires_at - self._clock(),
+            expires_in,
             "yes" if rotated else "no",
+            duration * 1000.0,
+            extra=refresh_fields(
+                self._grant.name,
+                "ok",
+                fingerprint=token.fingerprint,
+                generation=token.generation,
+                expires_in=expires_in,
+                duration=duration,
+                rotated=rotated,
+            ),
         )
         return token
 
-    def _adopt(self, token: Token) -> Token:
+    def _adopt(self, token: Token, duration: float) -> Token:
         """Publish a token a peer fetched and saved: the endpoint is not called, nothing is saved again."""
         self._token = token
         self._failures.succeeded()
+        expires_in = token.expires_at - self._clock()
         logger.info(
             "adopted token %s generation %d that another process fetched, expires_in=%.0fs",
             token.fingerprint,
             token.generation,
-            token.expires_at - self._clock(),
+            expires_in,
+            extra=refresh_fields(
+                self._grant.name,
+                "adopted",
+                fingerprint=token.fingerprint,
+                generation=token.generation,
+                expires_in=expires_in,
+                duration=duration,
+            ),
         )
         return token
 
