@@ -67,9 +67,16 @@ class FailureState:
         is under way (one that is, started before the failure state said no).
         """
         if self._final is not None:
+            logger.debug("no refresh: the last one failed for good (%s); reload the config", self._final.detail)
             raise self._final.again()
         if not refreshing and now < self._backoff_until:
             last = self._last_error.detail if self._last_error else "the last refresh failed"
+            logger.debug(
+                "no refresh: backing off for %.1fs after %d failed refreshes (%s)",
+                self._backoff_until - now,
+                self._failures,
+                last,
+            )
             raise TokenUnavailable(
                 f"{last}; next attempt in {self._backoff_until - now:.1f}s",
                 retry_after=math.ceil(self._backoff_until - now),

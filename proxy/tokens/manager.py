@@ -26,6 +26,7 @@ from ..core.token import Token, expiry_of, fingerprint, lifetime_floor, lifetime
 from ..observe.log import refresh_fields
 from ..observe.metrics import NULL_METRICS, Recorder
 from .coordination import Coordination, CoordinationUnavailable, InProcessCoordination, RefreshRight, RefreshRightLost
+from .explain import renewal_reason, why_wait
 from .failures import FailureState
 from .flight import Outcome, SingleFlight
 from .store import SavedState, Store
@@ -179,6 +180,15 @@ class TokenManager:
             if token.generation <= self._rejected and self._flight.running:
                 return await self._await_refresh()
             if now >= token.refresh_at and not self._flight.running and self._may_refresh(now):
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug(
+                        "refresh starts grant=%s: token %s generation %d expires in %.0fs (token.refresh_before %gs)",
+                        self._grant.name,
+                        token.fingerprint,
+                        token.generation,
+                        token.expires_at - now,
+                        self._policy.refresh_before,
+                    )
                 self._flight.start()
             return token
         return await self._await_refresh()
@@ -192,6 +202,10 @@ class TokenManager:
         decision = decide_renewal(
             seen.generation, self._token, self._clock(), self._policy.min_refresh_interval, challenge_error
         )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s", renewal_reason(decision, seen, self._token, challenge_error, self._policy.min_refresh_interval)
+            )
         if decision is Renewal.REFRESH:
             self._rejected = max(self._rejected, seen.generation)
         try:
@@ -207,6 +221,10 @@ class TokenManager:
         """Start a refresh for a rejected token without waiting for it (the body could not be replayed)."""
         now = self._clock()
         decision = decide_renewal(seen.generation, self._token, now, self._policy.min_refresh_interval, challenge_error)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s", renewal_reason(decision, seen, self._token, challenge_error, self._policy.min_refresh_interval)
+            )
         if decision is not Renewal.REFRESH:
             return
         self._rejected = max(self._rejected, seen.generation)
@@ -250,6 +268,10 @@ class TokenManager:
         if flight.closed:
             raise ShuttingDown("tokenproxy is shutting down")
         self._failures.refuse(self._clock(), refreshing=flight.running)
+        if not flight.running and logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "refresh starts grant=%s: %s", self._grant.name, why_wait(self._token, self._rejected, self._clock())
+            )
         policy = self._policy
         return await flight.join(max_waiting=policy.max_waiting, wait_timeout=policy.wait_timeout)
 
