@@ -14,9 +14,12 @@ import logging
 import math
 import secrets
 import signal
+import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -41,13 +44,47 @@ async def _start(app: web.Application, host: str = "127.0.0.1", port: int = 0) -
     return runner, runner.addresses[0][1]
 
 
-async def run_demo(listen: str, lifetime: float, state_dir: Path | None, *, burst: int = 0) -> bool:
-    """Start the three servers and print what to try; run until Ctrl-C, or fire a burst.
+def try_block(api_port: int, proxy_port: int, lifetime: float) -> str:
+    """The `Try:` lines: three commands, their comments in one column."""
+    lines = [
+        (f"curl -i http://127.0.0.1:{api_port}/hello", "straight to the API: 401"),
+        (f"curl -i http://127.0.0.1:{proxy_port}/hello", "through the proxy: 200"),
+        (f"sleep {lifetime + 1:g}; curl http://127.0.0.1:{proxy_port}/hello", "after expiry: still 200"),
+    ]
+    width = max(len(command) for command, _ in lines)
+    return "".join(f"  {command:<{width}}   # {comment}\n" for command, comment in lines)
 
-    With `burst` > 0: wait for the demo token to expire, send that many
-    concurrent requests through the proxy, print a summary, and return True
-    only if all succeeded with exactly one refresh.
+
+async def run_demo(listen: str, lifetime: float, state_dir: Path | None, *, burst: int = 0) -> int:
+    """Start the three servers and print what to try; run until Ctrl-C, or fire a burst. The exit status.
+
+    Without a burst: 0 when stopped by Ctrl-C or SIGTERM. With `burst` > 0:
+    wait for the demo token to expire, send that many concurrent requests
+    through the proxy, print a summary; 0 only if all succeeded with exactly
+    one refresh, else 1; stopped by a signal first, 128 + its number (130 for Ctrl-C).
     """
+    loop = asyncio.get_running_loop()
+    stopped_by: list[int] = []
+    stop = asyncio.Event()
+
+    def on_signal(sig: int) -> None:
+        stopped_by.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        passed = await _serve_demo(listen, lifetime, state_dir, burst, stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if burst > 0 and stopped_by:
+        return 128 + stopped_by[0]
+    return 0 if passed else 1
+
+
+async def _serve_demo(listen: str, lifetime: float, state_dir: Path | None, burst: int, stop: asyncio.Event) -> bool:
+    """The servers, up until `stop` is set or the burst is over; True unless the burst failed."""
     ok = True
     signing_key = secrets.token_hex(32)
     auth = TokenServer(
@@ -94,23 +131,18 @@ async def run_demo(listen: str, lifetime: float, state_dir: Path | None, *, burs
                 f"  token server  http://127.0.0.1:{auth_port}/oauth/token  (tokens live {lifetime:g}s, "
                 f"refresh tokens rotate)\n"
                 f"  demo API      http://127.0.0.1:{api_port}/  (answers 401 without a valid token)\n"
-                f"  proxy         http://127.0.0.1:{proxy_port}/\n\n"
-                f"Try:\n"
-                f"  curl -i http://127.0.0.1:{api_port}/hello        # straight to the API: 401\n"
-                f"  curl -i http://127.0.0.1:{proxy_port}/hello      # through the proxy: 200\n"
-                f"  sleep {lifetime + 1:g}; curl http://127.0.0.1:{proxy_port}/hello   "
-                f"# after expiry: still 200\n\n"
-                f"PROXY_URL=http://127.0.0.1:{proxy_port}\n"
-                f"Press Ctrl-C to stop.",
+                f"  proxy         http://127.0.0.1:{proxy_port}/\n",
                 flush=True,
             )
             if burst > 0:
-                ok = await run_burst(f"http://127.0.0.1:{proxy_port}", auth, burst, lifetime)
+                ok = await _until_stopped(run_burst(f"http://127.0.0.1:{proxy_port}", auth, burst, lifetime), stop)
             else:
-                stop = asyncio.Event()
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, stop.set)
+                print(
+                    f"Try:\n{try_block(api_port, proxy_port, lifetime)}\n"
+                    f"PROXY_URL=http://127.0.0.1:{proxy_port}\n"
+                    f"Press Ctrl-C to stop.",
+                    flush=True,
+                )
                 await stop.wait()
             logger.info("demo stopping; token server saw %d calls", auth.count)
         finally:
@@ -119,11 +151,31 @@ async def run_demo(listen: str, lifetime: float, state_dir: Path | None, *, burs
     return ok
 
 
+async def _until_stopped(work: Coroutine[Any, Any, bool], stop: asyncio.Event) -> bool:
+    """Run `work` to its end, or cancel it when `stop` is set first (then False)."""
+    task = asyncio.create_task(work)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopper):
+            pending.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+    if task.cancelled():
+        if sys.stdout.isatty():
+            print(flush=True)  # end the progress line that was being drawn
+        return False
+    return task.result()
+
+
 def progress(label: str, done: float, total: float, suffix: str = "", width: int = 30) -> None:
-    """Draw (or redraw) a one-line progress bar on standard output."""
+    """Draw (or redraw) a one-line progress bar on standard output; not a terminal: only the finished bar."""
+    if done < total and not sys.stdout.isatty():
+        return
     filled = int(width * min(1.0, done / total)) if total else width
     end = "\n" if done >= total else ""
-    print(f"\r{label:<28} [{'#' * filled}{'.' * (width - filled)}] {suffix}", end=end, flush=True)
+    start = "\r" if sys.stdout.isatty() else ""
+    print(f"{start}{label:<28} [{'#' * filled}{'.' * (width - filled)}] {suffix}", end=end, flush=True)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -142,6 +194,8 @@ async def run_burst(proxy_url: str, auth: TokenServer, count: int, lifetime: flo
                 print(f"warm-up request failed: {resp.status}")
                 return False
         expires_in = float(warm["token_expires_in"]) + 0.2
+        if not sys.stdout.isatty():
+            print(f"waiting {expires_in:.1f}s for the token to expire", flush=True)
         started = time.monotonic()
         while (elapsed := time.monotonic() - started) < expires_in:
             progress("waiting for the token to expire", elapsed, expires_in, f"{expires_in - elapsed:4.1f}s")

@@ -222,8 +222,7 @@ def demo(listen: str, lifetime: float, state_dir: str | None, burst: int) -> Non
     setup_logging("warning" if burst else "info", "text")
     if state_dir:
         _refuse_unsafe_state(str(Path(state_dir) / "state.json"), "demo")
-    ok = asyncio.run(run_demo(listen, lifetime, Path(state_dir) if state_dir else None, burst=burst))
-    sys.exit(0 if ok else 1)
+    sys.exit(asyncio.run(run_demo(listen, lifetime, Path(state_dir) if state_dir else None, burst=burst)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -79,6 +79,12 @@ def refuse_unwritable(request: web.BaseRequest, reason: str, headers: Iterable[t
     raise UpstreamUnreachable(f"the upstream's answer cannot be relayed: a control character in {where}")
 
 
+def _log_not_resent(request: web.BaseRequest, status: int, why: str) -> None:
+    """The debug line for a refresh status handed to the client as it is."""
+    path = request.raw_path.partition("?")[0]
+    logger.debug("not resending %s %s: %s; the %d is passed on", request.method, path, why, status)
+
+
 class _RelayedResponse(web.StreamResponse):
     """A StreamResponse that adds no Content-Type or Server header the upstream did not send."""
 
@@ -130,8 +136,8 @@ class Forwarder:
 
     async def handle(self, request: web.BaseRequest, route: Route) -> web.StreamResponse:
         """Forward one client request along `route` and relay the answer; never raises for the client to see."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # Not loop.time(): uvloop's clock ticks in whole milliseconds, too coarse for the access line.
+        started = time.perf_counter()
         state = _Journey()
         status = 500
         try:
@@ -165,7 +171,7 @@ class Forwarder:
                 request.method,
                 request.raw_path.partition("?")[0],
                 status,
-                loop.time() - started,
+                time.perf_counter() - started,
                 state.resent,
                 state.generation,
             )
@@ -197,15 +203,30 @@ class Forwarder:
             if isinstance(kept, web.Response):
                 renewed = await tokens.renew(token, challenge)
                 if renewed is None:
+                    if logger.isEnabledFor(logging.DEBUG):
+                        _log_not_resent(request, kept.status, "no new token to resend with")
                     refuse_unwritable(request, kept.reason, kept.headers.items())
                     self._metrics.rejection_passed_through()
                     return kept
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug(
+                        "resending %s %s with token %s generation %d after %d to generation %d",
+                        request.method,
+                        request.raw_path.partition("?")[0],
+                        renewed.fingerprint,
+                        renewed.generation,
+                        kept.status,
+                        token.generation,
+                    )
                 self._metrics.resent()
                 state.resent = True
                 state.generation = renewed.generation
                 upstream = await self._send(outgoing, renewed)
             else:
                 # Not replayable: the client gets this answer, and its own retry a new token.
+                if logger.isEnabledFor(logging.DEBUG):
+                    why = "the answer is too large to hold" if body.replayable else "the request body was streamed"
+                    _log_not_resent(request, upstream.status, why)
                 tokens.renew_later(token, challenge)
                 self._metrics.rejection_passed_through()
                 prefix = kept or b""

@@ -117,3 +117,32 @@ def access_line(
             "generation": generation,
         },
     )
+
+
+def refresh_fields(
+    grant: str,
+    result: str,
+    *,
+    fingerprint: str | None = None,
+    generation: int | None = None,
+    expires_in: float | None = None,
+    duration: float | None = None,
+    **more: object,
+) -> dict[str, object]:
+    """The structured fields of a refresh log line (keys of its JSON object), never a token: only its fingerprint.
+
+    `result` is "ok", "adopted" or the error code; `expires_in` is in seconds,
+    `duration` (seconds, logged as `duration_ms` like the access line's) is
+    how long the refresh took. Keys without a value are written as null, so
+    every refresh line has the same keys.
+    """
+    return {
+        "grant": grant,
+        "result": result,
+        "fingerprint": fingerprint,
+        "generation": generation,
+        "expires_in": None if expires_in is None else round(expires_in, 1),
+        "duration_ms": None if duration is None else round(duration * 1000.0, 1),
+        **more,
+    }
+

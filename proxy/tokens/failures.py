@@ -15,6 +15,7 @@ import math
 
 from ..core.errors import FailureKind, GrantError, LoginRequired, ProxyError, TokenUnavailable
 from ..core.renewal import backoff_delay
+from ..observe.log import refresh_fields
 
 logger = logging.getLogger("tokenproxy.tokens")
 
@@ -66,9 +67,16 @@ class FailureState:
         is under way (one that is, started before the failure state said no).
         """
         if self._final is not None:
+            logger.debug("no refresh: the last one failed for good (%s); reload the config", self._final.detail)
             raise self._final.again()
         if not refreshing and now < self._backoff_until:
             last = self._last_error.detail if self._last_error else "the last refresh failed"
+            logger.debug(
+                "no refresh: backing off for %.1fs after %d failed refreshes (%s)",
+                self._backoff_until - now,
+                self._failures,
+                last,
+            )
             raise TokenUnavailable(
                 f"{last}; next attempt in {self._backoff_until - now:.1f}s",
                 retry_after=math.ceil(self._backoff_until - now),
@@ -80,11 +88,11 @@ class FailureState:
         self._backoff_until = 0.0
         self._last_error = None
 
-    def failed(self, exc: GrantError, now: float, grant: str, *, rotated: bool) -> ProxyError:
+    def failed(self, exc: GrantError, now: float, grant: str, *, rotated: bool, duration: float) -> ProxyError:
         """Record a failed refresh and log it; the error its waiters get.
 
         A transient failure backs off exponentially (capped); any other kind
-        is final until a reload.
+        is final until a reload. `duration` is how long the refresh took, for the log line.
         """
         error: ProxyError
         if exc.kind is not FailureKind.TRANSIENT:
@@ -94,7 +102,12 @@ class FailureState:
                 else TokenUnavailable(f"{exc.reason}; fix the configuration and restart")
             )
             self._final = error
-            logger.error("refresh failed for good grant=%s reason=%s", grant, exc.reason)
+            logger.error(
+                "refresh failed for good grant=%s reason=%s",
+                grant,
+                exc.reason,
+                extra=refresh_fields(grant, error.code, duration=duration, reason=exc.reason, rotated=rotated),
+            )
         else:
             self._failures += 1
             delay = backoff_delay(self._failures, self._backoff_initial, self._backoff_max)
@@ -107,6 +120,15 @@ class FailureState:
                 self._failures,
                 delay,
                 "yes (kept for the next refresh)" if rotated else "no",
+                extra=refresh_fields(
+                    grant,
+                    error.code,
+                    duration=duration,
+                    reason=exc.reason,
+                    failures=self._failures,
+                    retry_in=delay,
+                    rotated=rotated,
+                ),
             )
         self._last_error = error
         return error

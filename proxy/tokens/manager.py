@@ -24,9 +24,11 @@ from ..auth.protocol import RequestShape
 from ..core.errors import GrantError, LoginRequired, ShuttingDown, TokenUnavailable
 from ..core.renewal import Renewal, decide_renewal
 from ..core.token import Token, expiry_of, fingerprint, lifetime_floor, lifetime_warning, make_token, sendable
+from ..observe.log import refresh_fields
 from ..observe.metrics import NULL_METRICS, Recorder
 from .change import Reconfigured, TokenChange, decide_change
 from .coordination import Coordination, CoordinationUnavailable, InProcessCoordination, RefreshRight, RefreshRightLost
+from .explain import renewal_reason, why_wait
 from .failures import FailureState
 from .flight import Outcome, SingleFlight
 from .store import SavedState, Store
@@ -209,6 +211,15 @@ class TokenManager:
             if token.generation <= self._rejected and self._flight.running:
                 return await self._await_refresh()
             if now >= token.refresh_at and not self._flight.running and self._may_refresh(now):
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug(
+                        "refresh starts grant=%s: token %s generation %d expires in %.0fs (token.refresh_before %gs)",
+                        self._grant.name,
+                        token.fingerprint,
+                        token.generation,
+                        token.expires_at - now,
+                        self._policy.refresh_before,
+                    )
                 self._flight.start()
             return token
         return await self._await_refresh()
@@ -233,6 +244,10 @@ class TokenManager:
         decision = decide_renewal(
             seen.generation, self._token, self._clock(), self._policy.min_refresh_interval, challenge_error
         )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s", renewal_reason(decision, seen, self._token, challenge_error, self._policy.min_refresh_interval)
+            )
         if decision is Renewal.REFRESH:
             self._rejected = max(self._rejected, seen.generation)
         try:
@@ -248,6 +263,10 @@ class TokenManager:
         """Start a refresh for a rejected token without waiting for it (the body could not be replayed)."""
         now = self._clock()
         decision = decide_renewal(seen.generation, self._token, now, self._policy.min_refresh_interval, challenge_error)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s", renewal_reason(decision, seen, self._token, challenge_error, self._policy.min_refresh_interval)
+            )
         if decision is not Renewal.REFRESH:
             return
         self._rejected = max(self._rejected, seen.generation)
@@ -292,6 +311,10 @@ class TokenManager:
         if flight.closed:
             raise ShuttingDown("tokenproxy is shutting down")
         self._failures.refuse(self._clock(), refreshing=flight.running)
+        if not flight.running and logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "refresh starts grant=%s: %s", self._grant.name, why_wait(self._token, self._rejected, self._clock())
+            )
         policy = self._policy
         return await flight.join(max_waiting=policy.max_waiting, wait_timeout=policy.wait_timeout)
 
@@ -322,14 +345,21 @@ class TokenManager:
         login, reshaped = self._login, self._reshaped
         try:
             async with self._coordination.refresh_right(self._credential) as right:
-                result = await self._fetch_and_publish(right, login, reshaped)
+                result = await self._fetch_and_publish(right, login, reshaped, timer)
         except CoordinationUnavailable as exc:
-            result = self._failures.failed(GrantError(exc.reason), self._clock(), self._grant.name, rotated=False)
+            result = self._failures.failed(
+                GrantError(exc.reason),
+                self._clock(),
+                self._grant.name,
+                rotated=False,
+                duration=time.perf_counter() - timer,
+            )
         outcome = "ok" if isinstance(result, Token) else result.code
         self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
         return result
 
-    async def _fetch_and_publish(self, right: RefreshRight, login: int, reshaped: int) -> Outcome:
+    async def _fetch_and_publish(self, right: RefreshRight, login: int, reshaped: int, timer: float) -> Outcome:
+        """Fetch a token (or adopt a peer's), save and publish it; `timer` is the refresh's perf_counter start."""
         fetch_required, self._fetch_required = self._fetch_required, False
         peer = await right.peer_state()
         started = self._clock()
@@ -337,7 +367,7 @@ class TokenManager:
             # A peer refreshed while this process waited for the right, spending the refresh token held here.
             self._take_chain(peer)
             if not fetch_required and peer.access_token and (adopted := self._token_of(peer)).usable_at(started):
-                return self._adopt(adopted)
+                return self._adopt(adopted, time.perf_counter() - timer)
         response: TokenResponse | None = None
         error: GrantError | None = None
         rotated: str | None = None
@@ -388,8 +418,10 @@ class TokenManager:
                 # Persisted with the current token (if any), so a restart presents it too.
                 await self._save(right, self._state(self._token))
             failure = error or GrantError("no token in the answer")
-            return self._failures.failed(failure, self._clock(), self._grant.name, rotated=bool(rotated))
-        return await self._publish(right, token, rotated=bool(rotated))
+            return self._failures.failed(
+                failure, self._clock(), self._grant.name, rotated=bool(rotated), duration=time.perf_counter() - timer
+            )
+        return await self._publish(right, token, rotated=bool(rotated), timer=timer)
 
     def _token_from(self, response: TokenResponse, started: float) -> Token:
         """The next Token from a token answer, or GrantError when the answer cannot give one."""
@@ -425,33 +457,54 @@ class TokenManager:
         except RefreshRightLost:
             logger.error("lost the right to refresh before saving; the new token is kept in memory only")
 
-    async def _publish(self, right: RefreshRight, token: Token, *, rotated: bool) -> Token:
+    async def _publish(self, right: RefreshRight, token: Token, *, rotated: bool, timer: float) -> Token:
         # Saved before it is published, so a rotated refresh token survives a crash.
         await self._save(right, self._state(token))
         self._token = token
         self._generation = token.generation
         self._obtained = True
         self._failures.succeeded()
+        duration = time.perf_counter() - timer
+        expires_in = token.expires_at - self._clock()
         logger.info(
-            "refresh ok grant=%s token=%s generation=%d expires_in=%.0fs rotated=%s",
+            "refresh ok grant=%s token=%s generation=%d expires_in=%.0fs rotated=%s duration=%.1fms",
             self._grant.name,
             token.fingerprint,
             token.generation,
-            token.expires_at - self._clock(),
+            expires_in,
             "yes" if rotated else "no",
+            duration * 1000.0,
+            extra=refresh_fields(
+                self._grant.name,
+                "ok",
+                fingerprint=token.fingerprint,
+                generation=token.generation,
+                expires_in=expires_in,
+                duration=duration,
+                rotated=rotated,
+            ),
         )
         return token
 
-    def _adopt(self, token: Token) -> Token:
+    def _adopt(self, token: Token, duration: float) -> Token:
         """Publish a token a peer fetched and saved: the endpoint is not called, nothing is saved again."""
         self._token = token
         self._obtained = True
         self._failures.succeeded()
+        expires_in = token.expires_at - self._clock()
         logger.info(
             "adopted token %s generation %d that another process fetched, expires_in=%.0fs",
             token.fingerprint,
             token.generation,
-            token.expires_at - self._clock(),
+            expires_in,
+            extra=refresh_fields(
+                self._grant.name,
+                "adopted",
+                fingerprint=token.fingerprint,
+                generation=token.generation,
+                expires_in=expires_in,
+                duration=duration,
+            ),
         )
         return token
 

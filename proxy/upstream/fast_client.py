@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -29,6 +30,9 @@ from multidict import CIMultiDictProxy
 
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .model import BODYLESS_METHODS, Outgoing, RawHeaders, Upstream
+
+# Pool events (a connection opened, closed and why) at debug, behind a level check at each event, never per request.
+logger = logging.getLogger("tokenproxy.upstream")
 
 # The answer's StreamReader pauses the socket above twice this many buffered bytes (aiohttp's own default).
 READ_LIMIT = 2**16
@@ -59,6 +63,7 @@ class _Connection(BaseProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: _Pool) -> None:
         super().__init__(loop)
         self._pool = pool
+        self.close_reason: str | None = None  # why it was closed on our side, for the debug line; first one wins
         self.counted = True  # holds one of the pool's places until it is lost
         self.reusable = True
         self.lost = False
@@ -86,12 +91,12 @@ class _Connection(BaseProtocol):
         if parser is None:
             # Bytes while no request is under way: nothing on this connection can be trusted.
             if data:
-                self._drop()
+                self._drop("the upstream sent bytes while no request was under way")
             return
         if data:
             payload = self._payload
             if payload is not None and payload.is_eof():
-                self._drop()  # bytes after the whole answer: the connection is out of step
+                self._drop("the upstream sent bytes after the whole answer")
                 return
             self._received = True
             self._last_read = self._loop.time()
@@ -105,11 +110,11 @@ class _Connection(BaseProtocol):
                 continue  # informational (100 Continue, 103 Early Hints): the final answer follows
             answer = self._answer
             if answer is None or answer.done() or self._payload is not None:
-                # A second answer to one request: the connection is out of step.
-                self._drop()
+                self._drop("the upstream sent a second answer to one request")
                 return
             if message.should_close:
                 self.reusable = False
+                self.close_because("the upstream's answer said Connection: close")
             self._payload = payload
             answer.set_result((message, payload))
             if not self._timing:
@@ -147,6 +152,11 @@ class _Connection(BaseProtocol):
                 answer.set_exception(_ClosedUnanswered())
         super().connection_lost(exc)
         self._pool.forget(self)
+        if logger.isEnabledFor(logging.DEBUG):
+            why = self.close_reason
+            if why is None:
+                why = "the upstream closed it" if exc is None else f"lost: {getattr(exc, 'strerror', None) or 'reset'}"
+            logger.debug("upstream connection to %s closed: %s", self._pool.label, why)
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         """The reader caught up: time the upstream from now, not from before the pause."""
@@ -216,6 +226,7 @@ class _Connection(BaseProtocol):
         writer, self._writer = self._writer, None
         if writer is not None and not writer.done():
             self.reusable = False
+            self.close_because("the answer ended before the upload")
             writer.cancel()  # the answer is over; the rest of the upload goes nowhere
         payload = self._payload
         complete = payload is not None and payload.at_eof()
@@ -233,10 +244,16 @@ class _Connection(BaseProtocol):
             answer.set_exception(error)
         elif payload is not None and not payload.is_eof():
             payload.set_exception(error)
-        self._drop()
+        self._drop(error.detail)
 
-    def _drop(self) -> None:
+    def close_because(self, reason: str) -> None:
+        """Note why this connection is (about to be) closed on our side, unless a reason is noted already."""
+        if self.close_reason is None:
+            self.close_reason = reason
+
+    def _drop(self, reason: str) -> None:
         self.reusable = False
+        self.close_because(reason)
         _shut(self.transport)
 
     def _start_timer(self) -> None:
@@ -274,6 +291,7 @@ class _Pool:
         self, upstream: Upstream, *, limit: int, connect_timeout: float, read_timeout: float, tls: ssl.SSLContext | None
     ) -> None:
         self.read_timeout = read_timeout
+        self.label = f"{upstream.host}:{upstream.port}"  # for log lines
         self._host = upstream.host
         self._port = upstream.port
         self._tls = tls
@@ -344,11 +362,17 @@ class _Pool:
             if isinstance(exc, OSError):
                 raise UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})") from None
             raise
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("upstream connection to %s opened (%d of %d in use)", self.label, self._open, self._limit)
         return connection
 
     def release(self, connection: _Connection, *, reusable: bool) -> None:
         """Take a connection back after an exchange: to the next waiter, to the idle stack, or closed."""
         if not reusable or not connection.usable or self._closed:
+            if self._closed:
+                connection.close_because("the pool is closed (shutting down, or a reload changed the upstream)")
+            elif connection.usable:
+                connection.close_because("its answer was not read to the end (the client left, or an error)")
             connection.reusable = False
             _shut(connection.transport)
             # Its place is free now, not when the loss is reported: a close may wait on an upstream
@@ -392,6 +416,7 @@ class _Pool:
         now = asyncio.get_running_loop().time()
         while self._idle and self._idle[0].idle_since + IDLE_TIMEOUT <= now:
             stale = self._idle.popleft()
+            stale.close_because(f"idle for {IDLE_TIMEOUT:g}s")
             if stale.transport is not None:
                 stale.transport.close()
         if self._idle:
@@ -405,6 +430,7 @@ class _Pool:
             self._sweep = None
         while self._idle:
             connection = self._idle.pop()
+            connection.close_because("the pool is closed (shutting down, or a reload changed the upstream)")
             if connection.transport is not None:
                 connection.transport.close()
 
