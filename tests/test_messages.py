@@ -1,0 +1,134 @@
+"""What tokenproxy tells a person when something fails: the target named, the cause in words, nothing secret."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.core.causes import cause_in_words, safe_url
+from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
+from tests.helpers import run_cli, write_config
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def detail_of(resp: aiohttp.ClientResponse) -> str:
+    """The `detail` of one of tokenproxy's own JSON answers."""
+    body = json.loads(await resp.read())
+    assert body["error"] == resp.headers["X-Tokenproxy-Error"]
+    return str(body["detail"])
+
+
+# --- words for causes ---------------------------------------------------------------------------
+
+
+def test_safe_url_drops_userinfo_query_and_fragment_keeps_port() -> None:
+    """A URL in a message is scheme://host:port/path: no user, password, query or fragment."""
+    assert safe_url("https://user:pw@Login.Example.com/oauth/token?client_secret=s#x") == (
+        "https://login.example.com:443/oauth/token"
+    )
+    assert safe_url("http://[::1]:9/t") == "http://[::1]:9/t"
+
+
+def test_cause_in_words_reads_the_os_error_behind_a_wrapper() -> None:
+    """A wrapped OS error is told by what it is, never by the wrapper's class name."""
+
+    class WrapperError(Exception):
+        pass
+
+    def wrapped(inner: BaseException) -> BaseException:
+        try:
+            raise WrapperError("boom") from inner
+        except WrapperError as exc:
+            return exc
+
+    assert cause_in_words(wrapped(ConnectionRefusedError(111, "Connect call failed"))) == "connection refused"
+    assert cause_in_words(wrapped(ConnectionResetError(104, "x"))) == "connection reset"
+    assert cause_in_words(wrapped(socket.gaierror(-2, "Name or service not known")), host="nosuch.invalid") == (
+        "DNS lookup failed for nosuch.invalid (name or service not known)"
+    )
+    joined = OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 9), [Errno 111] Connect call failed")
+    assert cause_in_words(joined) == "connection refused"
+    assert cause_in_words(wrapped(TimeoutError()), timeout=2.5) == "timed out after 2.5 s"
+    assert cause_in_words(WrapperError("nothing underneath")) is None
+
+
+# --- the token endpoint ---------------------------------------------------------------------------
+
+
+async def test_check_token_endpoint_refused_names_url_and_cause(tmp_path: Path, token_server, api) -> None:
+    """`check` against a token URL nobody listens on says which URL and `connection refused`."""
+    port = closed_port()
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    path.write_text(
+        path.read_text().replace(f"{token_server.base_url}/oauth/token", f"http://127.0.0.1:{port}/oauth/token")
+    )
+    code, out, err = await run_cli("check", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    assert (code, out) == (1, ""), err
+    assert err == f"check: token_unavailable: token endpoint http://127.0.0.1:{port}/oauth/token: connection refused\n"
+
+
+async def test_token_endpoint_dns_failure_names_the_host(make_proxy: Any, client: aiohttp.ClientSession) -> None:
+    """A token URL whose host does not resolve: the 503 says the DNS lookup failed, naming the host."""
+    proxy = await make_proxy(token={"token_url": "http://nosuch.invalid/oauth/token"})
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 503
+        detail = await detail_of(resp)
+    assert detail.startswith(
+        "token endpoint http://nosuch.invalid:80/oauth/token: DNS lookup failed for nosuch.invalid"
+    ), detail
+    assert "Client" not in detail
+
+
+async def test_token_endpoint_timeout_names_seconds_and_key(
+    make_proxy: Any, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """A token endpoint that never answers: the 503 says it timed out after token.timeout seconds."""
+    token_server.mode = "hang"
+    proxy = await make_proxy(token={"timeout": 0.3})
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        detail = await detail_of(resp)
+    assert detail == f"token endpoint {token_server.base_url}/oauth/token: timed out after 0.3 s (token.timeout)"
+
+
+async def test_token_endpoint_html_404_named_by_content_type_body_never_echoed(
+    make_proxy: Any, aiohttp_server: Any, client: aiohttp.ClientSession
+) -> None:
+    """A token URL answering 404 with an HTML page: the status and content type are named, the page is not."""
+
+    async def not_found(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="<html>no such page: pg-7f3e</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/wrong/token")).rstrip("/")
+    proxy = await make_proxy(token={"token_url": url})
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        detail = await detail_of(resp)
+    assert detail.startswith(
+        f"{url.replace('http://', 'token endpoint http://')}: answered 404 with an HTML page (text/html), "
+        "not an OAuth error"
+    ), detail
+    assert "pg-7f3e" not in detail
+
+
+async def test_token_endpoint_500_names_url_and_status(
+    make_proxy: Any, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """A token endpoint answering 500: the 503 names the endpoint and the status it answered."""
+    token_server.mode = "500"
+    proxy = await make_proxy()
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        detail = await detail_of(resp)
+    assert detail == f"token endpoint {token_server.base_url}/oauth/token: answered 500"
