@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.core.causes import cause_in_words, safe_url
+from proxy.observe.ratelimit import LogLimiter
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
 from tests.helpers import run_cli, write_config
 
@@ -132,3 +135,69 @@ async def test_token_endpoint_500_names_url_and_status(
     async with client.get(f"{proxy.url}/echo/x") as resp:
         detail = await detail_of(resp)
     assert detail == f"token endpoint {token_server.base_url}/oauth/token: answered 500"
+
+
+# --- the upstream -------------------------------------------------------------------------------
+
+
+async def test_upstream_refused_502_names_origin_and_cause_no_path_or_query(
+    make_proxy: Any, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream nobody listens on: the 502 names its origin (no base path, no query) and `connection refused`."""
+    port = closed_port()
+    proxy = await make_proxy(upstream={"url": f"http://127.0.0.1:{port}/base"})
+    async with client.get(f"{proxy.url}/items?api_key=s3kr1t") as resp:
+        assert resp.status == 502
+        detail = await detail_of(resp)
+    assert detail == f"the upstream http://127.0.0.1:{port} could not be reached: connection refused"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tokenproxy.forward"]
+    assert warnings == [detail]
+    assert [r.levelno for r in caplog.records if r.name == "tokenproxy.forward"] == [logging.WARNING]
+    assert not [r for r in caplog.records if "s3kr1t" in r.getMessage()]
+
+
+async def test_upstream_failures_logged_once_per_reason_not_a_flood(
+    make_proxy: Any, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twenty refused requests in a row give twenty 502s and one warning line, not twenty."""
+    port = closed_port()
+    proxy = await make_proxy(upstream={"url": f"http://127.0.0.1:{port}"})
+    for _ in range(20):
+        async with client.get(f"{proxy.url}/x") as resp:
+            assert resp.status == 502
+    assert len([r for r in caplog.records if r.name == "tokenproxy.forward"]) == 1
+
+
+def test_log_limiter_counts_the_lines_left_out_in_the_next_one() -> None:
+    """Within the window a reason is written once; after it, the next line says how many were left out."""
+    now = [0.0]
+    limiter = LogLimiter(window=10.0, clock=lambda: now[0])
+    assert limiter.line("refused") == "refused"
+    assert [limiter.line("refused") for _ in range(3)] == [None, None, None]
+    assert limiter.line("reset") == "reset"  # another reason has its own window
+    now[0] = 10.0
+    assert limiter.line("refused") == "refused (3 more like it since the last such line)"
+    assert limiter.line("refused") is None
+
+
+async def test_upstream_read_timeout_504_names_seconds_and_key(
+    make_proxy: Any, api: Any, client: aiohttp.ClientSession
+) -> None:
+    """An upstream that does not answer in time: the 504 names its origin, the seconds and the key."""
+    proxy = await make_proxy(upstream={"read_timeout": 0.3})
+    async with client.get(f"{proxy.url}/hang") as resp:
+        assert resp.status == 504
+        detail = await detail_of(resp)
+    origin = api.base_url
+    assert detail == f"the upstream {origin} did not answer: timed out after 0.3 s (upstream.read_timeout)"
+
+
+async def test_upstream_dns_failure_502_names_the_host(make_proxy: Any, client: aiohttp.ClientSession) -> None:
+    """An upstream host that does not resolve: the 502 says the DNS lookup failed, naming the host."""
+    proxy = await make_proxy(upstream={"url": "http://nosuch.invalid:8080"})
+    async with client.get(f"{proxy.url}/x") as resp:
+        assert resp.status == 502
+        detail = await detail_of(resp)
+    assert detail.startswith(
+        "the upstream http://nosuch.invalid:8080 could not be reached: DNS lookup failed for nosuch.invalid ("
+    ), detail

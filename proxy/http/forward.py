@@ -18,10 +18,11 @@ from collections.abc import Iterable
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from ..core.errors import BadRequest, ProxyError, UpstreamUnreachable
+from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from ..core.token import Token
 from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
+from ..observe.ratelimit import LogLimiter
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 from .body import ReplayMemory, read_body
 from .headers import challenge_error, control_character_in, request_header_bytes, response_headers
@@ -122,6 +123,13 @@ class Forwarder:
         self._client = client
         self._memory = ReplayMemory(replay_memory)  # the bodies held for a resend, all requests together
         self._replay_wait = replay_wait  # how long a body may wait for room there before it streams
+        self._failures = LogLimiter()  # one warning per distinct upstream failure per 10 s, not a flood
+
+    def _upstream_failed(self, error: ProxyError) -> None:
+        """Log why the upstream failed (at warning), at most once per reason per window."""
+        line = self._failures.line(error.detail)
+        if line is not None:
+            logger.warning("%s", line)
 
     def reconfigure(self, *, upstream: Upstream, replay_memory: int) -> None:
         """Take reloaded settings shared by all requests; requests already under way keep their route."""
@@ -213,7 +221,11 @@ class Forwarder:
 
     async def _send(self, outgoing: Outgoing, token: Token) -> UpstreamAnswer:
         started = time.perf_counter()
-        answer = await self._client.send(outgoing, token.header)
+        try:
+            answer = await self._client.send(outgoing, token.header)
+        except (UpstreamUnreachable, UpstreamTimeout) as error:
+            self._upstream_failed(error)
+            raise
         self._metrics.upstream_answered(time.perf_counter() - started)
         return answer
 
@@ -232,9 +244,11 @@ class Forwarder:
                 if not chunk:
                     break
                 buffer += chunk
-        except BaseException:
+        except BaseException as error:
             # Failed, or cancelled (the client left): the half-read connection must not be held or pooled.
             upstream.close()
+            if isinstance(error, (UpstreamUnreachable, UpstreamTimeout)):
+                self._upstream_failed(error)
             raise
         if len(buffer) > REJECTION_BODY_LIMIT:
             return bytes(buffer)
