@@ -201,3 +201,33 @@ async def test_upstream_dns_failure_502_names_the_host(make_proxy: Any, client: 
     assert detail.startswith(
         "the upstream http://nosuch.invalid:8080 could not be reached: DNS lookup failed for nosuch.invalid ("
     ), detail
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+async def test_run_listen_address_in_use_names_the_address(tmp_path: Path, token_server, api) -> None:
+    """`run` on a port another socket holds: exit 1, `cannot listen on HOST:PORT: address already in use`."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+        path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+        code, _, err = await run_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    assert code == 1, err
+    assert err.splitlines()[-1] == f"tokenproxy: cannot listen on 127.0.0.1:{port}: address already in use"
+
+
+async def test_run_admin_address_in_use_names_the_admin_address(tmp_path: Path, token_server, api) -> None:
+    """`run` whose admin port another socket holds: the message names the admin address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        path = write_config(
+            tmp_path / "c.toml", token_server, api, tmp_path / "s.json", server=f'admin_listen = "127.0.0.1:{port}"'
+        )
+        code, _, err = await run_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    assert code == 1, err
+    assert err.splitlines()[-1] == f"tokenproxy: cannot listen on 127.0.0.1:{port}: address already in use"

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from ..config import Config, ConfigError, config_file_warnings, find_config_path, load_config, secrets_of
+from ..core.causes import cause_in_words
 from ..core.errors import ProxyError
 from ..observe.log import setup_logging
 from ..tokens.store import FileStore, UnsafeStateError
@@ -79,7 +80,7 @@ def main() -> None:
 )
 def run(config_path: str | None, listen: str | None, upstream: str | None, log_level: str | None) -> None:
     """Run the proxy until Ctrl-C or SIGTERM."""
-    from ..runtime.serve import event_loop_factory, serve
+    from ..runtime.serve import ListenError, event_loop_factory, serve
 
     overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
     config = _load(config_path, overrides)
@@ -97,8 +98,11 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
             runner.run(serve(config, reload))
     except UnsafeStateError as error:  # made unsafe after the check above
         _fail_state(error, "tokenproxy")
+    except ListenError as error:
+        click.echo(f"tokenproxy: {error}", err=True)
+        sys.exit(1)
     except OSError as exc:
-        click.echo(f"tokenproxy: cannot listen: {exc.strerror}", err=True)
+        click.echo(f"tokenproxy: {cause_in_words(exc) or exc}", err=True)
         sys.exit(1)
     except ProxyError as error:
         # server.fetch_on_start: no first token, so no listener either.
