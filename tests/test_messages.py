@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from aiohttp import web
 from proxy.core.causes import cause_in_words, safe_url
 from proxy.observe.ratelimit import LogLimiter
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
-from tests.helpers import run_cli, write_config
+from tests.helpers import TOKENPROXY, run_cli, write_config
 
 
 def closed_port() -> int:
@@ -231,3 +233,24 @@ async def test_run_admin_address_in_use_names_the_admin_address(tmp_path: Path, 
         code, _, err = await run_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
     assert code == 1, err
     assert err.splitlines()[-1] == f"tokenproxy: cannot listen on 127.0.0.1:{port}: address already in use"
+
+
+async def test_run_without_config_file_says_none_was_found_and_where_it_looked(tmp_path: Path) -> None:
+    """`run` in a folder without tokenproxy.toml: the first line says no config file was found and where it looked."""
+    env = {"TOKENPROXY_CONFIG": ""}
+    proc = await asyncio.create_subprocess_exec(
+        *TOKENPROXY,
+        "run",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = err.decode().splitlines()
+    assert (proc.returncode, out) == (2, b"")
+    assert lines[0] == (
+        "config: no config file found: no -c FILE given, $TOKENPROXY_CONFIG is not set, "
+        f"and there is no tokenproxy.toml in {tmp_path}"
+    )
+    assert "config: upstream.url: is required" in lines[1:]

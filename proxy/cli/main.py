@@ -30,10 +30,21 @@ def _file_warnings(config_path: str | None) -> list[str]:
     return config_file_warnings(find_config_path(config_path, os.environ))
 
 
+def _no_config_file() -> str:
+    """Where `find_config_path` looked when it found no file, for the line ahead of the problems."""
+    return (
+        "config: no config file found: no -c FILE given, $TOKENPROXY_CONFIG is not set, "
+        f"and there is no tokenproxy.toml in {Path.cwd()}"
+    )
+
+
 def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    path = find_config_path(config_path, os.environ)
     try:
-        return load_config(find_config_path(config_path, os.environ), overrides)
+        return load_config(path, overrides)
     except ConfigError as error:
+        if path is None:
+            click.echo(_no_config_file(), err=True)
         _fail_config(error)
 
 
