@@ -254,3 +254,38 @@ async def test_run_without_config_file_says_none_was_found_and_where_it_looked(t
         f"and there is no tokenproxy.toml in {tmp_path}"
     )
     assert "config: upstream.url: is required" in lines[1:]
+
+
+# --- the request names another host ------------------------------------------------------------------
+
+
+async def test_client_with_proxy_as_http_proxy_and_base_url_gets_the_likely_cause(
+    make_proxy: Any, api: Any, client: aiohttp.ClientSession
+) -> None:
+    """HTTP_PROXY and the base URL both pointing at the proxy: the 400 says so and how to fix it."""
+    proxy = await make_proxy()
+    async with client.get(f"{proxy.url}/echo/x", proxy=proxy.url) as resp:
+        assert resp.status == 400
+        detail = await detail_of(resp)
+    assert detail == (
+        "the request names the proxy itself as its host (an absolute-form target): the client likely has the proxy "
+        "both as its HTTP_PROXY and as its base URL; if the client uses the proxy as HTTP_PROXY, give it the "
+        "upstream's URL as its base URL, or point the base URL at the proxy without HTTP_PROXY"
+    )
+    assert api.requests == 0
+
+
+async def test_client_with_proxy_as_http_proxy_for_another_host_gets_the_hint(
+    make_proxy: Any, api: Any, client: aiohttp.ClientSession
+) -> None:
+    """The proxy used as HTTP_PROXY for a host other than the upstream: the 400 adds the likely fix."""
+    proxy = await make_proxy()
+    async with client.get("http://other.example/echo/x?q=1", proxy=proxy.url) as resp:
+        assert resp.status == 400
+        detail = await detail_of(resp)
+    assert detail == (
+        "the request names another host than the upstream; tokenproxy forwards only there; if the client uses the "
+        "proxy as HTTP_PROXY, give it the upstream's URL as its base URL, or point the base URL at the proxy without "
+        "HTTP_PROXY"
+    )
+    assert api.requests == 0

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
+from yarl import URL
 
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from ..core.token import Token
@@ -78,6 +79,42 @@ def refuse_unwritable(request: web.BaseRequest, reason: str, headers: Iterable[t
         where,
     )
     raise UpstreamUnreachable(f"the upstream's answer cannot be relayed: a control character in {where}")
+
+
+# The likely fix when a client sends an absolute-form target (it treats tokenproxy as its HTTP proxy).
+_PROXY_HINT = (
+    "if the client uses the proxy as HTTP_PROXY, give it the upstream's URL as its base URL, "
+    "or point the base URL at the proxy without HTTP_PROXY"
+)
+
+
+def another_host_detail(request: web.BaseRequest, target: str) -> str:
+    """The 400's detail for an absolute-form target naming another host than the upstream, with the likely cause.
+
+    A target naming the proxy's own address means the client has the proxy
+    both as its HTTP_PROXY and as its base URL. Called on that failure only.
+    """
+    if _names_this_proxy(request, target):
+        return (
+            "the request names the proxy itself as its host (an absolute-form target): the client likely has "
+            f"the proxy both as its HTTP_PROXY and as its base URL; {_PROXY_HINT}"
+        )
+    return f"the request names another host than the upstream; tokenproxy forwards only there; {_PROXY_HINT}"
+
+
+def _names_this_proxy(request: web.BaseRequest, target: str) -> bool:
+    """True when an absolute-form `target` names the address the request came in on."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return False
+    try:
+        url = URL(target)
+    except ValueError:
+        return False
+    host = (url.host or "").lower()
+    local = str(sockname[0]).lower()
+    same_host = host == local or (host == "localhost" and local in ("127.0.0.1", "::1"))
+    return same_host and url.port == sockname[1]
 
 
 class _RelayedResponse(web.StreamResponse):
@@ -187,7 +224,7 @@ class Forwarder:
         if not target.startswith("/"):
             origin_form = route.upstream.origin_form_of(target)
             if origin_form is None:
-                raise BadRequest("the request names another host than the upstream; tokenproxy forwards only there")
+                raise BadRequest(another_host_detail(request, target))
             target = origin_form
         headers = request_header_bytes(request.raw_headers, route.drop)
         body = await read_body(request, route.replay_limit, self._memory, self._replay_wait)
