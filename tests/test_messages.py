@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import logging
 import os
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from proxy.core.causes import cause_in_words, safe_url
 from proxy.observe.ratelimit import LogLimiter
@@ -289,3 +296,47 @@ async def test_client_with_proxy_as_http_proxy_for_another_host_gets_the_hint(
         "HTTP_PROXY"
     )
     assert api.requests == 0
+
+
+def self_signed_tls(tmp_path: Path) -> ssl.SSLContext:
+    """A server TLS context with a certificate for 127.0.0.1 that no one trusts (self-signed)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def test_upstream_untrusted_certificate_502_says_so(
+    make_proxy: Any, aiohttp_server: Any, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """An https upstream whose certificate is not trusted: the 502 says `TLS certificate not trusted`."""
+    app = web.Application()
+    server = await aiohttp_server(app, ssl=self_signed_tls(tmp_path))
+    proxy = await make_proxy(upstream={"url": f"https://127.0.0.1:{server.port}"})
+    async with client.get(f"{proxy.url}/x") as resp:
+        assert resp.status == 502
+        detail = await detail_of(resp)
+    assert detail == (
+        f"the upstream https://127.0.0.1:{server.port} could not be reached: "
+        "TLS certificate not trusted (self-signed certificate)"
+    )

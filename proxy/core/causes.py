@@ -45,11 +45,13 @@ def _errno_words(number: int) -> str | None:
     return _lower_first(text)
 
 
-def _tls_words(exc: ssl.SSLError) -> str:
+def _tls_words(exc: ssl.SSLError) -> str | None:
+    if isinstance(exc.__cause__, ssl.SSLError):
+        return None  # a wrapper that is also an SSLError (aiohttp's): the one underneath says more
     if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = exc.verify_message or exc.reason or ""
+        detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or ""
         return f"TLS certificate not trusted ({_lower_first(detail)})" if detail else "TLS certificate not trusted"
-    reason = exc.reason
+    reason = getattr(exc, "reason", None)
     return f"TLS handshake failed ({reason.lower().replace('_', ' ')})" if reason else "TLS handshake failed"
 
 
