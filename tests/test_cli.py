@@ -254,7 +254,7 @@ async def test_cli_run_unix_socket_another_process_listens_exits_1_naming_it(tmp
         path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "unix:{sock_path}"'))
         code, _, err = await run_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
         assert code == 1, err
-        assert f"tokenproxy: cannot listen: {sock_path}: another process is listening on this socket" in err
+        assert f"tokenproxy: cannot listen on unix:{sock_path}: another process is listening on this socket" in err
         assert "listening on unix:" not in err
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:  # the other process still has its socket
             client.connect(str(sock_path))

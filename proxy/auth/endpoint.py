@@ -12,15 +12,18 @@ contain a token or secret.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from ..core.causes import cause_in_words, safe_url
 from ..core.errors import FailureKind, GrantError
 from .client_auth import ClientAuth
 from .protocol import BadAnswer, TokenResponse
@@ -48,11 +51,25 @@ def failure_kind(oauth_error: str, *, spends_refresh_token: bool) -> FailureKind
     return FailureKind.MISCONFIGURED
 
 
-def describe_transport_error(exc: BaseException) -> str:
-    """A transport failure in words that name its kind only (no URL, no secret)."""
+def describe_transport_error(exc: BaseException, url: str, timeout: float) -> str:
+    """A transport failure in words: the endpoint as scheme://host:port/path, and what went wrong.
+
+    Never the query string, userinfo or a secret; never an exception's class name alone.
+    """
+    where = f"token endpoint {safe_url(url)}"
     if isinstance(exc, asyncio.TimeoutError):
-        return "token endpoint did not answer in time"
-    return f"token endpoint unreachable ({type(exc).__name__})"
+        return f"{where}: timed out after {timeout:g} s (token.timeout)"
+    cause = cause_in_words(exc, host=urlsplit(url).hostname)
+    if cause is None:
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            cause = "closed the connection without answering"
+        elif isinstance(exc, aiohttp.ClientPayloadError):
+            cause = "its answer broke off"
+        elif isinstance(exc, aiohttp.ClientResponseError):
+            cause = "its answer was not valid HTTP"
+        else:
+            cause = f"the connection failed ({type(exc).__name__})"
+    return f"{where}: {cause}"
 
 
 async def read_answer(resp: aiohttp.ClientResponse) -> bytes:
@@ -98,7 +115,8 @@ async def exchange(
 
     `refuse(status)` gives the error for a status whose body is of no use:
     the connection is dropped unread and the error raised. A transport
-    failure or timeout is a transient GrantError naming only its kind.
+    failure or timeout is a transient GrantError naming the endpoint (no
+    query string) and the cause in words.
     """
     try:
         async with session.request(
@@ -115,7 +133,7 @@ async def exchange(
                 raise error
             return Answer(resp.status, resp.content_type, resp.headers, await read_answer(resp))
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise GrantError(describe_transport_error(exc)) from None
+        raise GrantError(describe_transport_error(exc, url, timeout)) from None
 
 
 def _json_number(text: str) -> int | float:
@@ -123,15 +141,14 @@ def _json_number(text: str) -> int | float:
     return int(text) if len(text) <= 1000 else float(text)
 
 
-def parse_json(body: bytes, content_type: str, rotated: str | None = None) -> Any:
-    """The answer's JSON; BadAnswer (keeping `rotated`) when it is not JSON."""
+def parse_json(body: bytes, content_type: str, rotated: str | None = None, *, url: str = "") -> Any:
+    """The answer's JSON; BadAnswer (keeping `rotated`) when it is not JSON, naming `url` when given."""
     try:
         return json.loads(body, parse_int=_json_number)
     except (ValueError, RecursionError):
         kind = content_type or "no content type"
-        raise BadAnswer(
-            f"token endpoint answered with something that is not JSON ({kind})", refresh_token=rotated
-        ) from None
+        where = f"token endpoint {safe_url(url)}:" if url else "token endpoint"
+        raise BadAnswer(f"{where} answered with something that is not JSON ({kind})", refresh_token=rotated) from None
 
 
 def lifetime(value: Any, what: str, rotated: str | None) -> float | None:
@@ -176,13 +193,31 @@ def token_response(
     return TokenResponse(access, seconds, rotated, token_type, scope)
 
 
-def _server_trouble(status: int) -> GrantError | None:
+def _server_trouble(url: str, status: int) -> GrantError | None:
     """A 5xx or 429 is the endpoint's trouble, not an answer about the request: its body is not read."""
-    return GrantError(f"token endpoint answered {status}") if status >= 500 or status == 429 else None
+    if status >= 500 or status == 429:
+        return GrantError(f"token endpoint {safe_url(url)}: answered {status}")
+    return None
 
 
-def oauth_error(answer: Answer, *, spends_refresh_token: bool) -> GrantError:
-    """The failure a non-200 answer stands for: the §5.2 error code as data, with its FailureKind."""
+def _what_came(answer: Answer) -> str:
+    """What a non-OAuth answer's body was, by its content type; the body itself is never shown."""
+    if not answer.body:
+        return "an empty body"
+    kind = answer.content_type
+    if kind == "text/html":
+        return "an HTML page (text/html)"
+    if kind == "application/octet-stream" and "Content-Type" not in answer.headers:
+        return "a body without a content type"
+    return f"a {kind} body"
+
+
+def oauth_error(answer: Answer, *, spends_refresh_token: bool, url: str = "") -> GrantError:
+    """The failure a non-200 answer stands for: the §5.2 error code as data, with its FailureKind.
+
+    An answer without an OAuth error names the endpoint (`url`, shown without
+    its query), the status and the kind of body that came instead.
+    """
     code = None
     try:
         data = json.loads(answer.body, parse_int=_json_number)
@@ -191,14 +226,15 @@ def oauth_error(answer: Answer, *, spends_refresh_token: bool) -> GrantError:
     except (ValueError, RecursionError):
         pass
     if code is None:
-        return GrantError(f"token endpoint answered {answer.status} without an OAuth error")
+        where = f"token endpoint {safe_url(url)}" if url else "token endpoint"
+        return GrantError(f"{where}: answered {answer.status} with {_what_came(answer)}, not an OAuth error")
     kind = failure_kind(code, spends_refresh_token=spends_refresh_token)
     return GrantError(f"token endpoint refused: {code}", oauth_error=code, kind=kind)
 
 
-def oauth_token(answer: Answer) -> TokenResponse:
+def oauth_token(answer: Answer, url: str = "") -> TokenResponse:
     """The §5.1 fields of a 200 answer; the rotated refresh token is read first, to survive what else is wrong."""
-    data = parse_json(answer.body, answer.content_type)
+    data = parse_json(answer.body, answer.content_type, url=url)
     if not isinstance(data, dict):
         raise BadAnswer("token endpoint's answer has no access_token")
     rotated = text_or_none(data.get("refresh_token"))
@@ -231,8 +267,14 @@ class TokenEndpoint:
         headers = {"Accept": "application/json"}
         self.client.apply(form, headers)
         answer = await exchange(
-            self.session, "POST", self.url, data=form, headers=headers, timeout=self.timeout, refuse=_server_trouble
+            self.session,
+            "POST",
+            self.url,
+            data=form,
+            headers=headers,
+            timeout=self.timeout,
+            refuse=functools.partial(_server_trouble, self.url),
         )
         if answer.status != 200:
-            raise oauth_error(answer, spends_refresh_token=spends_refresh_token)
-        return oauth_token(answer)
+            raise oauth_error(answer, spends_refresh_token=spends_refresh_token, url=self.url)
+        return oauth_token(answer, self.url)

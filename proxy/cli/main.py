@@ -22,6 +22,7 @@ from ..config import (
     load_config,
     secrets_of,
 )
+from ..core.causes import cause_in_words
 from ..core.errors import ProxyError
 from ..core.token import sendable
 from ..observe.log import setup_logging
@@ -40,10 +41,21 @@ def _file_warnings(config_path: str | None) -> list[str]:
     return config_file_warnings(find_config_path(config_path, os.environ))
 
 
+def _no_config_file() -> str:
+    """Where `find_config_path` looked when it found no file, for the line ahead of the problems."""
+    return (
+        "config: no config file found: no -c FILE given, $TOKENPROXY_CONFIG is not set, "
+        f"and there is no tokenproxy.toml in {Path.cwd()}"
+    )
+
+
 def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    path = find_config_path(config_path, os.environ)
     try:
-        return load_config(find_config_path(config_path, os.environ), overrides)
+        return load_config(path, overrides)
     except ConfigError as error:
+        if path is None:
+            click.echo(_no_config_file(), err=True)
         _fail_config(error)
 
 
@@ -98,7 +110,7 @@ main.add_command(config_commands(_config_option, _load, _CONFIG_EPILOG))
 )
 def run(config_path: str | None, listen: str | None, upstream: str | None, log_level: str | None) -> None:
     """Run the proxy until Ctrl-C or SIGTERM."""
-    from ..runtime.serve import event_loop_factory, serve
+    from ..runtime.serve import ListenError, event_loop_factory, serve
 
     overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
     config = _load(config_path, overrides)
@@ -116,8 +128,11 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
             runner.run(serve(config, reload))
     except UnsafeStateError as error:  # made unsafe after the check above
         _fail_state(error, "tokenproxy")
+    except ListenError as error:
+        click.echo(f"tokenproxy: {error}", err=True)
+        sys.exit(1)
     except OSError as exc:
-        click.echo(f"tokenproxy: cannot listen: {exc.strerror}", err=True)
+        click.echo(f"tokenproxy: {cause_in_words(exc) or exc}", err=True)
         sys.exit(1)
     except ProxyError as error:
         # server.fetch_on_start: no first token, so no listener either.

@@ -17,11 +17,13 @@ from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
+from yarl import URL
 
-from ..core.errors import BadRequest, ProxyError, UpstreamUnreachable
+from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from ..core.token import Token
 from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
+from ..observe.ratelimit import LogLimiter
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 from .body import ReplayMemory, read_body
 from .headers import challenge_error, control_character_in, request_header_bytes, response_headers
@@ -85,6 +87,42 @@ def _log_not_resent(request: web.BaseRequest, status: int, why: str) -> None:
     logger.debug("not resending %s %s: %s; the %d is passed on", request.method, path, why, status)
 
 
+# The likely fix when a client sends an absolute-form target (it treats tokenproxy as its HTTP proxy).
+_PROXY_HINT = (
+    "if the client uses the proxy as HTTP_PROXY, give it the upstream's URL as its base URL, "
+    "or point the base URL at the proxy without HTTP_PROXY"
+)
+
+
+def another_host_detail(request: web.BaseRequest, target: str) -> str:
+    """The 400's detail for an absolute-form target naming another host than the upstream, with the likely cause.
+
+    A target naming the proxy's own address means the client has the proxy
+    both as its HTTP_PROXY and as its base URL. Called on that failure only.
+    """
+    if _names_this_proxy(request, target):
+        return (
+            "the request names the proxy itself as its host (an absolute-form target): the client likely has "
+            f"the proxy both as its HTTP_PROXY and as its base URL; {_PROXY_HINT}"
+        )
+    return f"the request names another host than the upstream; tokenproxy forwards only there; {_PROXY_HINT}"
+
+
+def _names_this_proxy(request: web.BaseRequest, target: str) -> bool:
+    """True when an absolute-form `target` names the address the request came in on."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return False
+    try:
+        url = URL(target)
+    except ValueError:
+        return False
+    host = (url.host or "").lower()
+    local = str(sockname[0]).lower()
+    same_host = host == local or (host == "localhost" and local in ("127.0.0.1", "::1"))
+    return same_host and url.port == sockname[1]
+
+
 class _RelayedResponse(web.StreamResponse):
     """A StreamResponse that adds no Content-Type or Server header the upstream did not send."""
 
@@ -128,6 +166,13 @@ class Forwarder:
         self._client = client
         self._memory = ReplayMemory(replay_memory)  # the bodies held for a resend, all requests together
         self._replay_wait = replay_wait  # how long a body may wait for room there before it streams
+        self._failures = LogLimiter()  # one warning per distinct upstream failure per 10 s, not a flood
+
+    def _upstream_failed(self, error: ProxyError) -> None:
+        """Log why the upstream failed (at warning), at most once per reason per window."""
+        line = self._failures.line(error.detail)
+        if line is not None:
+            logger.warning("%s", line)
 
     def reconfigure(self, *, upstream: Upstream, replay_memory: int) -> None:
         """Take reloaded settings shared by all requests; requests already under way keep their route."""
@@ -185,7 +230,7 @@ class Forwarder:
         if not target.startswith("/"):
             origin_form = route.upstream.origin_form_of(target)
             if origin_form is None:
-                raise BadRequest("the request names another host than the upstream; tokenproxy forwards only there")
+                raise BadRequest(another_host_detail(request, target))
             target = origin_form
         headers = request_header_bytes(request.raw_headers, route.drop)
         body = await read_body(request, route.replay_limit, self._memory, self._replay_wait)
@@ -234,7 +279,11 @@ class Forwarder:
 
     async def _send(self, outgoing: Outgoing, token: Token) -> UpstreamAnswer:
         started = time.perf_counter()
-        answer = await self._client.send(outgoing, token.header)
+        try:
+            answer = await self._client.send(outgoing, token.header)
+        except (UpstreamUnreachable, UpstreamTimeout) as error:
+            self._upstream_failed(error)
+            raise
         self._metrics.upstream_answered(time.perf_counter() - started)
         return answer
 
@@ -253,9 +302,11 @@ class Forwarder:
                 if not chunk:
                     break
                 buffer += chunk
-        except BaseException:
+        except BaseException as error:
             # Failed, or cancelled (the client left): the half-read connection must not be held or pooled.
             upstream.close()
+            if isinstance(error, (UpstreamUnreachable, UpstreamTimeout)):
+                self._upstream_failed(error)
             raise
         if len(buffer) > REJECTION_BODY_LIMIT:
             return bytes(buffer)

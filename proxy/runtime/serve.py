@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import logging
 import os
@@ -15,6 +14,7 @@ from collections.abc import Callable, Iterator
 from aiohttp import web
 
 from ..config import Config, ConfigError, is_loopback, parse_listen, secrets_of
+from ..core.causes import cause_in_words
 from ..http.admin import build_admin_app
 from ..http.listener import BatchAcceptSite
 from ..http.server import ProxyRunner, ServerLimits
@@ -72,8 +72,17 @@ def startup_warnings(config: Config) -> list[str]:
     return warnings
 
 
+class ListenError(Exception):
+    """An address the proxy or its admin port cannot listen on, and why, in words."""
+
+    def __init__(self, address: str, cause: str) -> None:
+        super().__init__(f"cannot listen on {address}: {cause}")
+        self.address = address
+        self.cause = cause
+
+
 def refuse_live_socket(path: str) -> None:
-    """Raise OSError when another process answers on the Unix socket `path`.
+    """Raise ListenError when another process answers on the Unix socket `path`.
 
     The event loop replaces a socket file that is already there, so without
     this a second proxy would silently take over a running one's socket. A
@@ -89,20 +98,28 @@ def refuse_live_socket(path: str) -> None:
     except BlockingIOError:
         pass  # its listen queue is full: someone listens
     except PermissionError as exc:
-        detail = f"{path}: cannot tell whether another process listens there ({exc.strerror})"
-        raise OSError(exc.errno, detail) from None
+        cause = f"cannot tell whether another process listens there ({cause_in_words(exc)})"
+        raise ListenError(f"unix:{path}", cause) from None
     except OSError:
         return  # not a socket, or a bad path: the bind itself says what is wrong
     finally:
         probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
+    raise ListenError(f"unix:{path}", "another process is listening on this socket")
 
 
 async def start_listener(runner: web.BaseRunner, listen: str, socket_mode: int = 0o600, backlog: int = 128) -> str:
     """Listen on `listen`; `backlog` connections may wait to be accepted (the kernel caps it at somaxconn).
 
-    OSError when it cannot, e.g. when another process listens on the same Unix socket.
+    ListenError, naming `listen` and the cause in words, when it cannot.
     """
+    try:
+        return await _start_listener(runner, listen, socket_mode, backlog)
+    except OSError as exc:
+        host = None if listen.startswith("unix:") else listen.rpartition(":")[0].strip("[]")
+        raise ListenError(listen, cause_in_words(exc, host=host) or str(exc)) from None
+
+
+async def _start_listener(runner: web.BaseRunner, listen: str, socket_mode: int, backlog: int) -> str:
     if listen.startswith("unix:"):
         path = listen[len("unix:") :]
         refuse_live_socket(path)

@@ -28,11 +28,46 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
+from ..core.causes import cause_in_words
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .model import BODYLESS_METHODS, Outgoing, RawHeaders, Upstream
 
 # Pool events (a connection opened, closed and why) at debug, behind a level check at each event, never per request.
 logger = logging.getLogger("tokenproxy.upstream")
+
+
+class _Details:
+    """What the client is told when one origin fails, worded once per pool: the origin named, the cause in words."""
+
+    __slots__ = (
+        "broke_off",
+        "closed_unanswered",
+        "connect_timeout",
+        "kept_closing",
+        "malformed",
+        "origin",
+        "read_timeout",
+    )
+
+    def __init__(self, upstream: Upstream, *, connect_timeout: float, read_timeout: float) -> None:
+        self.origin = origin = upstream.origin
+        self.connect_timeout = (
+            f"the upstream {origin} could not be reached: timed out after {connect_timeout:g} s "
+            "(upstream.connect_timeout)"
+        )
+        self.read_timeout = (
+            f"the upstream {origin} did not answer: timed out after {read_timeout:g} s (upstream.read_timeout)"
+        )
+        self.broke_off = f"the upstream {origin} closed the connection before its answer was complete"
+        self.malformed = f"the upstream {origin} sent an answer that is not valid HTTP"
+        self.closed_unanswered = f"the upstream {origin} closed the connection without answering"
+        self.kept_closing = f"the upstream {origin} kept closing its connections before a request could be sent"
+
+    def unreachable(self, exc: BaseException, host: str) -> str:
+        """Why a connection could not be opened, in words."""
+        cause = cause_in_words(exc, host=host) or f"the connection failed ({type(exc).__name__})"
+        return f"the upstream {self.origin} could not be reached: {cause}"
+
 
 # The answer's StreamReader pauses the socket above twice this many buffered bytes (aiohttp's own default).
 READ_LIMIT = 2**16
@@ -42,11 +77,6 @@ IDLE_TIMEOUT = 15.0
 
 # Connections one request may be tried on: closing ones skipped, one resend after a silent close.
 _MAX_ATTEMPTS = 4
-
-_CONNECT_TIMEOUT = "the upstream did not accept a connection within upstream.connect_timeout"
-_READ_TIMEOUT = "the upstream did not answer within upstream.read_timeout"
-_BROKE_OFF = "the upstream closed the connection before its answer was complete"
-_MALFORMED = "the upstream's answer was not valid HTTP"
 
 
 class _ClosedUnanswered(Exception):
@@ -103,7 +133,7 @@ class _Connection(BaseProtocol):
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except (HttpProcessingError, ValueError):
-            self._fail(UpstreamUnreachable(_MALFORMED))
+            self._fail(UpstreamUnreachable(self._pool.details.malformed))
             return
         for message, payload in messages:
             if 100 <= message.code < 200 and message.code != 101:
@@ -134,20 +164,20 @@ class _Connection(BaseProtocol):
         parser, payload = self._parser, self._payload
         if parser is not None and exc is not None and payload is not None and not payload.is_eof():
             # Reset, not closed: a body that runs until the close broke off rather than ended.
-            self._fail(UpstreamUnreachable(_BROKE_OFF))
+            self._fail(UpstreamUnreachable(self._pool.details.broke_off))
         elif parser is not None:
             try:
                 parser.feed_eof()  # completes a body that runs until the connection closes
             except (HttpProcessingError, ValueError):
-                self._fail(UpstreamUnreachable(_BROKE_OFF))
+                self._fail(UpstreamUnreachable(self._pool.details.broke_off))
             if payload is not None and not payload.is_eof() and not self._reading_paused:
-                self._fail(UpstreamUnreachable(_BROKE_OFF))
+                self._fail(UpstreamUnreachable(self._pool.details.broke_off))
             if payload is None:
                 self._parser = None
         answer = self._answer
         if answer is not None and not answer.done():
             if self._received:
-                answer.set_exception(UpstreamUnreachable(_BROKE_OFF))
+                answer.set_exception(UpstreamUnreachable(self._pool.details.broke_off))
             else:
                 answer.set_exception(_ClosedUnanswered())
         super().connection_lost(exc)
@@ -281,7 +311,7 @@ class _Connection(BaseProtocol):
         if now < due:
             self._timer = self._loop.call_at(due, self._on_timer)
             return
-        self._fail(UpstreamTimeout(_READ_TIMEOUT))
+        self._fail(UpstreamTimeout(self._pool.details.read_timeout))
 
 
 class _Pool:
@@ -292,6 +322,7 @@ class _Pool:
     ) -> None:
         self.read_timeout = read_timeout
         self.label = f"{upstream.host}:{upstream.port}"  # for log lines
+        self.details = _Details(upstream, connect_timeout=connect_timeout, read_timeout=read_timeout)
         self._host = upstream.host
         self._port = upstream.port
         self._tls = tls
@@ -358,9 +389,9 @@ class _Pool:
             _shut(connection.transport)
             self.forget(connection)
             if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout(_CONNECT_TIMEOUT) from None
+                raise UpstreamTimeout(self.details.connect_timeout) from None
             if isinstance(exc, OSError):
-                raise UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})") from None
+                raise UpstreamUnreachable(self.details.unreachable(exc, self._host)) from None
             raise
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("upstream connection to %s opened (%d of %d in use)", self.label, self._open, self._limit)
@@ -496,7 +527,7 @@ class FastAnswer:
         try:
             return await self._payload.read(limit)
         except (ClientError, HttpProcessingError, OSError):
-            raise UpstreamUnreachable(_BROKE_OFF) from None
+            raise UpstreamUnreachable(self._pool.details.broke_off) from None
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives."""
@@ -508,7 +539,7 @@ class FastAnswer:
                     return
                 yield chunk
         except (ClientError, HttpProcessingError, OSError):
-            raise UpstreamUnreachable(_BROKE_OFF) from None
+            raise UpstreamUnreachable(self._pool.details.broke_off) from None
 
     def release(self) -> None:
         """Done: the connection goes back to the pool if the answer was read to its end."""
@@ -633,13 +664,13 @@ class FastClient:
                 if reused and not resent and request.may_resend:
                     resent = True
                     continue
-                raise UpstreamUnreachable("the upstream closed the connection without answering") from None
+                raise UpstreamUnreachable(pool.details.closed_unanswered) from None
             except BaseException:
                 connection.finish()
                 pool.release(connection, reusable=False)
                 raise
             return FastAnswer(message, payload, connection, pool)
-        raise UpstreamUnreachable("the upstream kept closing its connections before a request could be sent")
+        raise UpstreamUnreachable(pool.details.kept_closing)
 
     async def close(self) -> None:
         """Close every pooled connection."""

@@ -83,6 +83,12 @@ class Upstream:
         return cls(parsed.scheme, parsed.raw_host or parsed.host, parsed.port, parsed.raw_path.rstrip("/"))
 
     @property
+    def origin(self) -> str:
+        """scheme://host:port, for messages: never the base path, a query or a secret."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
     def authority(self) -> str:
         """The Host header the upstream gets: host, and the port unless it is the scheme's default."""
         host = f"[{self.host}]" if ":" in self.host else self.host

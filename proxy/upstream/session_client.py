@@ -11,6 +11,7 @@ The fallback for `fast_client.py`, and the reference it is tested against.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 from collections.abc import AsyncGenerator, Iterable, Iterator
@@ -25,22 +26,42 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ..core.causes import cause_in_words
 from ..core.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from .model import Outgoing, RawHeaders, Upstream, as_text
 
 
 @contextmanager
-def upstream_errors() -> Iterator[None]:
-    """The one place where aiohttp's client errors become our answers."""
+def upstream_errors(upstream: Upstream, *, connect_timeout: float, read_timeout: float) -> Iterator[None]:
+    """The one place where aiohttp's client errors become our answers, naming the origin and the cause."""
     try:
         yield
-    except asyncio.TimeoutError:
-        raise UpstreamTimeout("the upstream did not answer within upstream.read_timeout") from None
+    except asyncio.TimeoutError as exc:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            raise UpstreamTimeout(
+                f"the upstream {upstream.origin} could not be reached: timed out after {connect_timeout:g} s "
+                "(upstream.connect_timeout)"
+            ) from None
+        raise UpstreamTimeout(
+            f"the upstream {upstream.origin} did not answer: timed out after {read_timeout:g} s (upstream.read_timeout)"
+        ) from None
     except aiohttp.ClientError as exc:
         if _caused_by(exc, RequestPayloadError):
             # The client's streamed body broke off malformed while it was being sent on.
             raise BadRequest("the request body was malformed") from None
-        raise UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})") from None
+        raise UpstreamUnreachable(f"the upstream {upstream.origin} {_what_failed(exc, upstream.host)}") from None
+
+
+def _what_failed(exc: aiohttp.ClientError, host: str) -> str:
+    """What went wrong with the upstream, in words that follow its name."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "closed the connection before its answer was complete"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "sent an answer that is not valid HTTP"
+    cause = cause_in_words(exc, host=host) or f"the connection failed ({type(exc).__name__})"
+    return f"could not be reached: {cause}"
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -171,10 +192,12 @@ class _InStepConnector(aiohttp.TCPConnector):
 class SessionAnswer:
     """An UpstreamAnswer over aiohttp's ClientResponse."""
 
-    __slots__ = ("_response",)
+    __slots__ = ("_client", "_response", "_upstream")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, upstream: Upstream, client: SessionClient) -> None:
         self._response = response
+        self._upstream = upstream
+        self._client = client
 
     @property
     def status(self) -> int:
@@ -207,12 +230,12 @@ class SessionAnswer:
 
     async def read(self, limit: int) -> bytes:
         """Up to `limit` body bytes; b"" at the end."""
-        with upstream_errors(), _fail_body_when_closed(self._response):
+        with self._client.errors(self._upstream), _fail_body_when_closed(self._response):
             return await self._response.content.read(limit)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives."""
-        with upstream_errors(), _fail_body_when_closed(self._response):
+        with self._client.errors(self._upstream), _fail_body_when_closed(self._response):
             async for chunk in self._response.content.iter_any():
                 yield chunk
 
@@ -233,6 +256,8 @@ class SessionClient:
     def __init__(
         self, *, max_connections: int, connect_timeout: float, read_timeout: float, tls: ssl.SSLContext | bool
     ) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._session = aiohttp.ClientSession(
             connector=_InStepConnector(limit=max_connections, limit_per_host=max_connections, ssl=tls),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
@@ -253,11 +278,15 @@ class SessionClient:
             headers[hdrs.CONTENT_LENGTH] = str(body.length)
         data = body.data if body.data else body.stream
         url = request.upstream.url_for(request.target)
-        with upstream_errors():
+        with self.errors(request.upstream):
             response = await self._session.request(
                 request.method, url, headers=headers, data=data, allow_redirects=False
             )
-        return SessionAnswer(response)
+        return SessionAnswer(response, request.upstream, self)
+
+    def errors(self, upstream: Upstream) -> contextlib.AbstractContextManager[None]:
+        """`upstream_errors` for `upstream`, with this client's timeouts."""
+        return upstream_errors(upstream, connect_timeout=self._connect_timeout, read_timeout=self._read_timeout)
 
     async def close(self) -> None:
         """Close the session and its pool."""
