@@ -192,7 +192,7 @@ async def test_logs_debug_back_off_says_why_no_refresh(make_proxy, token_server,
     assert token_server.count == 1
     assert debug_lines(caplog, "refresh starts", "no refresh") == [
         "refresh starts grant=refresh_token: no token yet",
-        "no refresh: backing off for 5.0s after 1 failed refreshes (token endpoint answered 500)",
+        f"no refresh: backing off for 5.0s after 1 failed refreshes (token endpoint {token_server.base_url}/oauth/token: answered 500)",
     ]
 
 
@@ -211,7 +211,8 @@ async def test_logs_debug_pool_events_name_the_upstream_and_why(make_proxy, api,
     closed = await wait_for_line(caplog, f"upstream connection to {where} closed")
     assert debug_lines(caplog, "upstream connection to") == [
         f"upstream connection to {where} opened (1 of 100 in use)",
-        f"upstream connection to {where} closed: the upstream did not answer within upstream.read_timeout",
+        f"upstream connection to {where} closed: the upstream {api.base_url} did not answer: timed out after 0.5 s"
+        " (upstream.read_timeout)",
     ]
     assert len(closed) == 1
 
