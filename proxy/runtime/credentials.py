@@ -10,7 +10,7 @@ import aiohttp
 from ..auth.protocol import Grant, GrantContext, RequestShape
 from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
-from ..observe.metrics import NULL_METRICS, Metrics
+from ..observe.metrics import NULL_METRICS, Recorder
 from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
 from ..tokens.store import FileStore, NullStore, Store
 
@@ -52,7 +52,7 @@ def build_policy(config: Config) -> RefreshPolicy:
 
 
 def make_token_manager(
-    config: Config, session: aiohttp.ClientSession, clock: Clock = time.time, metrics: Metrics | None = None
+    config: Config, session: aiohttp.ClientSession, clock: Clock = time.time, metrics: Recorder = NULL_METRICS
 ) -> TokenManager:
     """A TokenManager for the configured credential, resumed from its state file."""
     tok = config.token
@@ -64,7 +64,7 @@ def make_token_manager(
         credential=credential_of(tok),
         request=request_of(tok),
         clock=clock,
-        metrics=metrics if metrics is not None else NULL_METRICS,
+        metrics=metrics,
     )
     manager.resume()
     return manager
