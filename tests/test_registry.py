@@ -50,6 +50,7 @@ def test_registry_secret_keys_are_the_marked_fields() -> None:
         "token.client_secret",
         "token.password",
         "token.access_token",
+        "token.subject_token",
         "token.json.headers",
         "token.json.body",
     }

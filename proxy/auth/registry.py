@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .grants import client_credentials, json, password, refresh_token, static
+from .grants import client_credentials, command, json, password, refresh_token, static, token_exchange
 from .protocol import GrantType
 
 GRANTS: dict[str, GrantType[Any]] = {
@@ -17,6 +17,8 @@ GRANTS: dict[str, GrantType[Any]] = {
         refresh_token.GRANT,
         client_credentials.GRANT,
         password.GRANT,
+        token_exchange.GRANT,
+        command.GRANT,
         json.GRANT,
         static.GRANT,
     )

@@ -64,6 +64,8 @@ class UpstreamConfig:
     read_timeout: float = field(default=60.0, metadata=RESTART)
     verify_tls: bool = field(default=True, metadata=RESTART)
     ca_file: str = field(default="", metadata=RESTART)
+    client_cert_file: str = field(default="", metadata=RESTART)  # mTLS: the PEM certificate shown to the upstream
+    client_key_file: str = field(default="", metadata=RESTART)  # mTLS: its private key
     max_connections: int = field(default=100, metadata=RESTART)
     rewrite_redirects: bool = False
     client: str = field(default="fast", metadata=RESTART)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from pathlib import Path
 
 from ..auth.registry import GRANTS
@@ -108,7 +109,48 @@ def _upstream_problems(up: UpstreamConfig) -> list[str]:
         problems.append(f"upstream.max_connections: must be at least 1, got {up.max_connections!r}")
     if up.ca_file and not Path(up.ca_file).expanduser().is_file():
         problems.append(f"upstream.ca_file: no such file, got {up.ca_file!r}")
+    return problems + _upstream_cert_problems(up)
+
+
+def _upstream_cert_problems(up: UpstreamConfig) -> list[str]:
+    """The client certificate shown to the upstream: both files or neither, present, and a matching pair."""
+    if not up.client_cert_file and not up.client_key_file:
+        return []
+    problems = []
+    for key, other in (("client_cert_file", "client_key_file"), ("client_key_file", "client_cert_file")):
+        value = getattr(up, key)
+        if not value:
+            problems.append(f"upstream.{key}: is required with upstream.{other}")
+        elif not Path(value).expanduser().is_file():
+            problems.append(f"upstream.{key}: no such file, got {value!r}")
+    if not problems:
+        try:
+            ssl.create_default_context().load_cert_chain(
+                Path(up.client_cert_file).expanduser(), Path(up.client_key_file).expanduser()
+            )
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            problems.append(
+                f"upstream.client_cert_file: cannot be used with upstream.client_key_file ({reason}), "
+                f"got {up.client_cert_file!r}"
+            )
     return problems
+
+
+def _logs_in(tok: TokenConfig) -> bool:
+    """True when the grant logs in by itself without a refresh token (`token.login`)."""
+    return bool(getattr(tok.settings, "login", ""))
+
+
+def _grant_token_problems(tok: TokenConfig) -> list[str]:
+    """What a grant's keys and the shared `[token]` keys get wrong together."""
+    command_timeout = getattr(tok.settings, "command_timeout", None)
+    if tok.grant == "command" and isinstance(command_timeout, float) and command_timeout > tok.timeout:
+        return [
+            f"token.command_timeout: must not be longer than token.timeout ({tok.timeout:g}), "
+            f"which ends every fetch, got {command_timeout!r}"
+        ]
+    return []
 
 
 def _token_problems(tok: TokenConfig) -> list[str]:
@@ -118,7 +160,8 @@ def _token_problems(tok: TokenConfig) -> list[str]:
         problems.append(f"token.grant: must be one of {', '.join(GRANTS)}, got {tok.grant!r}")
     else:
         problems += [f"token.{key}: {what}" for key, what in grant.check(tok.settings)]
-        if grant.uses_refresh_token and not tok.refresh_token and not tok.state_file:
+        problems += _grant_token_problems(tok)
+        if grant.uses_refresh_token and not tok.refresh_token and not tok.state_file and not _logs_in(tok):
             problems.append(
                 f"token.refresh_token: is required for grant {tok.grant!r} when token.state_file is empty"
             )

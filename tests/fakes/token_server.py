@@ -3,7 +3,10 @@
 On top of the demo's JWTs, refresh-token rotation and reuse detection: it
 serves the password grant and the home-made `json` refresh endpoints (body
 and cookie mode), records every call, and exposes events to hold a refresh
-in flight. Its answers can be broken on purpose: a given access token value,
+in flight. It also verifies `private_key_jwt` client assertions (signature,
+aud, iss/sub, a jti never seen before, a short exp), RFC 8693 token exchange,
+a client certificate's name when served over mTLS, and can start a refresh
+token chain on a password or client_credentials login. Its answers can be broken on purpose: a given access token value,
 any `expires_in` or `exp` (NaN, 400 digits, in the past), or an endless body.
 """
 
@@ -15,14 +18,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 from aiohttp import web
 
-from proxy.demo.token_server import TokenServer, oauth_error
+from proxy.demo.token_server import GRANTS, TokenServer, new_refresh_token, oauth_error
 
 CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-secret-s3cr3t"
 USERNAME = "alice"
 PASSWORD = "alice-password-pw"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+SUBJECT_TOKEN = "subject-jwt-from-the-platform-0001"
 
 
 @dataclass
@@ -56,6 +63,16 @@ class FakeTokenServer(TokenServer):
     gate: asyncio.Event | None = None  # when set to an Event, answers wait for it
     entered: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call arrives
     base_url: str = ""  # where it listens, set by the fixture that starts it
+    grants: frozenset[str] = GRANTS | {EXCHANGE_GRANT}
+    assertion_key: Any = None  # a public key: client assertions (private_key_jwt) are verified with it
+    assertion_audience: str = ""  # the `aud` an assertion must carry; "" = this server's /oauth/token
+    assertions: list[dict[str, Any]] = field(default_factory=list)  # accepted assertions: header and claims
+    assertion_errors: list[str] = field(default_factory=list)  # why assertions were refused
+    mtls: bool = False  # true: the client is the name (CN) on its TLS client certificate, no secret
+    peer_names: list[str] = field(default_factory=list)  # the client certificate names seen, one per call
+    subject_tokens: set[str] = field(default_factory=lambda: {SUBJECT_TOKEN})  # what token exchange accepts
+    login_refresh: bool = False  # true: a password or client_credentials answer starts a new refresh token chain
+    login_pending: bool = False  # set while such a login is being answered
 
     def app(self) -> web.Application:
         """The aiohttp app: /oauth/token, /auth/refresh (json body), /auth/cookie (json, cookie)."""
@@ -74,11 +91,75 @@ class FakeTokenServer(TokenServer):
         self.issued_access.append(token)
         return token
 
+    def _assertion_client(self, form: dict[str, str]) -> str | None:
+        """The client a `private_key_jwt` assertion proves, or None (the reason kept in assertion_errors)."""
+        if self.assertion_key is None:
+            self.assertion_errors.append("no key to verify assertions with")
+            return None
+        token = form.get("client_assertion", "")
+        try:
+            claims = jwt.decode(
+                token,
+                self.assertion_key,
+                algorithms=["RS256", "PS256", "ES256"],
+                audience=self.assertion_audience or f"{self.base_url}/oauth/token",
+                issuer=self.client_id,
+                options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"]},
+            )
+        except jwt.InvalidTokenError as exc:
+            self.assertion_errors.append(type(exc).__name__)
+            return None
+        if claims["sub"] != claims["iss"] or claims["exp"] - claims["iat"] > 300:
+            self.assertion_errors.append("sub or exp")
+            return None
+        if any(seen["jti"] == claims["jti"] for seen in self.assertions):
+            self.assertion_errors.append("jti replayed")
+            return None
+        self.assertions.append({"header": jwt.get_unverified_header(token), **claims})
+        return str(claims["sub"])
+
+    def client_allowed(self, request: web.Request, form: dict[str, str]) -> bool:
+        """The demo's Basic or form secret, or a verified client assertion, or (mtls) the certificate's name."""
+        if self.mtls:
+            cert = request.transport.get_extra_info("peercert") if request.transport else None
+            names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn if key == "commonName"]
+            self.peer_names.append(names[0] if names else "")
+            return bool(names) and names[0] == self.client_id == form.get("client_id")
+        if form.get("client_assertion_type") == ASSERTION_TYPE:
+            client = self._assertion_client(form)
+            return client is not None and client == self.client_id and form.get("client_id", client) == client
+        return super().client_allowed(request, form)
+
+    async def oauth_token(self, request: web.Request) -> web.StreamResponse:
+        """The demo's grants, RFC 8693 token exchange, and a refresh token chain begun by a login (login_refresh)."""
+        form = {key: str(value) for key, value in (await request.post()).items()}
+        self.login_pending = self.login_refresh and form.get("grant_type") in ("password", "client_credentials")
+        if form.get("grant_type") != EXCHANGE_GRANT:
+            return await super().oauth_token(request)
+        self.record(request, form)
+        instead = await self.intercept(request)
+        if instead is not None:
+            return instead
+        if not self.client_allowed(request, form):
+            return oauth_error("invalid_client", 401)
+        if form.get("subject_token") not in self.subject_tokens:
+            return oauth_error("invalid_grant")
+        if form.get("subject_token_type") != "urn:ietf:params:oauth:token-type:jwt":
+            return oauth_error("invalid_request")
+        answer: dict[str, Any] = {"token_type": "Bearer", **self.issue()}
+        answer["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
+        return web.json_response(answer)
+
     def issue(self) -> dict[str, Any]:
-        """The demo server's token fields, without the access token in `no_token` mode."""
-        if self.mode != "no_token":
-            return super().issue()
-        return {} if self.lifetime is None else {"expires_in": self.lifetime}
+        """The demo server's token fields (without the access token in `no_token` mode); with `login_refresh`,
+        a login's answer also carries the new chain's refresh token."""
+        fields = super().issue() if self.mode != "no_token" else {}
+        if self.mode == "no_token" and self.lifetime is not None:
+            fields["expires_in"] = self.lifetime
+        if self.login_pending:
+            self.login_pending, self.revoked, self.current_refresh = False, False, new_refresh_token()
+            fields["refresh_token"] = self.current_refresh
+        return fields
 
     def record(self, request: web.Request, form: dict[str, str], json_body: Any = None) -> None:
         """Keep the call, for tests to read."""

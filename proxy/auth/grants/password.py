@@ -35,7 +35,7 @@ class PasswordGrant(OAuthGrant):
 
 def check(settings: PasswordSettings) -> Sequence[Problem]:
     """The client's problems, and a missing user name or password."""
-    problems = oauth_problems(settings)
+    problems = oauth_problems(settings, ("username", "password"))
     for name in ("username", "password"):
         if not getattr(settings, name):
             problems.append((name, "is required for grant 'password'"))

@@ -1,21 +1,44 @@
-"""`grant = "refresh_token"`: exchange a (rotating) refresh token for an access token (RFC 6749 §6)."""
+"""`grant = "refresh_token"`: exchange a (rotating) refresh token for an access token (RFC 6749 §6).
+
+With `login = "password"` or `"client_credentials"`, a missing or rejected
+refresh token is not the end: the grant logs in again with that grant (its
+keys in the same `[token]` table), and the login's refresh token continues
+the chain.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...core.errors import FailureKind, GrantError
-from ..protocol import GrantContext, GrantType, Problem, TokenResponse
+from ..protocol import Grant, GrantContext, GrantType, Problem, RequestShape, TokenResponse
+from ..settings import secret
+from .client_credentials import ClientCredentialsGrant
 from .oauth import (
     OAuthGrant,
     OAuthSettings,
-    client_identity,
     oauth_problems,
     oauth_request,
     request_fields,
     token_endpoint,
 )
+from .password import PasswordGrant
+
+logger = logging.getLogger("tokenproxy.auth")
+
+# `token.login`: the grants a refresh_token credential may log in again with ("" for none).
+LOGIN_GRANTS = ("password", "client_credentials")
+
+
+@dataclass(frozen=True)
+class RefreshSettings(OAuthSettings):
+    """An OAuth client's keys, and the grant to log in with when there is no usable refresh token."""
+
+    login: str = ""
+    username: str = ""
+    password: str = field(default="", metadata=secret())
 
 
 @dataclass(frozen=True)
@@ -33,19 +56,78 @@ class RefreshTokenGrant(OAuthGrant):
         return await self.endpoint.request(form, spends_refresh_token=True)
 
 
-def check(settings: OAuthSettings) -> Sequence[Problem]:
-    """The client's problems; whether a refresh token is known is the token section's check.
+@dataclass(frozen=True)
+class LoginFallback:
+    """The refresh token grant, falling back to a login grant when the refresh token is missing or refused.
+
+    The login's answer (and its refresh token, which the token manager saves
+    as it saves a rotated one) takes the refresh's place; one WARNING names
+    the fallback. A login that fails is that login's failure. Called by the
+    token manager under its one refresh, like any grant.
+    """
+
+    refresh: RefreshTokenGrant
+    login: Grant
+    name: str = "refresh_token"
+    uses_refresh_token: bool = True
+
+    async def fetch(self, refresh_token: str | None) -> TokenResponse:
+        """Refresh; on a missing or rejected refresh token, log in with the configured grant instead."""
+        try:
+            return await self.refresh.fetch(refresh_token)
+        except GrantError as exc:
+            if exc.kind is not FailureKind.LOGIN_REQUIRED:
+                raise
+            reason = exc.oauth_error if refresh_token else "none is known"
+        logger.warning(
+            "refresh token unusable (%s); logging in again with grant %s (token.login)", reason, self.login.name
+        )
+        return await self.login.fetch(None)
+
+
+def check(settings: RefreshSettings) -> Sequence[Problem]:
+    """The client's problems, and the login grant's; whether a refresh token is known is the token section's check.
 
     The settings are an OAuth client's keys alone: the refresh token is the credential's, kept by the token manager.
     """
-    return oauth_problems(settings)
+    problems = oauth_problems(settings, ("refresh_token", *_login_fields(settings)))
+    if settings.login and settings.login not in LOGIN_GRANTS:
+        problems.append(("login", f"must be one of {', '.join(LOGIN_GRANTS)} or empty, got {settings.login!r}"))
+    if settings.login == "password":
+        for name in ("username", "password"):
+            if not getattr(settings, name):
+                problems.append((name, "is required for login 'password'"))
+    if settings.login == "client_credentials" and not settings.client_id:
+        problems.append(("client_id", "is required for login 'client_credentials'"))
+    return problems
 
 
-def build(settings: OAuthSettings, context: GrantContext) -> RefreshTokenGrant:
-    """The grant these settings describe."""
-    return RefreshTokenGrant(token_endpoint(settings, context), request_fields(settings))
+def _login_fields(settings: RefreshSettings) -> tuple[str, ...]:
+    return ("username", "password") if settings.login == "password" else ()
 
 
-GRANT = GrantType(
-    "refresh_token", OAuthSettings, check, build, client_identity, uses_refresh_token=True, request=oauth_request
-)
+def build(settings: RefreshSettings, context: GrantContext) -> Grant:
+    """The grant these settings describe: the refresh alone, or with its login fallback."""
+    endpoint = token_endpoint(settings, context)
+    fields = request_fields(settings)
+    refresh = RefreshTokenGrant(endpoint, fields)
+    if settings.login == "password":
+        return LoginFallback(refresh, PasswordGrant(endpoint, fields, settings.username, settings.password))
+    if settings.login == "client_credentials":
+        return LoginFallback(refresh, ClientCredentialsGrant(endpoint, fields))
+    return refresh
+
+
+def identity(settings: RefreshSettings) -> tuple[str, str, str]:
+    """The endpoint and client id, and the user a password login is for."""
+    return settings.token_url, settings.client_id, settings.username if settings.login == "password" else ""
+
+
+def request(settings: RefreshSettings) -> RequestShape:
+    """An OAuth client's request shape, and the login grant (and its user) when one is configured."""
+    login = (("login", settings.login),) if settings.login else ()
+    user = (("username", settings.username),) if settings.login == "password" else ()
+    return (*oauth_request(settings), *login, *user)
+
+
+GRANT = GrantType("refresh_token", RefreshSettings, check, build, identity, uses_refresh_token=True, request=request)
