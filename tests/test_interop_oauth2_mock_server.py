@@ -116,3 +116,42 @@ async def test_interop_oauth2_mock_server_refresh_token_rotation(make_proxy: Any
     saved = json.loads(Path(proxy.config.token.state_file).read_text())
     assert saved["generation"] == 2
     assert saved["refresh_token"] and saved["refresh_token"] != "initial-refresh-token"
+
+
+async def test_interop_oauth2_mock_server_password(make_proxy: Any, oauth2_server: str, httpbin: str) -> None:
+    """password grant against oauth2-mock-server: the upstream receives its RS256 token."""
+    proxy = await make_proxy(
+        upstream={"url": httpbin},
+        token={
+            "grant": "password", "token_url": f"{oauth2_server}/token", "client_id": "tokenproxy",
+            "client_secret": "s3cret-value", "username": "alice", "password": "alice-password-pw",
+        },
+    )
+    resp = await asyncio.to_thread(requests.get, f"{proxy.url}/bearer", timeout=10)
+    assert resp.status_code == 200
+    await asyncio.to_thread(verified_claims, resp.json()["token"], oauth2_server)
+
+
+async def test_interop_oauth2_mock_server_login_fallback_starts_the_refresh_chain(
+    make_proxy: Any, oauth2_server: str, httpbin: str
+) -> None:
+    """refresh_token with login = "password" and no refresh token: one login, then its refresh token is refreshed."""
+    proxy = await make_proxy(
+        upstream={"url": httpbin},
+        token={
+            "grant": "refresh_token", "token_url": f"{oauth2_server}/token", "client_id": "tokenproxy",
+            "client_secret": "s3cret-value", "refresh_token": "", "login": "password",
+            "username": "alice", "password": "alice-password-pw",
+        },
+    )
+    first = await asyncio.to_thread(requests.get, f"{proxy.url}/bearer", timeout=10)
+    assert first.status_code == 200
+    saved = json.loads(Path(proxy.config.token.state_file).read_text())
+    assert saved["refresh_token"]  # the login's answer began the chain
+    rejected = await asyncio.to_thread(requests.get, f"{proxy.url}/status/401", timeout=10)
+    assert rejected.status_code == 401
+    second = await asyncio.to_thread(requests.get, f"{proxy.url}/bearer", timeout=10)
+    assert second.status_code == 200
+    await asyncio.to_thread(verified_claims, second.json()["token"], oauth2_server)
+    after = json.loads(Path(proxy.config.token.state_file).read_text())
+    assert after["generation"] == 2 and after["refresh_token"] != saved["refresh_token"]
