@@ -224,3 +224,16 @@ async def test_cli_check_command_grant_bad_config_exits_2_naming_the_key(tmp_pat
     code, out, err = await run_cli("check", "-c", str(path))
 
     assert (code, out, err) == (2, "", line + "\n")
+
+
+async def test_grant_command_endless_output_is_cut_off_and_killed(
+    make_proxy, client: aiohttp.ClientSession, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A command printing without end: read up to 64 KiB only, then killed; 503 token_unavailable, saying so."""
+    endless = "import sys\nwhile True:\n    sys.stdout.write('x' * 4096)\n"
+    proxy = await make_proxy(token=command_section(tmp_path, "", script=endless))
+
+    status, body = await get(client, f"{proxy.url}/echo/x")
+
+    assert (status, body["error"]) == (503, "token_unavailable")
+    assert f"command {os.path.basename(sys.executable)}: printed more than 64 KiB; killed" in caplog.text

@@ -160,11 +160,12 @@ class CommandGrant:
         except OSError as exc:
             raise GrantError(f"command {program}: cannot be run ({exc.strerror or type(exc).__name__})") from None
         assert proc.stdout is not None and proc.stderr is not None
+        # Both pipes are read at once, so a child filling one while the other is read never blocks.
+        out_reader = asyncio.ensure_future(_read_capped(proc.stdout, MAX_STDOUT))
+        err_reader = asyncio.ensure_future(_read_tail(proc.stderr, STDERR_TAIL))
         try:
             async with asyncio.timeout(self.timeout):
-                stdout, stderr = await asyncio.gather(
-                    _read_capped(proc.stdout, MAX_STDOUT), _read_tail(proc.stderr, STDERR_TAIL)
-                )
+                stdout, stderr = await asyncio.gather(out_reader, err_reader)
                 status = await proc.wait()
         except TimeoutError:
             raise GrantError(
@@ -173,12 +174,19 @@ class CommandGrant:
         except _TooMuchOutput:
             raise GrantError(f"command {program}: printed more than {MAX_STDOUT // 1024} KiB; killed") from None
         finally:
-            if proc.returncode is None:
-                # Timed out, too much output, or the refresh was cancelled: nothing it started may outlive it.
+            # Timed out, too much output, or the refresh was cancelled: the child and everything it started
+            # are killed first (before any await), then the readers stopped and the child reaped.
+            # A child that exited normally but left something holding its pipes counts as not done either.
+            drained = all(r.done() and not r.cancelled() and r.exception() is None for r in (out_reader, err_reader))
+            if not drained or proc.returncode is None:
                 _kill_group(proc.pid)
+            for reader in (out_reader, err_reader):
+                reader.cancel()
+            await asyncio.gather(out_reader, err_reader, return_exceptions=True)
+            if not drained or proc.returncode is None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(REAP_TIMEOUT):
-                        await proc.communicate()
+                        await proc.communicate()  # the rest of both pipes, so their transports close
         if status != 0:
             said = last_line(stderr)
             how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
