@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tests.fakes.api_server import FakeApi
 from tests.fakes.tls import TestCa
 from tests.fakes.token_server import CLIENT_ID, FakeTokenServer
-from tests.helpers import run_cli
+from tests.helpers import read_until, run_cli, start_cli
 
 
 def write_key(path: Path, key: Any) -> Path:
@@ -288,3 +290,52 @@ async def test_cli_check_upstream_client_certificate_problems_exit_2(
     code, out, err = await run_cli("check", "-c", str(path))
 
     assert (code, out, err) == (2, "", line.format(**fill) + "\n")
+
+
+async def test_cli_run_private_key_jwt_serves_through_the_proxy(
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi
+) -> None:
+    """`tokenproxy run` with private_key_jwt: a request is served; the assertion is never in its output."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    token_server.assertion_key = key.public_key()
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\n[upstream]\nurl = "{api.base_url}"\n[token]\n'
+        f'grant = "client_credentials"\nstate_file = ""\ntoken_url = "{token_server.base_url}/oauth/token"\n'
+        f'client_id = "{CLIENT_ID}"\nclient_auth = "private_key_jwt"\n'
+        f'client_key_file = "{write_key(tmp_path / "k.pem", key)}"\n'
+    )
+    proc = await start_cli("run", "-c", str(path))
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        match = await read_until(proc.stderr, r"listening on (http://127\.0\.0\.1:\d+)", seen)
+        async with aiohttp.ClientSession() as session, session.get(f"{match.group(1)}/echo/x") as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, rest = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0
+    assert len(token_server.assertions) == 1
+    output = "".join(seen) + out.decode() + rest.decode()
+    assert token_server.calls[0].form["client_assertion"] not in output
+
+
+async def test_cli_check_tls_client_auth_fetches_with_the_certificate(
+    tmp_path: Path, mtls_token_server: FakeTokenServer, ca: TestCa, api: FakeApi
+) -> None:
+    """`tokenproxy check` with tls_client_auth: ok, the token endpoint saw the client's certificate."""
+    cert, key = ca.issue(CLIENT_ID, client=True)
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[upstream]\nurl = "{api.base_url}"\nca_file = "{ca.ca_file}"\n[token]\n'
+        f'grant = "client_credentials"\nstate_file = ""\ntoken_url = "{mtls_token_server.base_url}/oauth/token"\n'
+        f'client_id = "{CLIENT_ID}"\nclient_auth = "tls_client_auth"\n'
+        f'client_cert_file = "{cert}"\nclient_key_file = "{key}"\n'
+    )
+
+    code, out, err = await run_cli("check", "-c", str(path))
+
+    assert (code, err) == (0, "")
+    assert out.startswith("ok: grant client_credentials, token ")
+    assert mtls_token_server.peer_names == [CLIENT_ID]
