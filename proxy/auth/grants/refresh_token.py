@@ -85,12 +85,14 @@ class LoginFallback:
         return await self.login.fetch(None)
 
 
-def check(settings: RefreshSettings) -> Sequence[Problem]:
+def check(settings: OAuthSettings) -> Sequence[Problem]:
     """The client's problems, and the login grant's; whether a refresh token is known is the token section's check.
 
     The settings are an OAuth client's keys alone: the refresh token is the credential's, kept by the token manager.
     """
     problems = oauth_problems(settings, ("refresh_token", *_login_fields(settings)))
+    if not isinstance(settings, RefreshSettings):
+        return problems
     if settings.login and settings.login not in LOGIN_GRANTS:
         problems.append(("login", f"must be one of {', '.join(LOGIN_GRANTS)} or empty, got {settings.login!r}"))
     if settings.login == "password":
@@ -102,15 +104,22 @@ def check(settings: RefreshSettings) -> Sequence[Problem]:
     return problems
 
 
-def _login_fields(settings: RefreshSettings) -> tuple[str, ...]:
-    return ("username", "password") if settings.login == "password" else ()
+def _login_of(settings: OAuthSettings) -> str:
+    """The login grant, from settings that may be an OAuth client's keys alone (no login then)."""
+    return settings.login if isinstance(settings, RefreshSettings) else ""
 
 
-def build(settings: RefreshSettings, context: GrantContext) -> Grant:
+def _login_fields(settings: OAuthSettings) -> tuple[str, ...]:
+    return ("username", "password") if _login_of(settings) == "password" else ()
+
+
+def build(settings: OAuthSettings, context: GrantContext) -> Grant:
     """The grant these settings describe: the refresh alone, or with its login fallback."""
     endpoint = token_endpoint(settings, context)
     fields = request_fields(settings)
     refresh = RefreshTokenGrant(endpoint, fields)
+    if not isinstance(settings, RefreshSettings):
+        return refresh
     if settings.login == "password":
         return LoginFallback(refresh, PasswordGrant(endpoint, fields, settings.username, settings.password))
     if settings.login == "client_credentials":
@@ -118,16 +127,18 @@ def build(settings: RefreshSettings, context: GrantContext) -> Grant:
     return refresh
 
 
-def identity(settings: RefreshSettings) -> tuple[str, str, str]:
+def identity(settings: OAuthSettings) -> tuple[str, str, str]:
     """The endpoint and client id, and the user a password login is for."""
-    return settings.token_url, settings.client_id, settings.username if settings.login == "password" else ""
+    user = settings.username if isinstance(settings, RefreshSettings) and settings.login == "password" else ""
+    return settings.token_url, settings.client_id, user
 
 
-def request(settings: RefreshSettings) -> RequestShape:
+def request(settings: OAuthSettings) -> RequestShape:
     """An OAuth client's request shape, and the login grant (and its user) when one is configured."""
-    login = (("login", settings.login),) if settings.login else ()
+    if not isinstance(settings, RefreshSettings) or not settings.login:
+        return oauth_request(settings)
     user = (("username", settings.username),) if settings.login == "password" else ()
-    return (*oauth_request(settings), *login, *user)
+    return (*oauth_request(settings), ("login", settings.login), *user)
 
 
 GRANT = GrantType("refresh_token", RefreshSettings, check, build, identity, uses_refresh_token=True, request=request)
