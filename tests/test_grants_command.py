@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.auth.grants.command import command_token
+from proxy.auth.grants.command import CommandGrant, command_token
 from proxy.core.errors import GrantError
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import FakeTokenServer
@@ -237,3 +237,34 @@ async def test_grant_command_endless_output_is_cut_off_and_killed(
 
     assert (status, body["error"]) == (503, "token_unavailable")
     assert f"command {os.path.basename(sys.executable)}: printed more than 64 KiB; killed" in caplog.text
+
+
+async def test_grant_command_cancelled_fetch_kills_and_reaps_the_child(tmp_path: Path) -> None:
+    """A fetch cancelled while its command runs (a refresh stopped at shutdown): the command and its child are gone."""
+    section = command_section(tmp_path, "", script=HANGING)
+    task = asyncio.ensure_future(CommandGrant(tuple(section["command"]), 30.0).fetch(None))
+    pids_file = tmp_path / "output.txt.pids"
+    pids: list[int] = []
+    try:
+        for _ in range(2000):  # the script writes its pids once it runs; bounded at about 20 s
+            if pids_file.exists() and len(pids_file.read_text().split()) == 2:
+                break
+            await asyncio.sleep(0.01)
+        pids = [int(pid) for pid in pids_file.read_text().split()]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        assert _gone(pids[0])  # reaped before the cancellation finished
+        for _ in range(1000):
+            if _gone(pids[1]):
+                break
+            await asyncio.sleep(0.01)
+        assert _gone(pids[1])
+    finally:
+        task.cancel()
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
