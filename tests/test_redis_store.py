@@ -362,3 +362,14 @@ async def test_store_down_client_credentials_refreshes_locally_and_reseeds(
     assert "is back; refreshes are shared again" in log
     state = _shared_state(own_redis, prefix)
     assert state is not None and state["generation"] >= 3
+
+
+def test_store_ci_run_is_the_readme_command_and_installs_redis_server() -> None:
+    """`.ci/run` runs exactly the README's test command, which installs redis-server with apt-get when missing."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("exactly what `.ci/run` does", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    ci = (root / ".ci" / "run").read_text()
+    assert ci.endswith('cd "$(dirname "$0")/.."\n' + block)
+    assert block.startswith("command -v redis-server >/dev/null || {")
+    assert "apt-get update -qq && $S env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server" in block
