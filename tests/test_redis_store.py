@@ -373,3 +373,16 @@ def test_store_ci_run_is_the_readme_command_and_installs_redis_server() -> None:
     assert ci.endswith('cd "$(dirname "$0")/.."\n' + block)
     assert block.startswith("command -v redis-server >/dev/null || {")
     assert "apt-get update -qq && $S env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server" in block
+
+
+def test_store_bench_redis_contender_config_is_valid() -> None:
+    """The bench's Redis contender gets a config tokenproxy accepts, with the Redis store in it."""
+    import tomllib
+
+    from bench.contenders import BY_NAME, tokenproxy_toml
+    from proxy.config import parse_config
+
+    assert BY_NAME["tokenproxy-cc-redis"].store == "redis"
+    text = tokenproxy_toml(8080, 8081, "client_credentials", 8082, redis_url="redis://127.0.0.1:6379/0")
+    config = parse_config(tomllib.loads(text), {})
+    assert (config.store.backend, config.store.url) == ("redis", "redis://127.0.0.1:6379/0")
