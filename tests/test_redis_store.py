@@ -235,6 +235,10 @@ async def test_store_three_replicas_one_refresh_per_expiry_no_reuse(
     ]
     statuses: list[int] = []
     stop = asyncio.Event()
+    scraped: list[str] = []
+
+    def total(series: str) -> float:
+        return sum(float(m.group(1)) for text in scraped for m in re.finditer(re.escape(series) + r" (\S+)", text))
 
     async def load(session: aiohttp.ClientSession, url: str) -> None:
         for _ in range(100_000):
@@ -252,6 +256,13 @@ async def test_store_three_replicas_one_refresh_per_expiry_no_reuse(
             stop.set()
             await asyncio.wait_for(asyncio.gather(*workers), BOUND)
         elapsed = time.monotonic() - began
+
+        async def settled() -> bool:
+            # The call that ended the load may still be on its way back: wait until its token is saved.
+            scraped[:] = [(await _get(session, f"{r.admin}/metrics"))[1].decode() for r in running]
+            return total('tokenproxy_store_tokens_total{source="own"}') == token_server.count
+
+        await poll(settled, "the last token call answered and saved")
         logs = [r.log for r in running]
     assert statuses and set(statuses) == {200}
     assert not token_server.reuse_detected and not token_server.revoked
@@ -260,6 +271,11 @@ async def test_store_three_replicas_one_refresh_per_expiry_no_reuse(
     # A token lives 4 s and is renewed 1.5 s before it ends: one refresh per 2.5 s for all three together.
     assert 4 <= token_server.count <= int(elapsed / 2.5) + 1
     assert sum(log.count("adopted token") for log in logs) >= 2
+
+    # Every token call was made by one replica, holding the lease; the others adopted what it saved.
+    assert total('tokenproxy_store_tokens_total{source="own"}') == token_server.count
+    assert total('tokenproxy_store_tokens_total{source="adopted"}') >= 2
+    assert total('tokenproxy_store_leases_total{event="acquired"}') >= token_server.count
     state = _shared_state(redis_server, prefix)
     assert state is not None and state["refresh_token"] == token_server.current_refresh
 
@@ -386,3 +402,74 @@ def test_store_bench_redis_contender_config_is_valid() -> None:
     text = tokenproxy_toml(8080, 8081, "client_credentials", 8082, redis_url="redis://127.0.0.1:6379/0")
     config = parse_config(tomllib.loads(text), {})
     assert (config.store.backend, config.store.url) == ("redis", "redis://127.0.0.1:6379/0")
+
+
+# --- the lease and the compare-and-set, on one event loop ---------------------------------------
+
+
+def _coordination(server: RedisServer, prefix: str, metrics: Any, *, lease_ttl: float, wait: float) -> Any:
+    from proxy.tokens.redis_store import RedisCoordination, RedisSettings
+    from proxy.tokens.store import NullStore
+
+    settings = RedisSettings(server.url, prefix, lease_ttl=lease_ttl, wait_timeout=wait, rotating=True)
+    return RedisCoordination(settings, NullStore(), metrics)
+
+
+def _state(generation: int, refresh: str) -> Any:
+    from proxy.tokens.store import SavedState
+
+    return SavedState("cred", "", f"access-{generation}", 2e9, 1e9, refresh, generation)
+
+
+async def test_store_lease_renewed_while_held_and_released_by_its_owner(redis_server: RedisServer) -> None:
+    """A held lease outlives its ttl (renewed), so a peer waits past the ttl in vain; released, the peer gets it."""
+    from proxy.observe.metrics import Metrics
+    from proxy.tokens.coordination import CoordinationUnavailable
+
+    prefix = f"t{secrets.token_hex(4)}:"
+    metrics = Metrics()
+    holder = _coordination(redis_server, prefix, metrics, lease_ttl=0.3, wait=5.0)
+    peer = _coordination(redis_server, prefix, metrics, lease_ttl=0.3, wait=1.2)
+    try:
+        async with holder.refresh_right("cred"):
+            with pytest.raises(CoordinationUnavailable, match=r"held the refresh lease .* longer than queue\.wait_timeout"):
+                async with peer.refresh_right("cred"):
+                    pass
+        async with peer.refresh_right("cred") as right:
+            assert await right.peer_state() is None
+    finally:
+        await holder.aclose()
+        await peer.aclose()
+    text = metrics.render().decode()
+    assert 'tokenproxy_store_leases_total{event="acquired"} 2.0' in text
+    assert 'tokenproxy_store_leases_total{event="waited"} 1.0' in text
+
+
+async def test_store_save_refused_when_lease_lost_or_newer_generation(redis_server: RedisServer) -> None:
+    """save() raises RefreshRightLost and writes nothing when the lease is gone or Redis holds a newer generation."""
+    from proxy.observe.metrics import Metrics
+    from proxy.tokens.coordination import RefreshRightLost
+
+    prefix = f"t{secrets.token_hex(4)}:"
+    metrics = Metrics()
+    first = _coordination(redis_server, prefix, metrics, lease_ttl=15.0, wait=5.0)
+    second = _coordination(redis_server, prefix, metrics, lease_ttl=15.0, wait=5.0)
+    client = redis_server.client()
+    try:
+        async with first.refresh_right("cred") as right:
+            await right.save(_state(5, "rt-5"))
+            client.delete(f"{prefix}cred:lease")  # the lease ended (expired, or taken over)
+            with pytest.raises(RefreshRightLost):
+                await right.save(_state(6, "rt-6"))
+        async with second.refresh_right("cred") as right:
+            assert (await right.peer_state()).refresh_token == "rt-5"
+            with pytest.raises(RefreshRightLost):
+                await right.save(_state(4, "rt-4"))
+            await right.save(_state(5, "rt-5b"))  # the same generation again: a rotated refresh token kept
+        assert json.loads(client.hget(f"{prefix}cred", "state"))["refresh_token"] == "rt-5b"
+        assert client.exists(f"{prefix}cred:lease") == 0
+    finally:
+        client.close()
+        await first.aclose()
+        await second.aclose()
+    assert 'tokenproxy_store_leases_total{event="lost"} 1.0' in metrics.render().decode()

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 from redis.retry import Retry
@@ -120,12 +121,12 @@ def error_kind(exc: BaseException) -> str:
     return "other"
 
 
-def _client_options(settings: RedisSettings) -> dict[str, Any]:
+def _client_options(settings: RedisSettings, *, asynchronous: bool) -> dict[str, Any]:
     options: dict[str, Any] = {
         "socket_timeout": IO_TIMEOUT,
         "socket_connect_timeout": IO_TIMEOUT,
         # Fail at once: the caller decides what a down Redis means; retries would only stretch the wait.
-        "retry": Retry(NoBackoff(), 0),
+        "retry": AsyncRetry(NoBackoff(), 0) if asynchronous else Retry(NoBackoff(), 0),
     }
     if settings.ca_file:
         options["ssl_ca_certs"] = settings.ca_file
@@ -134,7 +135,7 @@ def _client_options(settings: RedisSettings) -> dict[str, Any]:
 
 def check_redis(settings: RedisSettings) -> None:
     """Ping Redis once at start-up (blocking, bounded by IO_TIMEOUT); StoreUnavailable naming the host if it fails."""
-    client = redis.Redis.from_url(settings.url, **_client_options(settings))
+    client = redis.Redis.from_url(settings.url, **_client_options(settings, asynchronous=False))
     try:
         client.ping()
     except _STORE_ERRORS as exc:
@@ -173,7 +174,7 @@ class RedisCoordination:
         self._local = local  # this replica's copy: written after Redis, read while Redis is down
         self._metrics = metrics
         self._host = redis_host(settings.url)
-        self._redis = redis.asyncio.Redis.from_url(settings.url, **_client_options(settings))
+        self._redis = redis.asyncio.Redis.from_url(settings.url, **_client_options(settings, asynchronous=True))
         self._scripts = {
             name: self._redis.register_script(text)
             for name, text in (("release", _RELEASE), ("renew", _RENEW), ("save", _SAVE))
@@ -228,6 +229,14 @@ class RedisCoordination:
         except _STORE_ERRORS as exc:
             self.failed(exc)
             return self._fallback(credential)
+        except asyncio.CancelledError:
+            # Cancelled while asking (shut-down): the SET may have landed; free the lease if it is ours.
+            with contextlib.suppress(*_STORE_ERRORS, TimeoutError):
+                async with asyncio.timeout(IO_TIMEOUT):
+                    await self._scripts["release"](
+                        keys=[self.key(credential, "lease")], args=[owner, self.key(credential, "saved")]
+                    )
+            raise
         if not acquired:
             raise CoordinationUnavailable(
                 f"another replica held the refresh lease in Redis at {self._host} longer than queue.wait_timeout"
@@ -436,8 +445,7 @@ class _LeaseRight:
     async def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours; a failure leaves it to expire."""
         self._renewal.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._renewal
+        await asyncio.wait([self._renewal])  # never raises: a cancellation of the caller still propagates
         coordination = self._coordination
         try:
             async with asyncio.timeout(IO_TIMEOUT):
