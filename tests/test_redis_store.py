@@ -473,3 +473,25 @@ async def test_store_save_refused_when_lease_lost_or_newer_generation(redis_serv
         await first.aclose()
         await second.aclose()
     assert 'tokenproxy_store_leases_total{event="lost"} 1.0' in metrics.render().decode()
+
+
+@pytest.mark.parametrize(
+    ("store", "problem"),
+    [
+        ({"backend": "mysql"}, "store.backend: must be one of file, redis, got 'mysql'"),
+        ({"backend": "redis"}, "store.url: is required when store.backend is 'redis'"),
+        ({"backend": "redis", "url": "redis://:pw@h:99999/0"}, "store.url: has a port that is not a number from 0 to 65535"),
+        ({"backend": "redis", "url": "redis://h:6379/x"}, "store.url: must end with a database number (/0), got /x"),
+        ({"backend": "redis", "url": "redis://h", "key_prefix": ""}, "store.key_prefix: must not be empty"),
+        ({"backend": "redis", "url": "redis://h", "ca_file": "/no/such"}, "store.ca_file: no such file, got '/no/such'"),
+    ],
+)
+def test_store_config_problems_name_the_key(store: dict[str, str], problem: str) -> None:
+    """Each unusable [store] value is one problem line naming its key; a password in the URL is never shown."""
+    from proxy.config import ConfigError, parse_config
+
+    raw = {"upstream": {"url": "https://api.example"}, "token": {"refresh_token": "rt"}, "store": store}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, {})
+    assert problem in caught.value.problems
+    assert not any("pw" in line for line in caught.value.problems)
