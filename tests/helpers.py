@@ -405,11 +405,6 @@ class RedisServer:
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
 
-def redis_store(url: str, prefix: str, lease_ttl: float = 15.0) -> str:
-    """A `[store]` section using Redis (to end a config written by `write_config`)."""
-    return f'\n[store]\nbackend = "redis"\nurl = "{url}"\nkey_prefix = "{prefix}"\nlease_ttl = {lease_ttl}\n'
-
-
 async def stop_process(proc: asyncio.subprocess.Process) -> str:
     """Kill a started CLI by PID (if still running) and return what it wrote on stderr."""
     if proc.returncode is None:
