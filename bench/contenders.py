@@ -9,7 +9,10 @@ in front of that upstream:
 - `mitmdump`: mitmproxy in reverse mode with a one-line addon;
 - `baseline`: bench/baseline_proxy.py, the plain aiohttp proxy;
 - `tokenproxy-static`: tokenproxy with a `static` grant;
-- `tokenproxy-cc`: tokenproxy with `client_credentials` against the token server.
+- `tokenproxy-cc`: tokenproxy with `client_credentials` against the token server;
+- `tokenproxy-cc-redis` (run when named): the same with `[store] backend = "redis"`, against a
+  redis-server the stage starts on first use: the store is touched only on refresh, so its
+  per-request cost must match tokenproxy-cc's.
 
 Every process is stopped by PID when its `Running` closes, and everything
 left when the stage closes.
@@ -48,6 +51,7 @@ class Contender:
     upstream_client: str = "fast"  # tokenproxy's `upstream.client`
     loop: str = "uvloop"  # tokenproxy's `server.loop`
     default: bool = True  # False: run only when named in --contenders (diagnostic variants)
+    store: str = "file"  # tokenproxy's `store.backend`
 
 
 CONTENDERS: tuple[Contender, ...] = (
@@ -57,6 +61,13 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("baseline", "plain aiohttp proxy (bench/baseline_proxy.py)"),
     Contender("tokenproxy-static", "tokenproxy, static grant"),
     Contender("tokenproxy-cc", "tokenproxy, client_credentials", refreshes=True),
+    Contender(
+        "tokenproxy-cc-redis",
+        "tokenproxy, client_credentials, Redis store",
+        refreshes=True,
+        store="redis",
+        default=False,
+    ),
     # Variants of tokenproxy-static, to measure one choice at a time.
     Contender("tokenproxy-session", "tokenproxy, static, ClientSession path", upstream_client="session", default=False),
     Contender("tokenproxy-asyncio", "tokenproxy, static, asyncio loop", loop="asyncio", default=False),
@@ -106,8 +117,9 @@ def tokenproxy_toml(
     refresh_before: float = 30.0,
     upstream_client: str = "fast",
     loop: str = "uvloop",
+    redis_url: str = "",
 ) -> str:
-    """A tokenproxy config for the bench: quiet logs, no state file, short shutdown.
+    """A tokenproxy config for the bench: quiet logs, no state file, short shutdown; Redis as the store if given.
 
     `server.max_connections` (where this tokenproxy has it) is raised to fit
     the scenario, as `queue.max_waiting` is: its default would refuse the
@@ -146,7 +158,7 @@ wait_timeout = 60.0
 [log]
 level = "warning"
 access_log = false
-"""
+""" + (f'\n[store]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "bench:"\n' if redis_url else "")
 
 
 @functools.cache
@@ -172,6 +184,7 @@ class Stage:
     token_port: int = field(init=False)
     _body_temp: Path = field(init=False)
     _procs: list[Proc] = field(default_factory=list, init=False)
+    _redis_url: str = field(default="", init=False)  # set when a contender first needs Redis
 
     def __enter__(self) -> Stage:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -242,7 +255,19 @@ class Stage:
         """'' when the contender can run here, else why not."""
         if contender.name == "mitmdump" and self.tools.mitmdump is None:
             return self.tools.mitmdump_missing
+        if contender.store == "redis" and shutil.which("redis-server") is None:
+            return "redis-server not found (apt-get install redis-server)"
         return ""
+
+    def redis_url(self) -> str:
+        """A redis-server for the stage (no persistence), started on first use and stopped with the stage."""
+        if not self._redis_url:
+            port = free_port()
+            args = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+            args += ["--dir", str(self.run_dir)]
+            self._procs.append(start("redis-server", args, self.run_dir / "redis.log", port=port))
+            self._redis_url = f"redis://{HOST}:{port}/0"
+        return self._redis_url
 
     def start(self, contender: Contender, *, max_waiting: int = 1000, max_client_connections: int = 2048) -> Running:
         """Start `contender` on a free port and return once it listens."""
@@ -298,6 +323,7 @@ class Stage:
                     max_client_connections=max_client_connections,
                     upstream_client=contender.upstream_client,
                     loop=contender.loop,
+                    redis_url=self.redis_url() if contender.store == "redis" else "",
                 )
             )
             args = [sys.executable, "-m", "proxy", "run", "-c", str(config)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from tests.fakes.api_server import FakeApi
 from tests.fakes.canary import Canary
 from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_SECRET, PASSWORD, FakeTokenServer
-from tests.helpers import LOOP_FACTORIES, ProxyFactory
+from tests.helpers import LOOP_FACTORIES, REDIS_SERVER, ProxyFactory, RedisServer
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -138,3 +138,30 @@ async def httpbin() -> AsyncIterator[str]:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.communicate(), 30)  # reads its pipe to the end: wait() alone can hang on a full one
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session (tests keep apart by key_prefix); skipped when it is not installed."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server not found (`.ci/run` installs Debian's redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may stop and start again."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server not found (`.ci/run` installs Debian's redis-server)")
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

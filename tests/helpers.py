@@ -11,6 +11,9 @@ import json
 import logging
 import os
 import re
+import shutil
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -338,3 +341,73 @@ def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
     """No record at ERROR or above, and none carrying a traceback."""
     bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert bad == []
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+REDIS_SERVER = shutil.which("redis-server")
+# Bound for redis-server to start answering (or to stop) on a loaded machine.
+REDIS_BOUND = 20.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """Debian's redis-server on a free 127.0.0.1 port, no persistence; started and killed by PID.
+
+    `stop()` then `start()` gives a Redis that comes back empty on the same port (a restart without persistence).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        assert REDIS_SERVER is not None
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it and wait (bounded) until it answers PING."""
+        assert REDIS_SERVER is not None and self._proc is None
+        self._proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + REDIS_BOUND
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)  # polling for a process to start, not a settle delay
+        self.stop()
+        raise AssertionError(f"redis-server did not answer on port {self.port} within {REDIS_BOUND}s")
+
+    def stop(self) -> None:
+        """Kill it by PID and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(REDIS_BOUND)
+
+    def client(self) -> Any:
+        """A synchronous redis client to look inside (the test's own connection)."""
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> str:
+    """Kill a started CLI by PID (if still running) and return what it wrote on stderr."""
+    if proc.returncode is None:
+        proc.kill()
+    _, err = await asyncio.wait_for(proc.communicate(), RAW_BOUND)
+    return err.decode()

@@ -53,6 +53,7 @@ def test_registry_secret_keys_are_the_marked_fields() -> None:
         "token.subject_token",
         "token.json.headers",
         "token.json.body",
+        "store.url",
     }
     assert is_secret_key("token.json") and is_secret_key("token.json.headers.X-Api-Key")
     assert not is_secret_key("token.client_id") and not is_secret_key("token.username")

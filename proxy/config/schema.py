@@ -29,6 +29,8 @@ UPSTREAM_CLIENTS = ("fast", "session")
 EVENT_LOOPS = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# Where the token state is shared: the state file (one host) or Redis (many hosts).
+STORE_BACKENDS = ("file", "redis")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,20 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where replicas share the token state and the right to refresh it (`backend = "redis"`)."""
+
+    backend: str = field(default="file", metadata=RESTART)
+    # redis:// or rediss://; a password (and ACL user) in it makes the whole URL a secret.
+    url: str = field(default="", metadata={**secret(), **RESTART})
+    ca_file: str = field(default="", metadata=RESTART)
+    key_prefix: str = field(default="tokenproxy:", metadata=RESTART)
+    # Outlives token.timeout (default 10 s) plus the save, so a holder whose renewals fail still
+    # holds the lease until its token call has ended; it bounds how long a killed holder blocks others.
+    lease_ttl: float = field(default=15.0, metadata=RESTART)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """What is logged and how."""
 
@@ -130,6 +146,7 @@ class Config:
     token: TokenConfig = field(default_factory=TokenConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

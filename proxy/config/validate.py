@@ -11,6 +11,7 @@ import ipaddress
 import re
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..auth.registry import GRANTS
 from ..auth.settings import url_problems
@@ -18,12 +19,14 @@ from .schema import (
     EVENT_LOOPS,
     LOG_FORMATS,
     LOG_LEVELS,
+    STORE_BACKENDS,
     UPSTREAM_CLIENTS,
     Config,
     LogConfig,
     QueueConfig,
     RetryConfig,
     ServerConfig,
+    StoreConfig,
     TokenConfig,
     UpstreamConfig,
 )
@@ -194,6 +197,47 @@ def _retry_problems(retry: RetryConfig) -> list[str]:
     ]
 
 
+def redis_url_problem(url: str) -> str | None:
+    """What makes `url` unusable as a Redis URL, or None; the sentence never shows the URL (it may hold a password)."""
+    if not url:
+        return "is required when store.backend is 'redis'"
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return "must start with redis:// or rediss://"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has a port that is not a number from 0 to 65535"
+    if not parts.hostname:
+        return "must name a host (redis://HOST:PORT/DB)"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"must end with a database number (/0), got /{db}"
+    if port == 0:
+        return "has port 0"
+    return None
+
+
+def _store_problems(store: StoreConfig, token: TokenConfig) -> list[str]:
+    problems = []
+    if store.backend not in STORE_BACKENDS:
+        problems.append(f"store.backend: must be one of {', '.join(STORE_BACKENDS)}, got {store.backend!r}")
+    if store.backend == "redis" and (problem := redis_url_problem(store.url)) is not None:
+        problems.append(f"store.url: {problem}")
+    if store.ca_file and not Path(store.ca_file).expanduser().is_file():
+        problems.append(f"store.ca_file: no such file, got {store.ca_file!r}")
+    if store.ca_file and not store.url.startswith("rediss://"):
+        problems.append("store.ca_file: is used only with a rediss:// store.url (TLS)")
+    if not store.key_prefix:
+        problems.append("store.key_prefix: must not be empty")
+    if store.lease_ttl < token.timeout:
+        problems.append(
+            f"store.lease_ttl: must be at least token.timeout ({token.timeout:g}s), so a lease outlives "
+            f"the token call it guards, got {store.lease_ttl!r}"
+        )
+    return problems
+
+
 def _log_problems(log: LogConfig) -> list[str]:
     problems = []
     if log.level not in LOG_LEVELS:
@@ -211,5 +255,6 @@ def validate(config: Config) -> list[str]:
         *_token_problems(config.token),
         *_queue_problems(config.queue),
         *_retry_problems(config.retry),
+        *_store_problems(config.store, config.token),
         *_log_problems(config.log),
     ]

@@ -69,6 +69,13 @@ class QueueTimeout(ProxyError):
     code = "queue_timeout"
 
 
+class StoreUnavailable(ProxyError):
+    """The shared store (Redis) is down, and refreshing without it could present a rotated refresh token twice."""
+
+    status = 503
+    code = "store_unavailable"
+
+
 class ShuttingDown(ProxyError):
     """The proxy stopped while the request was waiting."""
 

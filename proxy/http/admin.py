@@ -100,6 +100,9 @@ def build_admin_app(
     async def status(request: web.Request) -> web.Response:
         manager = tokens()
         document = status_document(manager.status(), clock(), manager.grant_name, ready_before_token())
+        describe = getattr(manager.coordination, "describe", None)  # a shared store (Redis) says how it is
+        if describe is not None:
+            document["store"] = describe()
         return web.json_response(document)
 
     app.router.add_get("/healthz", healthz)

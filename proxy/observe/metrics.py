@@ -20,6 +20,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Bounded label values of the shared store's metrics (anything else is counted as the last one of each).
+LEASE_EVENTS = ("acquired", "waited", "lost")
+STORE_ERROR_KINDS = ("connection", "timeout", "auth", "other")
+STORE_MODES = ("shared", "local", "unavailable")
+TOKEN_SOURCES = ("own", "adopted")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -75,6 +80,18 @@ class Recorder(Protocol):
     def queue_rejected(self, reason: str) -> None:
         """Count one request refused while (or instead of) waiting."""
 
+    def lease_event(self, event: str) -> None:
+        """Count one refresh lease `acquired`, `waited` for (a peer held it) or `lost` before the save."""
+
+    def store_error(self, kind: str) -> None:
+        """Count one failed call to the shared store, by kind (connection, timeout, auth, other)."""
+
+    def store_mode(self, mode: str) -> None:
+        """Say how refreshes are coordinated now: `shared` (Redis), `local` (Redis down) or `unavailable`."""
+
+    def token_source(self, source: str) -> None:
+        """Count one new token: fetched by this replica (`own`) or `adopted` from a peer."""
+
 
 class NullMetrics:
     """A recorder that keeps nothing: for parts built without a metrics registry (the `token` command, tests)."""
@@ -83,6 +100,7 @@ class NullMetrics:
         """Keep nothing."""
 
     request_done = upstream_answered = resent = rejection_passed_through = refresh_done = queue_rejected = _ignore
+    lease_event = store_error = store_mode = token_source = _ignore
 
 
 NULL_METRICS = NullMetrics()
@@ -100,6 +118,10 @@ class Metrics(Collector):
         self._refreshes: Counter[tuple[str, str]] = Counter()
         self._refresh_duration = Histogram()
         self._queue_rejections: Counter[str] = Counter()
+        self._lease_events: Counter[str] = Counter()
+        self._store_errors: Counter[str] = Counter()
+        self._store_mode: str | None = None  # None: no shared store configured
+        self._token_sources: Counter[str] = Counter()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         # The usual process_*, python_gc_* and python_info series of a Python exporter.
@@ -132,6 +154,51 @@ class Metrics(Collector):
         """Count one request refused while (or instead of) waiting: queue_full, queue_timeout, shutting_down."""
         self._queue_rejections[reason] += 1
 
+    def lease_event(self, event: str) -> None:
+        """Count one refresh lease `acquired`, `waited` for (a peer held it) or `lost` before the save."""
+        self._lease_events[event if event in LEASE_EVENTS else LEASE_EVENTS[-1]] += 1
+
+    def store_error(self, kind: str) -> None:
+        """Count one failed call to the shared store, by kind (connection, timeout, auth, other)."""
+        self._store_errors[kind if kind in STORE_ERROR_KINDS else STORE_ERROR_KINDS[-1]] += 1
+
+    def store_mode(self, mode: str) -> None:
+        """Say how refreshes are coordinated now: `shared` (Redis), `local` (Redis down) or `unavailable`."""
+        self._store_mode = mode if mode in STORE_MODES else STORE_MODES[-1]
+
+    def token_source(self, source: str) -> None:
+        """Count one new token: fetched by this replica (`own`) or `adopted` from a peer."""
+        self._token_sources[source if source in TOKEN_SOURCES else TOKEN_SOURCES[0]] += 1
+
+    def _store_families(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The shared store's metrics: only once a store said how it coordinates (backend = "redis")."""
+        if self._store_mode is None:
+            return
+        mode = GaugeMetricFamily(
+            "tokenproxy_store_mode", "How refreshes are coordinated now (1 for the current mode).", labels=["mode"]
+        )
+        for name in STORE_MODES:
+            mode.add_metric([name], 1 if name == self._store_mode else 0)
+        yield mode
+        leases = CounterMetricFamily(
+            "tokenproxy_store_leases", "Refresh leases acquired, waited for, or lost before the save.", labels=["event"]
+        )
+        for event in LEASE_EVENTS:
+            leases.add_metric([event], self._lease_events[event])
+        yield leases
+        errors = CounterMetricFamily(
+            "tokenproxy_store_errors", "Failed calls to the shared store, by kind.", labels=["kind"]
+        )
+        for kind in STORE_ERROR_KINDS:
+            errors.add_metric([kind], self._store_errors[kind])
+        yield errors
+        sources = CounterMetricFamily(
+            "tokenproxy_store_tokens", "New tokens: fetched by this replica or adopted from another.", labels=["source"]
+        )
+        for source in TOKEN_SOURCES:
+            sources.add_metric([source], self._token_sources[source])
+        yield sources
+
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         """Every metric, as prometheus-client families (called on scrape)."""
         requests = CounterMetricFamily(
@@ -162,6 +229,7 @@ class Metrics(Collector):
         for reason in ("queue_full", "queue_timeout", "shutting_down"):
             rejections.add_metric([reason], self._queue_rejections[reason])
         yield rejections
+        yield from self._store_families()
         gauges = self._token_gauges()
         if gauges is None:
             return

@@ -11,7 +11,9 @@ from ..auth.protocol import Grant, GrantContext, RequestShape
 from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
 from ..observe.metrics import NULL_METRICS, Recorder
+from ..tokens.coordination import Coordination
 from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
+from ..tokens.redis_store import RedisCoordination, RedisSettings, check_redis
 from ..tokens.store import FileStore, NullStore, Store
 
 
@@ -36,6 +38,27 @@ def build_store(token: TokenConfig) -> Store:
     return FileStore(Path(token.state_file)) if token.state_file else NullStore()
 
 
+def build_redis_coordination(config: Config, local: Store, metrics: Recorder) -> Coordination | None:
+    """With `store.backend = "redis"`, the Redis lease and state, once Redis answered; else None.
+
+    Pings Redis first (blocking, bounded): StoreUnavailable naming its host
+    when it cannot be reached or refuses the credentials.
+    """
+    store = config.store
+    if store.backend != "redis":
+        return None
+    settings = RedisSettings(
+        url=store.url,
+        key_prefix=store.key_prefix,
+        lease_ttl=store.lease_ttl,
+        wait_timeout=config.queue.wait_timeout,
+        rotating=GRANTS[config.token.grant].uses_refresh_token,
+        ca_file=str(Path(store.ca_file).expanduser()) if store.ca_file else "",
+    )
+    check_redis(settings)
+    return RedisCoordination(settings, local, metrics)
+
+
 def build_policy(config: Config) -> RefreshPolicy:
     """The token manager's timings and bounds."""
     tok = config.token
@@ -56,15 +79,17 @@ def make_token_manager(
 ) -> TokenManager:
     """A TokenManager for the configured credential, resumed from its state file."""
     tok = config.token
+    store = build_store(tok)
     manager = TokenManager(
         build_grant(tok, session),
-        build_store(tok),
+        store,
         build_policy(config),
         refresh_token=tok.refresh_token or None,
         credential=credential_of(tok),
         request=request_of(tok),
         clock=clock,
         metrics=metrics,
+        coordination=build_redis_coordination(config, store, metrics),
     )
     manager.resume()
     return manager

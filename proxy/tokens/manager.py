@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..auth.grants import BadAnswer, Grant, TokenResponse
 from ..auth.protocol import RequestShape
-from ..core.errors import GrantError, LoginRequired, ShuttingDown, TokenUnavailable
+from ..core.errors import GrantError, LoginRequired, ShuttingDown, StoreUnavailable, TokenUnavailable
 from ..core.renewal import Renewal, decide_renewal
 from ..core.token import Token, expiry_of, fingerprint, lifetime_floor, lifetime_warning, make_token, sendable
 from ..observe.log import refresh_fields
@@ -194,6 +194,9 @@ class TokenManager:
     async def close(self) -> None:
         """Answer every waiter with `shutting_down` and stop a refresh in flight."""
         await self._flight.close(self._policy.timeout)
+        closing = getattr(self._coordination, "aclose", None)  # a coordination with connections of its own
+        if closing is not None:
+            await closing()
 
     # -- the two calls requests make -------------------------------------------
 
@@ -297,6 +300,11 @@ class TokenManager:
         return self._flight.waiting
 
     @property
+    def coordination(self) -> Coordination:
+        """How this credential's refreshes are coordinated with peers (for /status)."""
+        return self._coordination
+
+    @property
     def grant_name(self) -> str:
         """The configured grant's name, for logs and metrics."""
         return self._grant.name
@@ -346,6 +354,9 @@ class TokenManager:
         try:
             async with self._coordination.refresh_right(self._credential) as right:
                 result = await self._fetch_and_publish(right, login, reshaped, timer)
+        except StoreUnavailable as exc:
+            # The shared store is down and the grant rotates its refresh token: no refresh, no back-off.
+            result = exc
         except CoordinationUnavailable as exc:
             result = self._failures.failed(
                 GrantError(exc.reason),
@@ -464,6 +475,7 @@ class TokenManager:
         self._generation = token.generation
         self._obtained = True
         self._failures.succeeded()
+        self._metrics.token_source("own")
         duration = time.perf_counter() - timer
         expires_in = token.expires_at - self._clock()
         logger.info(
@@ -491,6 +503,7 @@ class TokenManager:
         self._token = token
         self._obtained = True
         self._failures.succeeded()
+        self._metrics.token_source("adopted")
         expires_in = token.expires_at - self._clock()
         logger.info(
             "adopted token %s generation %d that another process fetched, expires_in=%.0fs",

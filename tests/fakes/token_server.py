@@ -61,6 +61,7 @@ class FakeTokenServer(TokenServer):
     calls: list[Call] = field(default_factory=list)
     issued_access: list[str] = field(default_factory=list)
     gate: asyncio.Event | None = None  # when set to an Event, answers wait for it
+    delay: float = 0.0  # seconds every answer takes (a slow authorization server)
     entered: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call arrives
     base_url: str = ""  # where it listens, set by the fixture that starts it
     grants: frozenset[str] = GRANTS | {EXCHANGE_GRANT}
@@ -196,6 +197,8 @@ class FakeTokenServer(TokenServer):
 
     async def _fault(self, request: web.Request) -> web.StreamResponse | None:
         self.entered.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.gate is not None:
             await self.gate.wait()
         if self.mode == "hang":
