@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
+from ..auth.discovery import DiscoveryError
 from ..auth.grants.static import StaticSettings
 from ..config import (
     CONFIG_SEARCH,
@@ -74,6 +75,12 @@ def _fail_state(error: UnsafeStateError, command: str) -> NoReturn:
     sys.exit(1)
 
 
+def _fail_discovery(error: DiscoveryError, command: str) -> NoReturn:
+    """Exit 1: the issuer's metadata could not be had, so there is no token endpoint to ask."""
+    click.echo(f"{command}: discovery: {error}", err=True)
+    sys.exit(1)
+
+
 _config_option = click.option(
     "-c",
     "--config",
@@ -131,6 +138,8 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     except ListenError as error:
         click.echo(f"tokenproxy: {error}", err=True)
         sys.exit(1)
+    except DiscoveryError as error:
+        _fail_discovery(error, "tokenproxy")
     except OSError as exc:
         click.echo(f"tokenproxy: {cause_in_words(exc) or exc}", err=True)
         sys.exit(1)
@@ -146,11 +155,11 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
 async def _one_token(config: Config, *, fresh: bool = False) -> tuple[str, float, str, int]:
     """A token of the configured credential: the cached one when still valid, or with `fresh` one fetched now."""
     from ..runtime.clients import token_session
-    from ..runtime.credentials import make_token_manager
+    from ..runtime.credentials import make_token_manager, with_discovery
 
     session = token_session(config)
     try:
-        manager = make_token_manager(config, session)
+        manager = make_token_manager((await with_discovery(config, session))[0], session)
         try:
             token = await (manager.refresh_now() if fresh else manager.get())
         finally:
@@ -176,6 +185,8 @@ def check(config_path: str | None) -> None:
         _, expires_at, fp, generation = asyncio.run(_one_token(config, fresh=True))
     except UnsafeStateError as error:
         _fail_state(error, "check")
+    except DiscoveryError as error:
+        _fail_discovery(error, "check")
     except ProxyError as error:
         click.echo(f"check: {error.code}: {error.detail}", err=True)
         sys.exit(1)
@@ -208,6 +219,8 @@ def token(config_path: str | None) -> None:
         value, _, _, _ = asyncio.run(_one_token(config))
     except UnsafeStateError as error:
         _fail_state(error, "token")
+    except DiscoveryError as error:
+        _fail_discovery(error, "token")
     except ProxyError as error:
         click.echo(f"token: {error.code}: {error.detail}", err=True)
         sys.exit(1)

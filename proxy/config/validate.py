@@ -7,6 +7,7 @@ grant registry. Knows nothing of TOML or the environment.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from pathlib import Path
@@ -117,7 +118,8 @@ def _token_problems(tok: TokenConfig) -> list[str]:
     if grant is None:
         problems.append(f"token.grant: must be one of {', '.join(GRANTS)}, got {tok.grant!r}")
     else:
-        problems += [f"token.{key}: {what}" for key, what in grant.check(tok.settings)]
+        problems += _issuer_problems(tok)
+        problems += [f"token.{key}: {what}" for key, what in grant.check(_endpoint_named(tok))]
         if grant.uses_refresh_token and not tok.refresh_token and not tok.state_file:
             problems.append(
                 f"token.refresh_token: is required for grant {tok.grant!r} when token.state_file is empty"
@@ -131,6 +133,34 @@ def _token_problems(tok: TokenConfig) -> list[str]:
     for status in tok.refresh_on:
         if not 400 <= status <= 599:
             problems.append(f"token.refresh_on: must list 4xx or 5xx statuses, got {status!r}")
+    return problems
+
+
+def _endpoint_named(tok: TokenConfig) -> object:
+    """The grant's settings as checked: with `issuer` given, the token endpoint is found at start, not missing."""
+    settings = tok.settings
+    if tok.issuer and dataclasses.is_dataclass(settings) and hasattr(settings, "token_url"):
+        return dataclasses.replace(settings, token_url=tok.issuer)  # type: ignore[type-var]
+    return settings
+
+
+def _issuer_problems(tok: TokenConfig) -> list[str]:
+    """`issuer` and `redirect_port`: an issuer is an http(s) URL without query, for an OAuth client, and
+    takes the place of token_url."""
+    problems = []
+    if tok.issuer:
+        problems += [f"token.{key}: {what}" for key, what in url_problems("issuer", tok.issuer)]
+        if not hasattr(tok.settings, "client_id"):
+            problems.append(f"token.issuer: is not used by grant {tok.grant!r}, which has no OAuth client")
+        elif getattr(tok.settings, "token_url", ""):
+            problems.append(
+                "token.issuer: give token.issuer or token.token_url, not both "
+                "(the token endpoint comes from the issuer's metadata)"
+            )
+    for name in ("authorization_url", "device_authorization_url", "revocation_url"):
+        problems += [f"token.{key}: {what}" for key, what in url_problems(name, getattr(tok, name), required=False)]
+    if not 0 <= tok.redirect_port <= 65535:
+        problems.append(f"token.redirect_port: must be a port from 0 (a free one) to 65535, got {tok.redirect_port!r}")
     return problems
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import aiohttp
 
+from ..auth.discovery import ServerMetadata, discover
 from ..auth.protocol import Grant, GrantContext, RequestShape
 from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
@@ -19,6 +21,17 @@ def build_grant(token: TokenConfig, session: aiohttp.ClientSession) -> Grant:
     """The grant object the `token` section describes; `session` carries its calls to the endpoint."""
     context = GrantContext(session, timeout=token.timeout, default_lifetime=token.default_lifetime)
     return GRANTS[token.grant].build(token.settings, context)
+
+
+async def with_discovery(config: Config, session: aiohttp.ClientSession) -> tuple[Config, ServerMetadata | None]:
+    """The config with the token endpoint `token.issuer`'s metadata names, and that metadata; unchanged (and
+    None) without an issuer. Raises DiscoveryError naming the URL tried. Called before a grant is built."""
+    tok = config.token
+    if not tok.issuer:
+        return config, None
+    metadata = await discover(session, tok.issuer, tok.timeout)
+    settings = dataclasses.replace(tok.settings, token_url=metadata.token_endpoint)  # type: ignore[type-var]
+    return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings)), metadata
 
 
 def credential_of(token: TokenConfig) -> str:
