@@ -1,4 +1,4 @@
-"""The command line: `run`, `check`, `token`, `demo`, `config`. The only place that exits."""
+"""The command line: `run`, `check`, `token`, `login`, `logout`, `demo`, `config`. The only place that exits."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ..core.token import sendable
 from ..observe.log import setup_logging
 from ..tokens.store import FileStore, UnsafeStateError
 from .config_cmd import config_commands
+from .login import login_commands
 
 
 def _fail_config(error: ConfigError) -> NoReturn:
@@ -75,6 +76,20 @@ def _fail_state(error: UnsafeStateError, command: str) -> NoReturn:
     sys.exit(1)
 
 
+def _token_failure(config: Config, error: ProxyError) -> str:
+    """The failure in words; with no refresh token known at all (neither configured nor kept in the state
+    file) for a refresh_token grant, that no one has logged in yet and how to: `tokenproxy login`."""
+    tok = config.token
+    if error.code == "login_required" and tok.grant == "refresh_token" and tok.state_file and not tok.refresh_token:
+        state = FileStore(Path(tok.state_file)).load()
+        if state is None or not state.refresh_token:
+            return (
+                f"{error.code}: not logged in: no token.refresh_token, and none in {tok.state_file}: "
+                "run `tokenproxy login`"
+            )
+    return f"{error.code}: {error.detail}"
+
+
 def _fail_discovery(error: DiscoveryError, command: str) -> NoReturn:
     """Exit 1: the issuer's metadata could not be had, so there is no token endpoint to ask."""
     click.echo(f"{command}: discovery: {error}", err=True)
@@ -103,6 +118,8 @@ def main() -> None:
 
 
 main.add_command(config_commands(_config_option, _load, _CONFIG_EPILOG))
+for _command in login_commands(_config_option, _load, _CONFIG_EPILOG):
+    main.add_command(_command)
 
 
 @main.command(epilog=_CONFIG_EPILOG)
@@ -188,7 +205,7 @@ def check(config_path: str | None) -> None:
     except DiscoveryError as error:
         _fail_discovery(error, "check")
     except ProxyError as error:
-        click.echo(f"check: {error.code}: {error.detail}", err=True)
+        click.echo(f"check: {_token_failure(config, error)}", err=True)
         sys.exit(1)
     when = datetime.datetime.fromtimestamp(expires_at, datetime.UTC).isoformat(timespec="seconds")
     remaining = expires_at - datetime.datetime.now(datetime.UTC).timestamp()
@@ -222,7 +239,7 @@ def token(config_path: str | None) -> None:
     except DiscoveryError as error:
         _fail_discovery(error, "token")
     except ProxyError as error:
-        click.echo(f"token: {error.code}: {error.detail}", err=True)
+        click.echo(f"token: {_token_failure(config, error)}", err=True)
         sys.exit(1)
     click.echo(value)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -38,6 +40,8 @@ class FakeAuthServer:
     secrets_seen: list[str] = field(default_factory=list)  # codes, verifiers, device codes
     revoked: list[str] = field(default_factory=list)
     polls: int = 0
+    polled_at: list[float] = field(default_factory=list)  # `clock()` at each device-code poll
+    clock: Callable[[], float] = time.monotonic
     metadata_requests: list[str] = field(default_factory=list)
     _codes: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -144,6 +148,7 @@ class FakeAuthServer:
         if grant == "urn:ietf:params:oauth:grant-type:device_code":
             answer = self.device_script[min(self.polls, len(self.device_script) - 1)]
             self.polls += 1
+            self.polled_at.append(self.clock())
             if answer == "ok":
                 return self._issue()
             return web.json_response({"error": answer}, status=400)

@@ -1,0 +1,202 @@
+"""`tokenproxy login` and `logout` against the fake authorization server: device grant, code + PKCE, the state file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.auth.client_auth import PublicClient
+from proxy.auth.endpoint import TokenEndpoint
+from proxy.auth.login.device import device_login
+from tests.fakes.auth_server import PUBLIC_CLIENT, FakeAuthServer
+from tests.helpers import read_until, run_cli, start_cli
+
+
+@pytest.fixture
+async def auth_server(aiohttp_server: Any) -> AsyncIterator[FakeAuthServer]:
+    """The fake authorization server, on 127.0.0.1."""
+    fake = FakeAuthServer(device_interval=1)
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    yield fake
+
+
+def login_config(path: Path, fake: FakeAuthServer, state: Path, extra: str = "") -> str:
+    """A config with no secret in it: the issuer, a public client, a state file."""
+    path.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\n[upstream]\nurl = "{fake.base_url}"\n[token]\ngrant = "refresh_token"\n'
+        f'issuer = "{fake.issuer}"\nclient_id = "{PUBLIC_CLIENT}"\nclient_auth = "none"\nstate_file = "{state}"\n'
+        f"{extra}"
+    )
+    return str(path)
+
+
+def assert_no_secret(fake: FakeAuthServer, *texts: str) -> None:
+    """No token, code, device code or verifier the server saw or issued appears in any text."""
+    for value in [*fake.issued_access, *fake.issued_refresh, *fake.secrets_seen]:
+        for text in texts:
+            assert value not in text
+
+
+class Recorder:
+    """A Prompt keeping what a flow said."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.statuses: list[str] = []
+
+    def line(self, text: str) -> None:
+        """Keep a line."""
+        self.lines.append(text)
+
+    def status(self, text: str) -> None:
+        """Keep a status."""
+        self.statuses.append(text)
+
+    def done(self) -> None:
+        """Nothing to clear."""
+
+
+async def test_device_slow_down_adds_five_seconds_then_succeeds(auth_server: FakeAuthServer) -> None:
+    """`slow_down` makes the next poll wait 5 s more; the poll after it gets the tokens."""
+    auth_server.device_script = ["authorization_pending", "slow_down", "ok"]
+    now = [0.0]
+    auth_server.clock = lambda: now[0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    prompt = Recorder()
+    async with aiohttp.ClientSession() as session:
+        endpoint = TokenEndpoint(session, f"{auth_server.base_url}/token", PublicClient(PUBLIC_CLIENT, ""), 5.0)
+        response = await device_login(
+            endpoint, f"{auth_server.base_url}/device", {}, prompt, max_wait=300, sleep=sleep, clock=lambda: now[0]
+        )
+    assert response.refresh_token == auth_server.issued_refresh[0]
+    assert auth_server.polled_at == [1.0, 2.0, 8.0]
+    assert prompt.lines == [
+        f"To log in, open {auth_server.base_url}/activate",
+        "and enter the code: WDJB-MJHT",
+        f"(or open {auth_server.base_url}/activate?user_code=WDJB-MJHT, which has the code in it)",
+        "Waiting for the login to be approved (the code expires in 5:00) ...",
+    ]
+    assert prompt.statuses[0] == "waiting for approval, 5:00 left"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ("access_denied", "login: the login was denied at the authorization server (access_denied)\n"),
+        (
+            "expired_token",
+            "login: the code expired before the login was approved (expired_token): run `tokenproxy login` again\n",
+        ),
+    ],
+)
+async def test_login_device_refused_exits_1_with_message(
+    auth_server: FakeAuthServer, tmp_path: Path, answer: str, message: str
+) -> None:
+    """access_denied and expired_token end the login: exit 1, one line saying why, nothing saved."""
+    auth_server.device_script = [answer]
+    state = tmp_path / "state.json"
+    code, out, err = await run_cli("login", "-c", login_config(tmp_path / "c.toml", auth_server, state), "--flow",
+                                   "device")
+    assert (code, err) == (1, message)
+    base = auth_server.base_url
+    assert out == (
+        f"To log in, open {base}/activate\nand enter the code: WDJB-MJHT\n"
+        f"(or open {base}/activate?user_code=WDJB-MJHT, which has the code in it)\n"
+        "Waiting for the login to be approved (the code expires in 5:00) ...\n"
+    )
+    assert not state.exists()
+    assert_no_secret(auth_server, out, err)
+
+
+async def test_login_device_then_token_and_logout(auth_server: FakeAuthServer, tmp_path: Path) -> None:
+    """A device login keeps the tokens in the state file; `token` uses them; `logout` revokes and removes them."""
+    state = tmp_path / "state.json"
+    config = login_config(tmp_path / "c.toml", auth_server, state)
+    code, out, err = await run_cli("login", "-c", config, "--flow", "device")
+    assert (code, err) == (0, "")
+    assert re.fullmatch(
+        r"Logged in: access token \S+ \(expires in 600s\) kept in " + re.escape(str(state)),
+        out.splitlines()[-2],
+    )
+    assert out.splitlines()[-1] == "`tokenproxy run` now uses it, and its refresh token, with no secret in its config."
+    saved = json.loads(state.read_text())
+    assert (saved["access_token"], saved["refresh_token"]) == (auth_server.issued_access[0], auth_server.issued_refresh[0])
+    assert state.stat().st_mode & 0o777 == 0o600
+    code, token_out, _ = await run_cli("token", "-c", config)
+    assert (code, token_out) == (0, auth_server.issued_access[0] + "\n")
+    code, logout_out, logout_err = await run_cli("logout", "-c", config)
+    assert (code, logout_err) == (0, "")
+    assert logout_out == (
+        f"Removed the tokens from {state}.\nRevoked the refresh token at {auth_server.base_url}/revoke.\n"
+    )
+    assert auth_server.revoked == [auth_server.issued_refresh[0]]
+    assert json.loads(state.read_text())["refresh_token"] is None
+    assert_no_secret(auth_server, out, err, logout_out)
+
+
+async def test_check_without_login_says_run_login(auth_server: FakeAuthServer, tmp_path: Path) -> None:
+    """No refresh token in the config or the state file: `check` says plainly to run `tokenproxy login`."""
+    state = tmp_path / "state.json"
+    config = login_config(tmp_path / "c.toml", auth_server, state)
+    code, out, err = await run_cli("check", "-c", config)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"check: login_required: not logged in: no token.refresh_token, and none in {state}: run `tokenproxy login`\n"
+    )
+
+
+async def test_login_code_wrong_state_400_then_pkce_exchange_and_run(auth_server: FakeAuthServer, tmp_path: Path) -> None:
+    """The browser part over HTTP: a redirect with a wrong state gets 400 and is ignored; the right one logs in
+    (the fake checks the PKCE verifier against the challenge); `run` then serves with the tokens."""
+    state = tmp_path / "state.json"
+    config = login_config(tmp_path / "c.toml", auth_server, state)
+    proc = await start_cli("login", "-c", config, "--flow", "code", "--no-browser", "--timeout", "60")
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        url = (await read_until(proc.stdout, r"^(http://127\.0\.0\.1:\d+/authorize\?\S+)$", seen)).group(1)
+        async with aiohttp.ClientSession() as browser:
+            async with browser.get(url, allow_redirects=False) as resp:
+                assert resp.status == 302
+                callback = resp.headers["Location"]
+            forged = re.sub(r"state=[^&]+", "state=not-this-one", callback)
+            async with browser.get(forged) as resp:
+                assert resp.status == 400
+                assert "its state does not match" in await resp.text()
+            await read_until(proc.stdout, r"state that is not this login's: ignored", seen)
+            async with browser.get(callback) as resp:
+                assert (resp.status, "You may close this page." in await resp.text()) == (200, True)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    printed = "".join(seen) + out.decode()
+    assert (proc.returncode, err.decode()) == (0, "")
+    assert printed.splitlines()[0] == "To log in, open this URL in a browser on this machine:"
+    assert "Logged in: access token" in printed
+    assert json.loads(state.read_text())["refresh_token"] == auth_server.issued_refresh[0]
+    assert_no_secret(auth_server, printed)
+
+    run = await start_cli("run", "-c", config)
+    logs: list[str] = []
+    try:
+        assert run.stderr is not None
+        proxy = (await read_until(run.stderr, r"listening on (http://127\.0\.0\.1:\d+)", logs)).group(1)
+        async with aiohttp.ClientSession() as client, client.get(f"{proxy}/api") as resp:
+            assert (resp.status, await resp.json()) == (200, {"ok": True})
+    finally:
+        run.terminate()
+        _, rest = await asyncio.wait_for(run.communicate(), 20)
+    assert_no_secret(auth_server, "".join(logs) + rest.decode())
