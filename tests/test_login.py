@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from proxy.auth.client_auth import PublicClient
 from proxy.auth.endpoint import TokenEndpoint
 from proxy.auth.login.device import device_login
 from tests.fakes.auth_server import PUBLIC_CLIENT, FakeAuthServer
-from tests.helpers import read_until, run_cli, start_cli
+from tests.helpers import TOKENPROXY, read_until, run_cli, start_cli
 
 
 @pytest.fixture
@@ -200,3 +201,56 @@ async def test_login_code_wrong_state_400_then_pkce_exchange_and_run(auth_server
         run.terminate()
         _, rest = await asyncio.wait_for(run.communicate(), 20)
     assert_no_secret(auth_server, "".join(logs) + rest.decode())
+
+
+def _read_all(fd: int) -> bytes:
+    """Everything a pseudo-terminal's master side gives until the child side is closed."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: every child-side descriptor is closed
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def test_login_device_in_a_terminal_shows_countdown_and_no_secret(
+    auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    """In a pseudo-terminal the wait is a spinner and countdown redrawn in place, cleared at the end; no token,
+    device code or refresh token is ever shown."""
+    auth_server.device_script = ["authorization_pending", "ok"]
+    config = login_config(tmp_path / "c.toml", auth_server, tmp_path / "state.json")
+    master, child = os.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *TOKENPROXY, "login", "-c", config, "--flow", "device", "--timeout", "30",
+            stdin=child, stdout=child, stderr=child,
+        )
+    finally:
+        os.close(child)
+    try:
+        screen = (await asyncio.wait_for(asyncio.to_thread(_read_all, master), 40)).decode()
+        await asyncio.wait_for(proc.wait(), 10)
+    finally:
+        os.close(master)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    lines = screen.split("\r\n")
+    assert lines[:4] == [
+        f"To log in, open {auth_server.base_url}/activate",
+        "and enter the code: WDJB-MJHT",
+        f"(or open {auth_server.base_url}/activate?user_code=WDJB-MJHT, which has the code in it)",
+        "Waiting for the login to be approved (the code expires in 5:00) ...",
+    ]
+    # --timeout 30 is sooner than the code's 5 minutes: the countdown is to it.
+    assert re.fullmatch(
+        r"(\r[|/\\-] waiting for approval, 0:[23]\d left\x1b\[K)+\r\x1b\[KLogged in: access token \S+ "
+        r"\(expires in 600s\) kept in \S+",
+        lines[4],
+    )
+    assert_no_secret(auth_server, screen)
