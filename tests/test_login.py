@@ -254,3 +254,39 @@ async def test_login_device_in_a_terminal_shows_countdown_and_no_secret(
         lines[4],
     )
     assert_no_secret(auth_server, screen)
+
+
+def registration_config(path: Path, fake: FakeAuthServer, state: Path) -> str:
+    """A config naming the issuer only: no client id, no secret."""
+    path.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\n[upstream]\nurl = "{fake.base_url}"\n[token]\n'
+        f'issuer = "{fake.issuer}"\nstate_file = "{state}"\n'
+    )
+    return str(path)
+
+
+async def test_login_without_client_id_registers_once_and_run_uses_it(
+    auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    """No client_id: login registers a public client (RFC 7591) once, keeps it in the state file, reuses it on
+    the next login, and `token` refreshes as that client after the access token is gone."""
+    state = tmp_path / "state.json"
+    config = registration_config(tmp_path / "c.toml", auth_server, state)
+    code, out, err = await run_cli("login", "-c", config, "--flow", "device")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == (
+        f"Registered tokenproxy as client dyn-1 at {auth_server.base_url}/register (kept in {state})"
+    )
+    assert auth_server.registered == {"dyn-1": ["http://127.0.0.1/callback"]}
+    assert json.loads(state.read_text())["client_id"] == "dyn-1"
+    code, out, err = await run_cli("login", "-c", config, "--flow", "device")
+    assert (code, err) == (0, "")
+    assert "Registered" not in out
+    assert list(auth_server.registered) == ["dyn-1"]
+    saved = json.loads(state.read_text())
+    assert (saved["client_id"], saved["generation"]) == ("dyn-1", 2)
+    code, out, err = await run_cli("check", "-c", config)  # refreshes now, as dyn-1, and saves the rotation
+    assert (code, err) == (0, "")
+    saved = json.loads(state.read_text())
+    assert (saved["client_id"], saved["refresh_token"]) == ("dyn-1", auth_server.issued_refresh[-1])
+    assert len(auth_server.issued_refresh) == 3

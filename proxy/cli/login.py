@@ -25,9 +25,10 @@ import click
 from ..auth.discovery import DiscoveryError, ServerMetadata
 from ..auth.endpoint import TokenEndpoint
 from ..auth.grants.oauth import request_fields, token_endpoint
-from ..auth.login.browser import browser_login
+from ..auth.login.browser import CALLBACK_PATH, browser_login
 from ..auth.login.device import device_login
 from ..auth.login.prompt import LoginError
+from ..auth.login.register import register_client
 from ..auth.login.revoke import revoke
 from ..auth.protocol import GrantContext, TokenResponse
 from ..config import Config, secrets_of
@@ -143,6 +144,7 @@ async def _login(config: Config, flow: str | None, browser: bool, timeout: float
         resolved, metadata = await with_discovery(config, session)
         endpoints = Endpoints.of(resolved, metadata)
         chosen = choose_flow(flow, endpoints, browser)
+        resolved = await _with_client(resolved, metadata, session, prompt)
         endpoint = _endpoint(resolved, session)
         fields = request_fields(resolved.token.settings)  # type: ignore[arg-type]
         if chosen == "device":
@@ -160,11 +162,33 @@ async def _login(config: Config, flow: str | None, browser: bool, timeout: float
             )
     finally:
         await session.close()
-    return _state_of(resolved, credential_of(resolved.token), response)
+    configured = getattr(config.token.settings, "client_id", "")
+    registered = "" if configured else getattr(resolved.token.settings, "client_id", "")
+    return _state_of(resolved, credential_of(resolved.token), response, registered)
 
 
-def _state_of(config: Config, credential: str, response: TokenResponse) -> SavedState:
-    """The state a login leaves: its tokens, the next generation of the credential's chain."""
+async def _with_client(config: Config, metadata: ServerMetadata | None, session: Any, prompt: TerminalPrompt) -> Config:
+    """The config with a client id: the configured or already registered one, else one registered now (RFC 7591)
+    where the server offers registration; LoginError where it does not."""
+    tok = config.token
+    if getattr(tok.settings, "client_id", ""):
+        return config
+    url = metadata.registration_endpoint if metadata is not None else ""
+    if not url:
+        raise LoginError("token.client_id is not set and the authorization server offers no registration_endpoint: "
+                         "set token.client_id")
+    port = f":{tok.redirect_port}" if tok.redirect_port else ""
+    # RFC 8252 §7.3: a loopback redirect registered without a port matches any port at login time.
+    client_id = await register_client(session, url, f"http://127.0.0.1{port}{CALLBACK_PATH}",
+                                      getattr(tok.settings, "scope", ""), tok.timeout)
+    prompt.line(f"Registered tokenproxy as client {client_id} at {safe_url(url)} (kept in {tok.state_file})")
+    settings = dataclasses.replace(tok.settings, client_id=client_id, client_auth="none")  # type: ignore[type-var]
+    return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings))
+
+
+def _state_of(config: Config, credential: str, response: TokenResponse, registered: str) -> SavedState:
+    """The state a login leaves: its tokens, the next generation of the credential's chain, the client
+    `registered` for a config that names none ("" for one that does)."""
     store = FileStore(Path(config.token.state_file))
     before = store.load()
     generation = before.generation + 1 if before is not None and before.credential == credential else 1
@@ -181,6 +205,8 @@ def _state_of(config: Config, credential: str, response: TokenResponse) -> Saved
         obtained_at=now,
         refresh_token=response.refresh_token,
         generation=generation,
+        # A client the config does not name was registered: kept, so that run and the next login use it.
+        client_id=registered,
     )
 
 
@@ -267,7 +293,8 @@ def login_commands(
             revoked = f"not revoked: discovery: {error}"
         except GrantError as error:
             revoked = f"not revoked: {error}"
-        store.save(SavedState("", "", "", 0.0, time.time(), None, 0))
+        # The tokens go; a registered client stays, for the next login.
+        store.save(SavedState("", "", "", 0.0, time.time(), None, 0, client_id=state.client_id))
         click.echo(f"Removed the tokens from {config.token.state_file}.")
         if revoked.startswith("not revoked"):
             _fail("logout", f"the refresh token is {revoked}", 1)

@@ -26,12 +26,26 @@ def build_grant(token: TokenConfig, session: aiohttp.ClientSession) -> Grant:
 async def with_discovery(config: Config, session: aiohttp.ClientSession) -> tuple[Config, ServerMetadata | None]:
     """The config with the token endpoint `token.issuer`'s metadata names, and that metadata; unchanged (and
     None) without an issuer. Raises DiscoveryError naming the URL tried. Called before a grant is built."""
+    config = with_registered_client(config)
     tok = config.token
     if not tok.issuer:
         return config, None
     metadata = await discover(session, tok.issuer, tok.timeout)
     settings = dataclasses.replace(tok.settings, token_url=metadata.token_endpoint)  # type: ignore[type-var]
     return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings)), metadata
+
+
+def with_registered_client(config: Config) -> Config:
+    """The config with the public client `tokenproxy login` registered (kept in the state file) when it names
+    no client_id; unchanged otherwise. Reads the state file: at start and on reload only."""
+    tok = config.token
+    if not tok.state_file or not hasattr(tok.settings, "client_id") or tok.settings.client_id:
+        return config
+    state = FileStore(Path(tok.state_file)).load()
+    if state is None or not state.client_id:
+        return config
+    settings = dataclasses.replace(tok.settings, client_id=state.client_id, client_auth="none")  # type: ignore[type-var]
+    return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings))
 
 
 def credential_of(token: TokenConfig) -> str:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -43,7 +43,19 @@ class FakeAuthServer:
     polled_at: list[float] = field(default_factory=list)  # `clock()` at each device-code poll
     clock: Callable[[], float] = time.monotonic
     metadata_requests: list[str] = field(default_factory=list)
+    registered: dict[str, list[str]] = field(default_factory=dict)  # client id -> its redirect URIs
     _codes: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def _known(self, client_id: Any) -> bool:
+        return client_id == PUBLIC_CLIENT or client_id in self.registered
+
+    def _redirect_ok(self, client_id: str, redirect_uri: str) -> bool:
+        """A registered client's loopback redirect matches whatever its port (RFC 8252 §7.3)."""
+        if client_id == PUBLIC_CLIENT:
+            return True
+        parts = urlsplit(redirect_uri)
+        portless = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+        return portless in self.registered[client_id]
 
     @property
     def issuer(self) -> str:
@@ -59,6 +71,7 @@ class FakeAuthServer:
             "authorization_endpoint": f"{base}/authorize",
             "device_authorization_endpoint": f"{base}/device",
             "revocation_endpoint": f"{base}/revoke",
+            "registration_endpoint": f"{base}/register",
             "token_endpoint_auth_methods_supported": ["none"],
             "code_challenge_methods_supported": ["S256"],
         }
@@ -73,6 +86,7 @@ class FakeAuthServer:
         app.router.add_get("/authorize", self.authorize)
         app.router.add_post("/token", self.token)
         app.router.add_post("/revoke", self.revoke)
+        app.router.add_post("/register", self.register)
         app.router.add_get("/api", self.api)
         return app
 
@@ -97,7 +111,7 @@ class FakeAuthServer:
     async def device(self, request: web.Request) -> web.Response:
         """A device code and user code (RFC 8628 §3.2)."""
         form = await request.post()
-        if form.get("client_id") != PUBLIC_CLIENT:
+        if not self._known(form.get("client_id")):
             return web.json_response({"error": "invalid_client"}, status=401)
         device_code = "dc-" + secrets.token_urlsafe(12)
         self.secrets_seen.append(device_code)
@@ -115,7 +129,12 @@ class FakeAuthServer:
     async def authorize(self, request: web.Request) -> web.Response:
         """The person approves at once: redirect to redirect_uri with a code (or 400 for a bad request)."""
         query = request.query
-        if query.get("client_id") != PUBLIC_CLIENT or query.get("code_challenge_method") != "S256":
+        client_id = query.get("client_id", "")
+        if (
+            not self._known(client_id)
+            or query.get("code_challenge_method") != "S256"
+            or not self._redirect_ok(client_id, query.get("redirect_uri", ""))
+        ):
             return web.Response(status=400, text="bad authorization request")
         code = "code-" + secrets.token_urlsafe(12)
         self.secrets_seen.append(code)
@@ -135,7 +154,7 @@ class FakeAuthServer:
         """The token endpoint: authorization_code (PKCE checked), device_code (scripted), refresh_token."""
         form = await request.post()
         grant = form.get("grant_type")
-        if form.get("client_id") != PUBLIC_CLIENT:
+        if not self._known(form.get("client_id")):
             return web.json_response({"error": "invalid_client"}, status=401)
         if grant == "authorization_code":
             verifier = str(form.get("code_verifier", ""))
@@ -159,6 +178,15 @@ class FakeAuthServer:
             self.revoked.append(presented)  # rotation: each refresh token is good once
             return self._issue()
         return web.json_response({"error": "unsupported_grant_type"}, status=400)
+
+    async def register(self, request: web.Request) -> web.Response:
+        """RFC 7591: a public client with the redirect URIs asked for."""
+        body = await request.json()
+        if body.get("token_endpoint_auth_method") != "none":
+            return web.json_response({"error": "invalid_client_metadata"}, status=400)
+        client_id = f"dyn-{len(self.registered) + 1}"
+        self.registered[client_id] = list(body.get("redirect_uris", []))
+        return web.json_response({"client_id": client_id, **body}, status=201)
 
     async def revoke(self, request: web.Request) -> web.Response:
         """RFC 7009: forget the token; always 200."""
