@@ -290,3 +290,30 @@ async def test_login_without_client_id_registers_once_and_run_uses_it(
     saved = json.loads(state.read_text())
     assert (saved["client_id"], saved["refresh_token"]) == ("dyn-1", auth_server.issued_refresh[-1])
     assert len(auth_server.issued_refresh) == 3
+
+
+async def test_login_without_issuer_finds_it_from_the_api(auth_server: FakeAuthServer, tmp_path: Path) -> None:
+    """Neither issuer nor token_url: login asks upstream.url, follows its RFC 9728 challenge to the issuer, logs
+    in and says which key to add; `check` meanwhile refuses the config (exit 2) saying the same."""
+    state = tmp_path / "state.json"
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[upstream]\nurl = "{auth_server.base_url}/api"\n[token]\nclient_id = "{PUBLIC_CLIENT}"\n'
+        f'client_auth = "none"\nstate_file = "{state}"\n'
+    )
+    code, out, err = await run_cli("check", "-c", str(path))
+    assert (code, out, err) == (
+        2,
+        "",
+        "config: token.token_url: is required (or token.issuer); `tokenproxy login` finds the issuer from "
+        "upstream.url when the API names it (RFC 9728)\n",
+    )
+    code, out, err = await run_cli("login", "-c", str(path), "--flow", "device")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:2] == [
+        f"{auth_server.base_url}/api names its authorization server: {auth_server.issuer}",
+        f'Add  issuer = "{auth_server.issuer}"  to [token] in the config: `tokenproxy run` needs it.',
+    ]
+    path.write_text(path.read_text() + f'issuer = "{auth_server.issuer}"\n')
+    code, out, err = await run_cli("token", "-c", str(path))
+    assert (code, out, err) == (0, auth_server.issued_access[0] + "\n", "")

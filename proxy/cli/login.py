@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TextIO
 
 import click
 
-from ..auth.discovery import DiscoveryError, ServerMetadata
+from ..auth.discovery import DiscoveryError, ServerMetadata, authorization_server_of
 from ..auth.endpoint import TokenEndpoint
 from ..auth.grants.oauth import request_fields, token_endpoint
 from ..auth.login.browser import CALLBACK_PATH, browser_login
@@ -31,7 +31,7 @@ from ..auth.login.prompt import LoginError
 from ..auth.login.register import register_client
 from ..auth.login.revoke import revoke
 from ..auth.protocol import GrantContext, TokenResponse
-from ..config import Config, secrets_of
+from ..config import Config, endpoint_missing, secrets_of
 from ..core.causes import safe_url
 from ..core.errors import GrantError
 from ..core.token import expiry_of, fingerprint
@@ -141,6 +141,7 @@ async def _login(config: Config, flow: str | None, browser: bool, timeout: float
 
     session = token_session(config)
     try:
+        config = await _with_issuer_from_api(config, session, prompt)
         resolved, metadata = await with_discovery(config, session)
         endpoints = Endpoints.of(resolved, metadata)
         chosen = choose_flow(flow, endpoints, browser)
@@ -165,6 +166,17 @@ async def _login(config: Config, flow: str | None, browser: bool, timeout: float
     configured = getattr(config.token.settings, "client_id", "")
     registered = "" if configured else getattr(resolved.token.settings, "client_id", "")
     return _state_of(resolved, credential_of(resolved.token), response, registered)
+
+
+async def _with_issuer_from_api(config: Config, session: Any, prompt: TerminalPrompt) -> Config:
+    """A config naming no token endpoint gets the issuer the API names (RFC 9728), and the person is told to add
+    it to the config: `run` reads it from there (the state file keeps tokens, not configuration)."""
+    if endpoint_missing(config) is None:
+        return config
+    issuer = await authorization_server_of(session, config.upstream.url, config.token.timeout)
+    prompt.line(f"{safe_url(config.upstream.url)} names its authorization server: {issuer}")
+    prompt.line(f'Add  issuer = "{issuer}"  to [token] in the config: `tokenproxy run` needs it.')
+    return dataclasses.replace(config, token=dataclasses.replace(config.token, issuer=issuer))
 
 
 async def _with_client(config: Config, metadata: ServerMetadata | None, session: Any, prompt: TerminalPrompt) -> Config:

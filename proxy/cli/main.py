@@ -19,6 +19,7 @@ from ..config import (
     Config,
     ConfigError,
     config_file_warnings,
+    endpoint_missing,
     find_config_path,
     load_config,
     secrets_of,
@@ -59,6 +60,13 @@ def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> C
         if path is None:
             click.echo(_no_config_file(), err=True)
         _fail_config(error)
+
+
+def _require_endpoint(config: Config) -> None:
+    """Exit 2 for a config naming no token endpoint: only `login` can start from one (it finds the issuer)."""
+    problem = endpoint_missing(config)
+    if problem is not None:
+        _fail_config(ConfigError([problem]))
 
 
 def _refuse_unsafe_state(state_file: str, command: str) -> None:
@@ -138,6 +146,7 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
 
     overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
     config = _load(config_path, overrides)
+    _require_endpoint(config)
     setup_logging(config.log.level, config.log.format, secrets_of(config), access_log=config.log.access_log)
     for warning in _file_warnings(config_path):
         logging.getLogger("tokenproxy").warning("config: %s", warning)
@@ -191,6 +200,7 @@ async def _one_token(config: Config, *, fresh: bool = False) -> tuple[str, float
 def check(config_path: str | None) -> None:
     """Validate the config, fetch one token from the token endpoint now and print its expiry (never the token)."""
     config = _load(config_path)
+    _require_endpoint(config)
     setup_logging("critical", "text", secrets_of(config))
     for warning in _file_warnings(config_path):
         click.echo(f"warning: config: {warning}", err=True)
@@ -230,6 +240,7 @@ def _check_static(config: Config) -> NoReturn:
 def token(config_path: str | None) -> None:
     """Print a valid access token on standard output, for scripts."""
     config = _load(config_path)
+    _require_endpoint(config)
     setup_logging("critical", "text", secrets_of(config))
     _refuse_unsafe_state(config.token.state_file, "token")
     try:

@@ -137,11 +137,29 @@ def _token_problems(tok: TokenConfig) -> list[str]:
 
 
 def _endpoint_named(tok: TokenConfig) -> object:
-    """The grant's settings as checked: with `issuer` given, the token endpoint is found at start, not missing."""
+    """The grant's settings as checked: with `issuer` given, the token endpoint is found at start, not missing;
+    with neither issuer nor token_url, a refresh_token grant's is found by `tokenproxy login` from the API (RFC 9728),
+    and the other commands say what to add (`endpoint_missing`)."""
     settings = tok.settings
-    if tok.issuer and dataclasses.is_dataclass(settings) and hasattr(settings, "token_url"):
+    if not dataclasses.is_dataclass(settings) or not hasattr(settings, "token_url") or settings.token_url:
+        return settings
+    if tok.issuer:
         return dataclasses.replace(settings, token_url=tok.issuer)  # type: ignore[type-var]
+    if tok.grant == "refresh_token" and tok.state_file:
+        return dataclasses.replace(settings, token_url="https://found-by-login.invalid")  # type: ignore[type-var]
     return settings
+
+
+def endpoint_missing(config: Config) -> str | None:
+    """The problem of a config that names no token endpoint (neither token.issuer nor token.token_url): only
+    `tokenproxy login` can start from it. None when it names one."""
+    tok = config.token
+    if tok.issuer or not hasattr(tok.settings, "token_url") or tok.settings.token_url:
+        return None
+    return (
+        "token.token_url: is required (or token.issuer); `tokenproxy login` finds the issuer from upstream.url "
+        "when the API names it (RFC 9728)"
+    )
 
 
 def _issuer_problems(tok: TokenConfig) -> list[str]:
