@@ -133,3 +133,28 @@ async def test_run_reload_refetches_metadata_and_keeps_old_config_when_gone(
         f"{base}/.well-known/oauth-authorization-server answered 404; "
         f"{base}/.well-known/openid-configuration answered 404"
     )
+
+
+async def test_run_client_auth_not_listed_warns_and_not_logged_in_says_login(
+    auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    """At start, a client_auth the metadata does not list is a warning naming both, and a refresh_token grant
+    with no refresh token anywhere says to run `tokenproxy login`."""
+    state = tmp_path / "state.json"
+    config = _config(tmp_path / "c.toml", auth_server.issuer, state, '[server]\nlisten = "127.0.0.1:0"\n')
+    Path(config).write_text(Path(config).read_text().replace('client_auth = "none"', 'client_auth = "basic"'))
+    proc = await start_cli("run", "-c", config)
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, r"tokenproxy listening on", seen)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 20)
+    base = auth_server.base_url
+    assert any(line.rstrip().endswith(
+        f"not logged in: no token.refresh_token, and none in {state}: run `tokenproxy login`; "
+        "until then requests get 503 login_required") for line in seen)
+    assert any(line.rstrip().endswith(
+        f"token.client_auth 'basic' (client_secret_basic) is not among the methods "
+        f"{base}/.well-known/oauth-authorization-server lists: none") for line in seen)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,26 @@ async def test_login_without_issuer_finds_it_from_the_api(auth_server: FakeAuthS
     path.write_text(path.read_text() + f'issuer = "{auth_server.issuer}"\n')
     code, out, err = await run_cli("token", "-c", str(path))
     assert (code, out, err) == (0, auth_server.issued_access[0] + "\n", "")
+
+
+async def test_login_ctrl_c_while_waiting_exits_130_saving_nothing(auth_server: FakeAuthServer, tmp_path: Path) -> None:
+    """Ctrl-C while the browser login waits: exit 130, one line, the callback port closed, nothing saved."""
+    state = tmp_path / "state.json"
+    config = login_config(tmp_path / "c.toml", auth_server, state)
+    proc = await start_cli("login", "-c", config, "--flow", "code", "--no-browser")
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        url = (await read_until(proc.stdout, r"^(http://127\.0\.0\.1:\d+/authorize\?\S+)$", seen)).group(1)
+        port = re.search(r"redirect_uri=http%3A%2F%2F127\.0\.0\.1%3A(\d+)", url)
+        assert port is not None
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (proc.returncode, err.decode()) == (130, "login: stopped (Ctrl-C): nothing was saved\n")
+    assert not state.exists()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", int(port.group(1)))

@@ -222,6 +222,18 @@ def _state_of(config: Config, credential: str, response: TokenResponse, register
     )
 
 
+def not_logged_in(config: Config) -> str | None:
+    """For a refresh_token grant with no refresh token configured nor kept in the state file: what is missing
+    and what to do, in one line. None when a refresh token is known (or the grant needs none)."""
+    tok = config.token
+    if tok.grant != "refresh_token" or not tok.state_file or tok.refresh_token:
+        return None
+    state = FileStore(Path(tok.state_file)).load()
+    if state is not None and state.refresh_token:
+        return None
+    return f"not logged in: no token.refresh_token, and none in {tok.state_file}: run `tokenproxy login`"
+
+
 def _fail(command: str, text: str, code: int) -> NoReturn:
     click.echo(f"{command}: {text}", err=True)
     sys.exit(code)

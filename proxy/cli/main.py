@@ -30,7 +30,7 @@ from ..core.token import sendable
 from ..observe.log import setup_logging
 from ..tokens.store import FileStore, UnsafeStateError
 from .config_cmd import config_commands
-from .login import login_commands
+from .login import login_commands, not_logged_in
 
 
 def _fail_config(error: ConfigError) -> NoReturn:
@@ -85,17 +85,10 @@ def _fail_state(error: UnsafeStateError, command: str) -> NoReturn:
 
 
 def _token_failure(config: Config, error: ProxyError) -> str:
-    """The failure in words; with no refresh token known at all (neither configured nor kept in the state
-    file) for a refresh_token grant, that no one has logged in yet and how to: `tokenproxy login`."""
-    tok = config.token
-    if error.code == "login_required" and tok.grant == "refresh_token" and tok.state_file and not tok.refresh_token:
-        state = FileStore(Path(tok.state_file)).load()
-        if state is None or not state.refresh_token:
-            return (
-                f"{error.code}: not logged in: no token.refresh_token, and none in {tok.state_file}: "
-                "run `tokenproxy login`"
-            )
-    return f"{error.code}: {error.detail}"
+    """The failure in words; with no refresh token known at all for a refresh_token grant, that no one has
+    logged in yet and how to: `tokenproxy login`."""
+    missing = not_logged_in(config) if error.code == "login_required" else None
+    return f"{error.code}: {missing or error.detail}"
 
 
 def _fail_discovery(error: DiscoveryError, command: str) -> NoReturn:
@@ -151,6 +144,8 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     for warning in _file_warnings(config_path):
         logging.getLogger("tokenproxy").warning("config: %s", warning)
     _refuse_unsafe_state(config.token.state_file, "tokenproxy")
+    if (missing := not_logged_in(config)) is not None:
+        logging.getLogger("tokenproxy").warning("%s; until then requests get 503 login_required", missing)
 
     def reload() -> Config:
         # SIGHUP: the same file and command-line overrides, read again.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -12,9 +13,15 @@ from ..auth.discovery import ServerMetadata, discover
 from ..auth.protocol import Grant, GrantContext, RequestShape
 from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
+from ..core.causes import safe_url
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
 from ..tokens.store import FileStore, NullStore, Store
+
+logger = logging.getLogger("tokenproxy")
+
+# `token.client_auth` -> its name in metadata's token_endpoint_auth_methods_supported (RFC 8414 §2, RFC 7591 §2).
+AUTH_METHOD_NAMES = {"basic": "client_secret_basic", "post": "client_secret_post", "none": "none"}
 
 
 def build_grant(token: TokenConfig, session: aiohttp.ClientSession) -> Grant:
@@ -31,6 +38,16 @@ async def with_discovery(config: Config, session: aiohttp.ClientSession) -> tupl
     if not tok.issuer:
         return config, None
     metadata = await discover(session, tok.issuer, tok.timeout)
+    method = AUTH_METHOD_NAMES.get(getattr(tok.settings, "client_auth", ""), "")
+    # No client id yet: `login` registers one, with method none.
+    if method and getattr(tok.settings, "client_id", "") and method not in metadata.token_endpoint_auth_methods:
+        logger.warning(
+            "token.client_auth %r (%s) is not among the methods %s lists: %s",
+            getattr(tok.settings, "client_auth", ""),
+            method,
+            safe_url(metadata.source),
+            ", ".join(metadata.token_endpoint_auth_methods) or "(none)",
+        )
     settings = dataclasses.replace(tok.settings, token_url=metadata.token_endpoint)  # type: ignore[type-var]
     return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings)), metadata
 
