@@ -341,3 +341,23 @@ async def test_login_ctrl_c_while_waiting_exits_130_saving_nothing(auth_server: 
     assert not state.exists()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", int(port.group(1)))
+
+
+async def test_run_reload_keeps_the_registered_client(auth_server: FakeAuthServer, tmp_path: Path) -> None:
+    """A registered client (no client_id in the config) stays the credential's across a SIGHUP: token kept."""
+    state = tmp_path / "state.json"
+    path = Path(registration_config(tmp_path / "c.toml", auth_server, state))
+    code, _, err = await run_cli("login", "-c", str(path), "--flow", "device")
+    assert (code, err) == (0, "")
+    path.write_text(path.read_text().replace(f'issuer = "{auth_server.issuer}"', f'token_url = "{auth_server.base_url}/token"'))
+    proc = await start_cli("run", "-c", str(path))
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, r"tokenproxy listening on", seen)
+        proc.send_signal(signal.SIGHUP)
+        line = (await read_until(proc.stderr, r"config reloaded: .*", seen)).group(0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 20)
+    assert line == "config reloaded: current token kept"

@@ -12,7 +12,7 @@ from ..auth.discovery import DiscoveryError
 from ..config import Config, restart_only_changes
 from ..tokens.change import Reconfigured, TokenChange
 from .app import ENTRY, FORWARDER, TOKEN_SESSION, TOKENS, build_route
-from .credentials import build_grant, build_policy, credential_of, request_of, with_discovery
+from .credentials import build_grant, build_policy, credential_of, request_of, with_discovery, with_registered_client
 
 logger = logging.getLogger("tokenproxy")
 
@@ -85,7 +85,7 @@ class Reloader:
         """Put `new` in force now, or once its issuer's metadata is fetched."""
         self._latest += 1
         if not new.token.issuer:
-            self._apply(new)
+            self._apply(with_registered_client(new))
             return
         task = asyncio.get_running_loop().create_task(self._discover(new, self._latest))
         self._tasks.add(task)
