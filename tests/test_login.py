@@ -361,3 +361,27 @@ async def test_run_reload_keeps_the_registered_client(auth_server: FakeAuthServe
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 20)
     assert line == "config reloaded: current token kept"
+
+
+@pytest.mark.parametrize(
+    ("device_url", "said"),
+    [
+        ("http://127.0.0.1:1/device", "device authorization endpoint http://127.0.0.1:1/device: "),
+        ("{base}/token", "device authorization endpoint {base}/token refused: unsupported_grant_type"),
+    ],
+)
+async def test_login_device_endpoint_failing_names_it(
+    auth_server: FakeAuthServer, tmp_path: Path, device_url: str, said: str
+) -> None:
+    """A device authorization endpoint that cannot be reached, or refuses, is named as such: exit 1."""
+    base = auth_server.base_url
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[upstream]\nurl = "{base}"\n[token]\ntoken_url = "{base}/token"\n'
+        f'device_authorization_url = "{device_url.format(base=base)}"\nclient_id = "{PUBLIC_CLIENT}"\n'
+        f'client_auth = "none"\nstate_file = "{tmp_path / "state.json"}"\n'
+    )
+    code, out, err = await run_cli("login", "-c", str(path))
+    assert (code, out) == (1, "")
+    assert err.startswith("login: no device code: " + said.format(base=base))
+    assert len(err.splitlines()) == 1

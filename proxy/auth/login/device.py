@@ -49,12 +49,15 @@ async def authorize_device(endpoint: TokenEndpoint, url: str, fields: dict[str, 
             headers=headers,
             timeout=endpoint.timeout,
             refuse=functools.partial(_server_trouble, url),
+            what="device authorization endpoint",
         )
         if answer.status != 200:
-            raise oauth_error(answer, spends_refresh_token=False, url=url)
-        data = parse_json(answer.body, answer.content_type, url=url)
+            code = oauth_error(answer, spends_refresh_token=False).oauth_error
+            said = f"refused: {code}" if code else f"answered {answer.status}"
+            raise LoginError(f"no device code: device authorization endpoint {safe_url(url)} {said}")
+        data = parse_json(answer.body, answer.content_type)
     except GrantError as error:
-        raise LoginError(f"device authorization at {safe_url(url)} failed: {error}") from None
+        raise LoginError(f"no device code: {error}") from None
     if not isinstance(data, dict):
         raise LoginError(f"device authorization endpoint {safe_url(url)}: the answer is not a JSON object")
     for name in ("device_code", "user_code"):

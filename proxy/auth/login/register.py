@@ -48,6 +48,7 @@ async def register_client(
             headers={"Content-Type": "application/json", "Accept": "application/json"},
             timeout=timeout,
             refuse=functools.partial(_refused, url),
+            what="registration endpoint",
         )
         data = parse_json(answer.body, answer.content_type, url=url)
     except GrantError as error:

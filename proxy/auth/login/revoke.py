@@ -32,4 +32,5 @@ async def revoke(endpoint: TokenEndpoint, url: str, refresh_token: str) -> None:
         headers=headers,
         timeout=endpoint.timeout,
         refuse=functools.partial(_server_trouble, url),
+        what="revocation endpoint",
     )
