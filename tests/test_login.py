@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from proxy.auth.client_auth import PublicClient
 from proxy.auth.endpoint import TokenEndpoint
 from proxy.auth.login.device import device_login
+from proxy.cli.login import Endpoints, can_open_browser, choose_flow
 from tests.fakes.auth_server import PUBLIC_CLIENT, FakeAuthServer
 from tests.helpers import TOKENPROXY, read_until, run_cli, start_cli
 
@@ -385,3 +387,48 @@ async def test_login_device_endpoint_failing_names_it(
     assert (code, out) == (1, "")
     assert err.startswith("login: no device code: " + said.format(base=base))
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("steer", "page_status", "message"),
+    [
+        ({"authorize_error": "access_denied"}, 200, "login: the authorization server refused the login (access_denied)\n"),
+        (
+            {"authorize_iss": "https://elsewhere.example"},
+            400,
+            "login: the answer came from issuer 'https://elsewhere.example', not '{issuer}' (RFC 9207)\n",
+        ),
+    ],
+)
+async def test_login_code_refused_or_other_issuer_exits_1(
+    auth_server: FakeAuthServer, tmp_path: Path, steer: dict[str, str], page_status: int, message: str
+) -> None:
+    """The browser brings back an error, or an answer naming another issuer: the page says so, exit 1, nothing saved."""
+    for name, value in steer.items():
+        setattr(auth_server, name, value)
+    state = tmp_path / "state.json"
+    proc = await start_cli("login", "-c", login_config(tmp_path / "c.toml", auth_server, state), "--flow", "code",
+                           "--no-browser")
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        url = (await read_until(proc.stdout, r"^(http://127\.0\.0\.1:\d+/authorize\?\S+)$", seen)).group(1)
+        async with aiohttp.ClientSession() as browser, browser.get(url) as resp:
+            assert resp.status == page_status
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (proc.returncode, err.decode()) == (1, message.format(issuer=auth_server.issuer))
+    assert not state.exists()
+
+
+def test_can_open_browser_needs_a_display_on_linux() -> None:
+    """Without DISPLAY or WAYLAND_DISPLAY (an SSH session, a container) the default flow is the device flow."""
+    if sys.platform in ("darwin", "win32"):
+        pytest.skip("macOS and Windows always have a graphical session")
+    assert can_open_browser({}) is False
+    assert choose_flow(None, Endpoints("https://a/authorize", "https://a/device", ""), browser=False) == "device"
+    assert choose_flow(None, Endpoints("https://a/authorize", "https://a/device", ""), browser=True) == "code"
+    assert choose_flow(None, Endpoints("https://a/authorize", "", ""), browser=False) == "code"

@@ -160,6 +160,7 @@ async def _login(config: Config, flow: str | None, browser: bool, timeout: float
                 port=resolved.token.redirect_port,
                 timeout=timeout,
                 open_browser=_open_browser if browser else None,
+                issuer=metadata.issuer if metadata is not None else "",
             )
     finally:
         await session.close()

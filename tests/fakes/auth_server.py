@@ -43,6 +43,8 @@ class FakeAuthServer:
     polled_at: list[float] = field(default_factory=list)  # `clock()` at each device-code poll
     clock: Callable[[], float] = time.monotonic
     metadata_requests: list[str] = field(default_factory=list)
+    authorize_error: str = ""  # when set, the authorization endpoint answers with this error instead of a code
+    authorize_iss: str | None = None  # when set, the `iss` the redirect carries (RFC 9207)
     registered: dict[str, list[str]] = field(default_factory=dict)  # client id -> its redirect URIs
     _codes: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -136,10 +138,16 @@ class FakeAuthServer:
             or not self._redirect_ok(client_id, query.get("redirect_uri", ""))
         ):
             return web.Response(status=400, text="bad authorization request")
+        if self.authorize_error:
+            answer = {"error": self.authorize_error, "state": query.get("state", "")}
+            raise web.HTTPFound(query["redirect_uri"] + "?" + urlencode(answer))
         code = "code-" + secrets.token_urlsafe(12)
         self.secrets_seen.append(code)
         self._codes[code] = {"challenge": query["code_challenge"], "redirect_uri": query["redirect_uri"]}
-        location = query["redirect_uri"] + "?" + urlencode({"code": code, "state": query.get("state", "")})
+        answer = {"code": code, "state": query.get("state", "")}
+        if self.authorize_iss is not None:
+            answer["iss"] = self.authorize_iss
+        location = query["redirect_uri"] + "?" + urlencode(answer)
         raise web.HTTPFound(location)
 
     def _issue(self) -> web.Response:

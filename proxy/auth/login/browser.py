@@ -50,9 +50,10 @@ def _page(status: int, text: str) -> web.Response:
 class Callback:
     """The loopback redirect's one answer: the code when `state` matches, or the server's error."""
 
-    def __init__(self, state: str, prompt: Prompt) -> None:
+    def __init__(self, state: str, prompt: Prompt, issuer: str = "") -> None:
         self._state = state
         self._prompt = prompt
+        self._issuer = issuer  # when known, an `iss` in the answer must name it (RFC 9207: no mix-up)
         self.code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -64,6 +65,10 @@ class Callback:
                               "Nothing was done; go back to the terminal.")
         if self.code.done():
             return _page(400, "This login has already had its answer. You may close this page.")
+        iss = query.get("iss")
+        if self._issuer and iss is not None and iss != self._issuer:
+            self.code.set_exception(LoginError(f"the answer came from issuer {iss!r}, not {self._issuer!r} (RFC 9207)"))
+            return _page(400, "This answer names another authorization server. Nothing was done.")
         error = query.get("error")
         if error:
             self.code.set_exception(LoginError(f"the authorization server refused the login ({error})"))
@@ -86,16 +91,18 @@ async def browser_login(
     port: int,
     timeout: float,
     open_browser: Callable[[str], Awaitable[bool]] | None,
+    issuer: str = "",
 ) -> TokenResponse:
     """Log in through a browser: listen on 127.0.0.1, show (and open) the authorization URL, wait at most
     `timeout` seconds for the redirect, exchange its code with the PKCE verifier.
 
     The callback server is closed before this returns, however it ends
-    (cancelled by Ctrl-C included).
+    (cancelled by Ctrl-C included). With `issuer` (from discovery), an answer
+    naming another one in `iss` ends the login.
     """
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(16)
-    callback = Callback(state, prompt)
+    callback = Callback(state, prompt, issuer)
     app = web.Application()
     app.router.add_get(CALLBACK_PATH, callback.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
