@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -323,16 +324,19 @@ async def test_login_without_issuer_finds_it_from_the_api(auth_server: FakeAuthS
 
 
 async def test_login_ctrl_c_while_waiting_exits_130_saving_nothing(auth_server: FakeAuthServer, tmp_path: Path) -> None:
-    """Ctrl-C while the browser login waits: exit 130, one line, the callback port closed, nothing saved."""
+    """Ctrl-C while the browser login waits on token.redirect_port: exit 130, one line, the port closed,
+    nothing saved."""
     state = tmp_path / "state.json"
-    config = login_config(tmp_path / "c.toml", auth_server, state)
+    with socket.socket() as probe:  # a port free a moment ago, for redirect_port
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    config = login_config(tmp_path / "c.toml", auth_server, state, f"redirect_port = {free}\n")
     proc = await start_cli("login", "-c", config, "--flow", "code", "--no-browser")
     seen: list[str] = []
     try:
         assert proc.stdout is not None
         url = (await read_until(proc.stdout, r"^(http://127\.0\.0\.1:\d+/authorize\?\S+)$", seen)).group(1)
-        port = re.search(r"redirect_uri=http%3A%2F%2F127\.0\.0\.1%3A(\d+)", url)
-        assert port is not None
+        assert f"redirect_uri=http%3A%2F%2F127.0.0.1%3A{free}%2Fcallback&" in url
         proc.send_signal(signal.SIGINT)
         out, err = await asyncio.wait_for(proc.communicate(), 20)
     finally:
@@ -342,7 +346,7 @@ async def test_login_ctrl_c_while_waiting_exits_130_saving_nothing(auth_server: 
     assert (proc.returncode, err.decode()) == (130, "login: stopped (Ctrl-C): nothing was saved\n")
     assert not state.exists()
     with pytest.raises(OSError):
-        await asyncio.open_connection("127.0.0.1", int(port.group(1)))
+        await asyncio.open_connection("127.0.0.1", free)
 
 
 async def test_run_reload_keeps_the_registered_client(auth_server: FakeAuthServer, tmp_path: Path) -> None:
