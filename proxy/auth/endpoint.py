@@ -51,12 +51,12 @@ def failure_kind(oauth_error: str, *, spends_refresh_token: bool) -> FailureKind
     return FailureKind.MISCONFIGURED
 
 
-def describe_transport_error(exc: BaseException, url: str, timeout: float) -> str:
+def describe_transport_error(exc: BaseException, url: str, timeout: float, what: str = "token endpoint") -> str:
     """A transport failure in words: the endpoint as scheme://host:port/path, and what went wrong.
 
     Never the query string, userinfo or a secret; never an exception's class name alone.
     """
-    where = f"token endpoint {safe_url(url)}"
+    where = f"{what} {safe_url(url)}"
     if isinstance(exc, asyncio.TimeoutError):
         return f"{where}: timed out after {timeout:g} s (token.timeout)"
     cause = cause_in_words(exc, host=urlsplit(url).hostname)
@@ -110,10 +110,11 @@ async def exchange(
     headers: Mapping[str, str],
     timeout: float,
     refuse: Callable[[int], GrantError | None],
+    what: str = "token endpoint",
 ) -> Answer:
     """Send one request to a token endpoint and read its answer (at most MAX_ANSWER_BYTES).
 
-    `refuse(status)` gives the error for a status whose body is of no use:
+    `what` names the endpoint in messages. `refuse(status)` gives the error for a status whose body is of no use:
     the connection is dropped unread and the error raised. A transport
     failure or timeout is a transient GrantError naming the endpoint (no
     query string) and the cause in words.
@@ -133,7 +134,7 @@ async def exchange(
                 raise error
             return Answer(resp.status, resp.content_type, resp.headers, await read_answer(resp))
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise GrantError(describe_transport_error(exc, url, timeout)) from None
+        raise GrantError(describe_transport_error(exc, url, timeout, what)) from None
 
 
 def _json_number(text: str) -> int | float:

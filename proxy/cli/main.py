@@ -1,4 +1,4 @@
-"""The command line: `run`, `check`, `token`, `demo`, `config`. The only place that exits."""
+"""The command line: `run`, `check`, `token`, `login`, `logout`, `demo`, `config`. The only place that exits."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from typing import Any, NoReturn
 
 import click
 
+from ..auth.discovery import DiscoveryError
 from ..auth.grants.static import StaticSettings
 from ..config import (
     CONFIG_SEARCH,
     Config,
     ConfigError,
     config_file_warnings,
+    endpoint_missing,
     find_config_path,
     load_config,
     secrets_of,
@@ -28,6 +30,7 @@ from ..core.token import sendable
 from ..observe.log import setup_logging
 from ..tokens.store import FileStore, UnsafeStateError
 from .config_cmd import config_commands
+from .login import login_commands, not_logged_in
 
 
 def _fail_config(error: ConfigError) -> NoReturn:
@@ -59,6 +62,13 @@ def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> C
         _fail_config(error)
 
 
+def _require_endpoint(config: Config) -> None:
+    """Exit 2 for a config naming no token endpoint: only `login` can start from one (it finds the issuer)."""
+    problem = endpoint_missing(config)
+    if problem is not None:
+        _fail_config(ConfigError([problem]))
+
+
 def _refuse_unsafe_state(state_file: str, command: str) -> None:
     """Exit 1 before anything starts when the state file or its directory could be another user's doing."""
     if not state_file:
@@ -71,6 +81,19 @@ def _refuse_unsafe_state(state_file: str, command: str) -> None:
 
 def _fail_state(error: UnsafeStateError, command: str) -> NoReturn:
     click.echo(f"{command}: {error}", err=True)
+    sys.exit(1)
+
+
+def _token_failure(config: Config, error: ProxyError) -> str:
+    """The failure in words; with no refresh token known at all for a refresh_token grant, that no one has
+    logged in yet and how to: `tokenproxy login`."""
+    missing = not_logged_in(config) if error.code == "login_required" else None
+    return f"{error.code}: {missing or error.detail}"
+
+
+def _fail_discovery(error: DiscoveryError, command: str) -> NoReturn:
+    """Exit 1: the issuer's metadata could not be had, so there is no token endpoint to ask."""
+    click.echo(f"{command}: discovery: {error}", err=True)
     sys.exit(1)
 
 
@@ -96,6 +119,8 @@ def main() -> None:
 
 
 main.add_command(config_commands(_config_option, _load, _CONFIG_EPILOG))
+for _command in login_commands(_config_option, _load, _CONFIG_EPILOG):
+    main.add_command(_command)
 
 
 @main.command(epilog=_CONFIG_EPILOG)
@@ -114,10 +139,13 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
 
     overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
     config = _load(config_path, overrides)
+    _require_endpoint(config)
     setup_logging(config.log.level, config.log.format, secrets_of(config), access_log=config.log.access_log)
     for warning in _file_warnings(config_path):
         logging.getLogger("tokenproxy").warning("config: %s", warning)
     _refuse_unsafe_state(config.token.state_file, "tokenproxy")
+    if (missing := not_logged_in(config)) is not None:
+        logging.getLogger("tokenproxy").warning("%s; until then requests get 503 login_required", missing)
 
     def reload() -> Config:
         # SIGHUP: the same file and command-line overrides, read again.
@@ -131,6 +159,8 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     except ListenError as error:
         click.echo(f"tokenproxy: {error}", err=True)
         sys.exit(1)
+    except DiscoveryError as error:
+        _fail_discovery(error, "tokenproxy")
     except OSError as exc:
         click.echo(f"tokenproxy: {cause_in_words(exc) or exc}", err=True)
         sys.exit(1)
@@ -146,11 +176,11 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
 async def _one_token(config: Config, *, fresh: bool = False) -> tuple[str, float, str, int]:
     """A token of the configured credential: the cached one when still valid, or with `fresh` one fetched now."""
     from ..runtime.clients import token_session
-    from ..runtime.credentials import make_token_manager
+    from ..runtime.credentials import make_token_manager, with_discovery
 
     session = token_session(config)
     try:
-        manager = make_token_manager(config, session)
+        manager = make_token_manager((await with_discovery(config, session))[0], session)
         try:
             token = await (manager.refresh_now() if fresh else manager.get())
         finally:
@@ -165,6 +195,7 @@ async def _one_token(config: Config, *, fresh: bool = False) -> tuple[str, float
 def check(config_path: str | None) -> None:
     """Validate the config, fetch one token from the token endpoint now and print its expiry (never the token)."""
     config = _load(config_path)
+    _require_endpoint(config)
     setup_logging("critical", "text", secrets_of(config))
     for warning in _file_warnings(config_path):
         click.echo(f"warning: config: {warning}", err=True)
@@ -176,8 +207,10 @@ def check(config_path: str | None) -> None:
         _, expires_at, fp, generation = asyncio.run(_one_token(config, fresh=True))
     except UnsafeStateError as error:
         _fail_state(error, "check")
+    except DiscoveryError as error:
+        _fail_discovery(error, "check")
     except ProxyError as error:
-        click.echo(f"check: {error.code}: {error.detail}", err=True)
+        click.echo(f"check: {_token_failure(config, error)}", err=True)
         sys.exit(1)
     when = datetime.datetime.fromtimestamp(expires_at, datetime.UTC).isoformat(timespec="seconds")
     remaining = expires_at - datetime.datetime.now(datetime.UTC).timestamp()
@@ -202,14 +235,17 @@ def _check_static(config: Config) -> NoReturn:
 def token(config_path: str | None) -> None:
     """Print a valid access token on standard output, for scripts."""
     config = _load(config_path)
+    _require_endpoint(config)
     setup_logging("critical", "text", secrets_of(config))
     _refuse_unsafe_state(config.token.state_file, "token")
     try:
         value, _, _, _ = asyncio.run(_one_token(config))
     except UnsafeStateError as error:
         _fail_state(error, "token")
+    except DiscoveryError as error:
+        _fail_discovery(error, "token")
     except ProxyError as error:
-        click.echo(f"token: {error.code}: {error.detail}", err=True)
+        click.echo(f"token: {_token_failure(config, error)}", err=True)
         sys.exit(1)
     click.echo(value)
 

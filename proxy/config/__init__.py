@@ -9,7 +9,7 @@ the config file itself).
 from .load import CONFIG_SEARCH, ConfigError, find_config_path, interpolate, load_config, parse_config
 from .schema import Config, TokenConfig, restart_only_changes
 from .secrets import is_secret_key, secrets_of
-from .validate import is_loopback, parse_listen
+from .validate import endpoint_missing, is_loopback, parse_listen
 from .warnings import config_file_warnings, exposed_secrets_warning, literal_secrets
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "TokenConfig",
     "config_file_warnings",
+    "endpoint_missing",
     "exposed_secrets_warning",
     "find_config_path",
     "interpolate",

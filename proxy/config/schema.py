@@ -86,6 +86,14 @@ class TokenConfig:
     """
 
     grant: str = DEFAULT_GRANT
+    # Discovery and `tokenproxy login`: the authorization server named by its issuer instead of token_url,
+    # and the loopback port its browser login redirects to (0: a free one).
+    issuer: str = ""
+    redirect_port: int = 0
+    # The endpoints `login` and `logout` use when there is no issuer (its metadata names them otherwise).
+    authorization_url: str = ""
+    device_authorization_url: str = ""
+    revocation_url: str = ""
     refresh_token: str = field(default="", metadata=secret())
     state_file: str = field(default="~/.local/state/tokenproxy/state.json", metadata=RESTART)
     refresh_before: float = 30.0

@@ -7,6 +7,7 @@ grant registry. Knows nothing of TOML or the environment.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import ssl
@@ -162,7 +163,8 @@ def _token_problems(tok: TokenConfig) -> list[str]:
     if grant is None:
         problems.append(f"token.grant: must be one of {', '.join(GRANTS)}, got {tok.grant!r}")
     else:
-        problems += [f"token.{key}: {what}" for key, what in grant.check(tok.settings)]
+        problems += _issuer_problems(tok)
+        problems += [f"token.{key}: {what}" for key, what in grant.check(_endpoint_named(tok))]
         problems += _grant_token_problems(tok)
         if grant.uses_refresh_token and not tok.refresh_token and not tok.state_file and not _logs_in(tok):
             problems.append(
@@ -177,6 +179,52 @@ def _token_problems(tok: TokenConfig) -> list[str]:
     for status in tok.refresh_on:
         if not 400 <= status <= 599:
             problems.append(f"token.refresh_on: must list 4xx or 5xx statuses, got {status!r}")
+    return problems
+
+
+def _endpoint_named(tok: TokenConfig) -> object:
+    """The grant's settings as checked: with `issuer` given, the token endpoint is found at start, not missing;
+    with neither issuer nor token_url, a refresh_token grant's is found by `tokenproxy login` from the API (RFC 9728),
+    and the other commands say what to add (`endpoint_missing`)."""
+    settings = tok.settings
+    if not dataclasses.is_dataclass(settings) or not hasattr(settings, "token_url") or settings.token_url:
+        return settings
+    if tok.issuer:
+        return dataclasses.replace(settings, token_url=tok.issuer)  # type: ignore[type-var]
+    if tok.grant == "refresh_token" and tok.state_file:
+        return dataclasses.replace(settings, token_url="https://found-by-login.invalid")  # type: ignore[type-var]
+    return settings
+
+
+def endpoint_missing(config: Config) -> str | None:
+    """The problem of a config that names no token endpoint (neither token.issuer nor token.token_url): only
+    `tokenproxy login` can start from it. None when it names one."""
+    tok = config.token
+    if tok.issuer or not hasattr(tok.settings, "token_url") or tok.settings.token_url:
+        return None
+    return (
+        "token.token_url: is required (or token.issuer); `tokenproxy login` finds the issuer from upstream.url "
+        "when the API names it (RFC 9728)"
+    )
+
+
+def _issuer_problems(tok: TokenConfig) -> list[str]:
+    """`issuer` and `redirect_port`: an issuer is an http(s) URL without query, for an OAuth client, and
+    takes the place of token_url."""
+    problems = []
+    if tok.issuer:
+        problems += [f"token.{key}: {what}" for key, what in url_problems("issuer", tok.issuer)]
+        if not hasattr(tok.settings, "client_id"):
+            problems.append(f"token.issuer: is not used by grant {tok.grant!r}, which has no OAuth client")
+        elif getattr(tok.settings, "token_url", ""):
+            problems.append(
+                "token.issuer: give token.issuer or token.token_url, not both "
+                "(the token endpoint comes from the issuer's metadata)"
+            )
+    for name in ("authorization_url", "device_authorization_url", "revocation_url"):
+        problems += [f"token.{key}: {what}" for key, what in url_problems(name, getattr(tok, name), required=False)]
+    if not 0 <= tok.redirect_port <= 65535:
+        problems.append(f"token.redirect_port: must be a port from 0 (a free one) to 65535, got {tok.redirect_port!r}")
     return problems
 
 

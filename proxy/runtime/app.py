@@ -18,7 +18,7 @@ from ..observe.metrics import Metrics, TokenGauges
 from ..tokens.manager import Clock, TokenManager
 from ..upstream.model import Upstream
 from .clients import token_session, upstream_client
-from .credentials import make_token_manager
+from .credentials import make_token_manager, with_discovery
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
 
@@ -67,8 +67,9 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
         metrics = app[METRICS]
         tokens_http = token_session(config)
         try:
-            # Resumes from the state file first: one that is refused (UnsafeStateError) leaves nothing open.
-            manager = make_token_manager(config, tokens_http, clock, metrics)
+            # The issuer's metadata first (a DiscoveryError stops the start); then the state file is
+            # resumed: one that is refused (UnsafeStateError) leaves nothing open.
+            manager = make_token_manager((await with_discovery(config, tokens_http))[0], tokens_http, clock, metrics)
         except BaseException:
             await tokens_http.close()
             raise

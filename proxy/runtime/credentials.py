@@ -2,25 +2,69 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from pathlib import Path
 
 import aiohttp
 
+from ..auth.discovery import ServerMetadata, discover
 from ..auth.protocol import Grant, GrantContext, RequestShape
 from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
+from ..core.causes import safe_url
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..tokens.coordination import Coordination
 from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
 from ..tokens.redis_store import RedisCoordination, RedisSettings, check_redis
 from ..tokens.store import FileStore, NullStore, Store
 
+logger = logging.getLogger("tokenproxy")
+
+# `token.client_auth` -> its name in metadata's token_endpoint_auth_methods_supported (RFC 8414 §2, RFC 7591 §2).
+AUTH_METHOD_NAMES = {"basic": "client_secret_basic", "post": "client_secret_post", "none": "none"}
+
 
 def build_grant(token: TokenConfig, session: aiohttp.ClientSession) -> Grant:
     """The grant object the `token` section describes; `session` carries its calls to the endpoint."""
     context = GrantContext(session, timeout=token.timeout, default_lifetime=token.default_lifetime)
     return GRANTS[token.grant].build(token.settings, context)
+
+
+async def with_discovery(config: Config, session: aiohttp.ClientSession) -> tuple[Config, ServerMetadata | None]:
+    """The config with the token endpoint `token.issuer`'s metadata names, and that metadata; unchanged (and
+    None) without an issuer. Raises DiscoveryError naming the URL tried. Called before a grant is built."""
+    config = with_registered_client(config)
+    tok = config.token
+    if not tok.issuer:
+        return config, None
+    metadata = await discover(session, tok.issuer, tok.timeout)
+    method = AUTH_METHOD_NAMES.get(getattr(tok.settings, "client_auth", ""), "")
+    # No client id yet: `login` registers one, with method none.
+    if method and getattr(tok.settings, "client_id", "") and method not in metadata.token_endpoint_auth_methods:
+        logger.warning(
+            "token.client_auth %r (%s) is not among the methods %s lists: %s",
+            getattr(tok.settings, "client_auth", ""),
+            method,
+            safe_url(metadata.source),
+            ", ".join(metadata.token_endpoint_auth_methods) or "(none)",
+        )
+    settings = dataclasses.replace(tok.settings, token_url=metadata.token_endpoint)  # type: ignore[type-var]
+    return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings)), metadata
+
+
+def with_registered_client(config: Config) -> Config:
+    """The config with the public client `tokenproxy login` registered (kept in the state file) when it names
+    no client_id; unchanged otherwise. Reads the state file: at start and on reload only."""
+    tok = config.token
+    if not tok.state_file or not hasattr(tok.settings, "client_id") or tok.settings.client_id:
+        return config
+    state = FileStore(Path(tok.state_file)).load()
+    if state is None or not state.client_id:
+        return config
+    settings = dataclasses.replace(tok.settings, client_id=state.client_id, client_auth="none")  # type: ignore[type-var]
+    return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings))
 
 
 def credential_of(token: TokenConfig) -> str:

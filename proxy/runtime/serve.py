@@ -21,7 +21,7 @@ from ..http.server import ProxyRunner, ServerLimits
 from ..observe.log import setup_logging
 from ..upstream.model import Upstream
 from .app import ENTRY, METRICS, TOKENS, build_app
-from .reload import apply_reload
+from .reload import Reloader
 
 logger = logging.getLogger("tokenproxy")
 
@@ -207,12 +207,13 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
         stop.set()
 
     current = config  # the config in force, for what is read live (readiness before the first token)
+    # Restart-only keys are compared with the config the listeners were started with.
+    reloader = Reloader(app, config)
 
     def on_hangup() -> None:
         nonlocal current
         if reload is not None:
-            # Restart-only keys are compared with the config the listeners were started with.
-            current = _reload(app, config, reload) or current
+            current = _reload(reloader, reload) or current
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -255,6 +256,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
         logger.info("shutting down: waiting up to %gs for requests in flight", config.server.shutdown_timeout)
     finally:
         try:
+            await reloader.close()
             await runner.cleanup()
             if admin_runner is not None:
                 await admin_runner.cleanup()
@@ -263,11 +265,8 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
                 loop.remove_signal_handler(sig)
 
 
-def _reload(app: web.Application, started: Config, reload: Callable[[], Config]) -> Config | None:
-    """SIGHUP: read the config again; put it in force and return it if valid, else keep the old one (None).
-
-    `started` is the config the process started with: what its listeners, pools and store still use.
-    """
+def _reload(reloader: Reloader, reload: Callable[[], Config]) -> Config | None:
+    """SIGHUP: read the config again; put it in force and return it if valid, else keep the old one (None)."""
     try:
         new = reload()
     except ConfigError as error:
@@ -277,6 +276,5 @@ def _reload(app: web.Application, started: Config, reload: Callable[[], Config])
     setup_logging(new.log.level, new.log.format, secrets_of(new), access_log=new.log.access_log)
     for warning in startup_warnings(new):
         logger.warning("%s", warning)
-    for note in apply_reload(app, started, new):
-        logger.log(note.level, "config reloaded: %s", note.text)
+    reloader.put(new)
     return new

@@ -99,6 +99,7 @@ class TokenManager:
         self._credential = credential
         self._request = request  # what the grant's token request carries (its shape, no secret)
         self._seed = fingerprint(refresh_token) if refresh_token else ""
+        self._registered = ""  # the client a login registered, from the state file
         self._refresh_token = refresh_token or None
         self._token: Token | None = None
         self._generation = 0  # last generation issued; never goes back, even across a reload
@@ -333,6 +334,7 @@ class TokenManager:
     def _take_chain(self, state: SavedState) -> None:
         """Continue the refresh-token chain and the generations `state` (which belongs here) was saved with."""
         self._seed = state.seed
+        self._registered = state.client_id  # kept through every save: the chain's tokens are that client's
         if state.refresh_token:
             self._refresh_token = state.refresh_token
         self._generation = state.generation
@@ -458,6 +460,7 @@ class TokenManager:
             obtained_at=token.obtained_at if token else 0.0,
             refresh_token=self._refresh_token,
             generation=token.generation if token else self._generation,
+            client_id=self._registered,
         )
 
     async def _save(self, right: RefreshRight, state: SavedState) -> None:

@@ -33,6 +33,8 @@ class SavedState:
     obtained_at: float
     refresh_token: str | None
     generation: int
+    # The client `tokenproxy login` registered (RFC 7591) for a config that names none; "" when none was.
+    client_id: str = ""
 
 
 class UnsafeStateError(PermissionError):
@@ -224,6 +226,7 @@ class FileStore:
                 obtained_at=float(data["obtained_at"]),
                 refresh_token=None if data["refresh_token"] is None else str(data["refresh_token"]),
                 generation=int(data["generation"]),
+                client_id=str(data.get("client_id") or ""),
             )
         except (ValueError, KeyError, TypeError):
             return None
