@@ -11,6 +11,8 @@ from ..auth.protocol import Grant, GrantContext, RequestShape
 from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
 from ..observe.metrics import NULL_METRICS, Recorder
+from ..tokens.coordination import Coordination, InProcessCoordination
+from ..tokens.file_lock import LOCK_MARGIN, FileLockCoordination
 from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
 from ..tokens.store import FileStore, NullStore, Store
 
@@ -36,6 +38,18 @@ def build_store(token: TokenConfig) -> Store:
     return FileStore(Path(token.state_file)) if token.state_file else NullStore()
 
 
+def build_coordination(token: TokenConfig, store: Store) -> Coordination:
+    """Who may refresh: with a state file, the processes sharing it take turns under its lock; else this one alone.
+
+    A corrupt state file is moved aside here, before it is first read, when no peer holds the lock.
+    """
+    if not isinstance(store, FileStore):
+        return InProcessCoordination(store)
+    coordination = FileLockCoordination(store, wait=token.timeout + LOCK_MARGIN)
+    coordination.set_aside_corrupt()
+    return coordination
+
+
 def build_policy(config: Config) -> RefreshPolicy:
     """The token manager's timings and bounds."""
     tok = config.token
@@ -56,15 +70,17 @@ def make_token_manager(
 ) -> TokenManager:
     """A TokenManager for the configured credential, resumed from its state file."""
     tok = config.token
+    store = build_store(tok)
     manager = TokenManager(
         build_grant(tok, session),
-        build_store(tok),
+        store,
         build_policy(config),
         refresh_token=tok.refresh_token or None,
         credential=credential_of(tok),
         request=request_of(tok),
         clock=clock,
         metrics=metrics,
+        coordination=build_coordination(tok, store),
     )
     manager.resume()
     return manager
