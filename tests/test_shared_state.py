@@ -35,8 +35,8 @@ from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
 from tests.helpers import read_until, run_cli, start_cli, write_config
 
 ENV = {"TEST_CLIENT_SECRET": CLIENT_SECRET}
-LIFETIME = 4.0  # seconds a token lives in the process tests
-REFRESH_BEFORE = 2.0  # so each token is replaced 2 s after it was fetched
+LIFETIME = 6.0  # seconds a token lives in the process tests
+REFRESH_BEFORE = 3.0  # so each token is replaced 3 s after it was fetched
 EXPIRIES = 3  # expiries a load test lives through: EXPIRIES + 1 tokens in all
 POLICY = RefreshPolicy(
     refresh_before=30.0,

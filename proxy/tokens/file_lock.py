@@ -27,12 +27,15 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from .coordination import CoordinationUnavailable, RefreshRight, StoreRight
 from .store import FileStore, SavedState, UnsafeStateError
 
 logger = logging.getLogger("tokenproxy.tokens")
+
+T = TypeVar("T")
 
 # Added to the token endpoint's timeout to bound the wait for a peer's refresh: the peer also reads
 # and writes the state file (fsync) while it holds the lock.
@@ -43,12 +46,19 @@ _MAX_PAUSE = 0.05
 
 
 class _LockedRight:
-    """The lock held for one refresh: the state file read and written under it."""
+    """The lock held for one refresh: the state file read and written under it, in worker threads."""
 
     def __init__(self, store: FileStore) -> None:
         self._store = store
-        # The save thread under way, if any: the lock is released only once it has finished.
-        self.saving: asyncio.Future[None] | None = None
+        # The last file operation's thread: the lock is released only once it has finished, even when the
+        # refresh was cancelled meanwhile (a half-done save or move-aside must not run unlocked).
+        self.pending: asyncio.Future[Any] | None = None
+
+    async def _in_thread(self, call: Callable[[], T]) -> T:
+        """Run the blocking `call` in a thread; cancelling the caller does not stop it (nor release the lock early)."""
+        pending = asyncio.ensure_future(asyncio.to_thread(call))
+        self.pending = pending
+        return await asyncio.shield(pending)
 
     async def peer_state(self) -> SavedState | None:
         """The state file as the last holder of the lock left it; a corrupt one is moved aside (None).
@@ -57,15 +67,13 @@ class _LockedRight:
         then replaces it.
         """
         try:
-            return await asyncio.to_thread(self._store.load_locked)
+            return await self._in_thread(self._store.load_locked)
         except UnsafeStateError:
             return None
 
     async def save(self, state: SavedState) -> None:
-        """Write the state file in a worker thread; cancelling the caller does not stop the write."""
-        saving = asyncio.ensure_future(asyncio.to_thread(self._store.save, state))
-        self.saving = saving
-        await asyncio.shield(saving)
+        """Write the state file before returning."""
+        await self._in_thread(lambda: self._store.save(state))
 
 
 def _unlock(fd: int) -> None:
@@ -76,15 +84,15 @@ def _unlock(fd: int) -> None:
         os.close(fd)
 
 
-def _release_after(saving: asyncio.Future[None], fd: int) -> None:
-    """Release the lock when `saving` ends: a write still running when the refresh was cancelled finishes first."""
+def _release_after(pending: asyncio.Future[Any], fd: int) -> None:
+    """Release the lock when `pending` ends: a file operation still running when the refresh was cancelled."""
 
-    def done(future: asyncio.Future[None]) -> None:
+    def done(future: asyncio.Future[Any]) -> None:
         if not future.cancelled():
-            future.exception()  # retrieved: the refresh that started the save has already logged or gone
+            future.exception()  # retrieved: the refresh that started it is gone
         _unlock(fd)
 
-    saving.add_done_callback(done)
+    pending.add_done_callback(done)
 
 
 class FileLockCoordination:
@@ -129,8 +137,8 @@ class FileLockCoordination:
         try:
             yield right
         finally:
-            if right.saving is not None and not right.saving.done():
-                _release_after(right.saving, fd)
+            if right.pending is not None and not right.pending.done():
+                _release_after(right.pending, fd)
             else:
                 _unlock(fd)
 
