@@ -500,3 +500,20 @@ def test_shared_state_planted_lock_file_refused_at_start(tmp_path: Path) -> None
 
     with pytest.raises(PermissionError, match=r"state lock file .* is owned by uid 12345"):
         FileStore(state).check()
+
+
+async def test_shared_state_check_waits_for_the_lock_then_fails_naming_it(
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi
+) -> None:
+    """`tokenproxy check` refreshes under the lock too: held by another process past its bound, exit 1, no call."""
+    state = tmp_path / "state" / "state.json"
+    config = write_config(tmp_path / "c.toml", token_server, api, state, extra="timeout = 0.5\n")
+
+    with lock_held_elsewhere(state):
+        code, out, err = await run_cli("check", "-c", str(config), env=ENV)
+
+    assert (code, out) == (1, "")
+    assert err == (
+        f"check: token_unavailable: another process held the state file lock {state}.lock for more than 5.5s\n"
+    )
+    assert token_server.count == 0
