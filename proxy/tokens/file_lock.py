@@ -125,7 +125,9 @@ class FileLockCoordination:
         try:
             fd = self._store.open_lock(dir_fd)
         except OSError as exc:
-            raise CoordinationUnavailable(f"cannot open the state lock file ({exc.strerror})") from None
+            # The path goes to the log only: the reason reaches clients in the 503's detail.
+            logger.warning("cannot open the state lock file: %s", exc.strerror or type(exc).__name__)
+            raise CoordinationUnavailable("cannot open the state lock file") from None
         finally:
             os.close(dir_fd)
         try:
@@ -156,9 +158,10 @@ class FileLockCoordination:
                     raise CoordinationUnavailable(f"cannot lock the state lock file ({exc.strerror})") from None
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise CoordinationUnavailable(
-                    f"another process held the state file lock {self._store.lock_path} for more than {self._wait:g}s"
+                logger.warning(
+                    "another process held the state file lock %s for more than %gs", self._store.lock_path, self._wait
                 )
+                raise CoordinationUnavailable(f"another process held the state file lock for more than {self._wait:g}s")
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, _MAX_PAUSE)
 
