@@ -449,7 +449,8 @@ async def test_shared_state_two_proxies_refresh_once_per_expiry(
 
     assert statuses and set(statuses) == {200}
     assert_one_refresh_per_expiry(token_server)
-    assert set(token_server.issued_access) <= set(api.tokens_seen)  # each token was used, by one proxy or both
+    # Each token was used (the last may have come as the load stopped).
+    assert set(token_server.issued_access[:-1]) <= set(api.tokens_seen)
 
 
 async def test_shared_state_lock_holder_killed_mid_refresh_other_proxy_carries_on(
