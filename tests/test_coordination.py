@@ -1,8 +1,8 @@
 """The token manager under a coordination: peers that share a state file, a right that cannot be had or is lost.
 
-The in-process coordination is what every other test runs under. Here a
-second implementation of the interface, as a file lock or a Redis lease
-would be, shows what the manager does with what it says: a real token
+Here a stand-in implementation of the interface, as a file lock or a Redis
+lease would be, shows what the manager does with what it says (the real file
+lock, across processes, is in test_shared_state.py): a real token
 server, a real state file, two managers standing for two processes.
 """
 

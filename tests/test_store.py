@@ -63,14 +63,15 @@ async def test_store_state_file_private_and_directory_0700(
 async def test_store_after_refreshes_leaves_no_temp_files(
     make_proxy, token_server: FakeTokenServer, api: FakeApi, client: aiohttp.ClientSession
 ) -> None:
-    """Every save replaces the state file whole: after several refreshes only state.json is there."""
+    """Every save replaces the state file whole: after several refreshes only state.json (and its lock) is there."""
     proxy = await make_proxy()
     async with client.get(f"{proxy.url}/echo/warm") as resp:
         assert resp.status == 200
     await refresh_times(proxy, token_server, api, client, 3)
     path = Path(proxy.config.token.state_file)
 
-    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
+    # The lock file stays: every process locks the same one.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json", "state.json.lock"]
     saved = json.loads(path.read_text())
     assert saved["generation"] == 4
     assert saved["refresh_token"] == token_server.current_refresh
@@ -321,7 +322,7 @@ async def test_store_directory_made_unsafe_while_running_is_not_written(
     await refresh_times(proxy, token_server, api, client, 1)
     assert token_server.count == 2
     assert path.read_text() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json", "state.json.lock"]
     assert any(
         "could not write the state file (state directory" in r.getMessage() and "writable by other users" in r.getMessage()
         for r in caplog.records

@@ -36,6 +36,7 @@ from ..core.causes import safe_url
 from ..core.errors import GrantError
 from ..core.token import expiry_of, fingerprint
 from ..observe.log import setup_logging
+from ..tokens.coordination import CoordinationUnavailable
 from ..tokens.store import FileStore, SavedState, UnsafeStateError
 
 FLOWS = ("device", "code")
@@ -166,7 +167,22 @@ async def _login(config: Config, flow: str | None, browser: bool, timeout: float
         await session.close()
     configured = getattr(config.token.settings, "client_id", "")
     registered = "" if configured else getattr(resolved.token.settings, "client_id", "")
-    return _state_of(resolved, credential_of(resolved.token), response, registered)
+    credential = credential_of(resolved.token)
+    return await _keep(
+        resolved, credential, lambda before: _state_of(resolved, credential, response, registered, before)
+    )
+
+
+async def _keep(config: Config, credential: str, make: Callable[[SavedState | None], SavedState]) -> SavedState:
+    """Save `make(what the state file holds now)` under the state file's lock, so that a proxy or script
+    refreshing at the same moment never races the login or logout."""
+    from ..runtime.credentials import build_coordination
+
+    coordination = build_coordination(config.token, FileStore(Path(config.token.state_file)))
+    async with coordination.refresh_right(credential) as right:
+        state = make(await right.peer_state())
+        await right.save(state)
+    return state
 
 
 async def _with_issuer_from_api(config: Config, session: Any, prompt: TerminalPrompt) -> Config:
@@ -199,11 +215,11 @@ async def _with_client(config: Config, metadata: ServerMetadata | None, session:
     return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings))
 
 
-def _state_of(config: Config, credential: str, response: TokenResponse, registered: str) -> SavedState:
-    """The state a login leaves: its tokens, the next generation of the credential's chain, the client
-    `registered` for a config that names none ("" for one that does)."""
-    store = FileStore(Path(config.token.state_file))
-    before = store.load()
+def _state_of(
+    config: Config, credential: str, response: TokenResponse, registered: str, before: SavedState | None
+) -> SavedState:
+    """The state a login leaves: its tokens, the next generation of the credential's chain (after `before`,
+    what the state file held), the client `registered` for a config that names none ("" for one that does)."""
     generation = before.generation + 1 if before is not None and before.credential == credential else 1
     now = time.time()
     try:
@@ -277,7 +293,6 @@ def login_commands(
         prompt = TerminalPrompt(sys.stdout)
         try:
             state = asyncio.run(_login(config, flow, browser, timeout, prompt))
-            FileStore(Path(config.token.state_file)).save(state)
         except KeyboardInterrupt:
             prompt.done()
             _fail("login", "stopped (Ctrl-C): nothing was saved", 130)
@@ -285,6 +300,8 @@ def login_commands(
             _fail("login", f"discovery: {error}", 1)
         except LoginError as error:
             _fail("login", str(error), 1)
+        except CoordinationUnavailable as error:
+            _fail("login", f"cannot keep the tokens in {config.token.state_file}: {error.reason}", 1)
         except OSError as error:
             _fail("login", f"cannot keep the tokens in {config.token.state_file}: {error}", 1)
         left = state.expires_at - time.time()
@@ -319,7 +336,11 @@ def login_commands(
         except GrantError as error:
             revoked = f"not revoked: {error}"
         # The tokens go; a registered client stays, for the next login.
-        store.save(SavedState("", "", "", 0.0, time.time(), None, 0, client_id=state.client_id))
+        forgotten = SavedState("", "", "", 0.0, time.time(), None, 0, client_id=state.client_id)
+        try:
+            asyncio.run(_keep(config, state.credential, lambda _before: forgotten))
+        except CoordinationUnavailable as error:
+            _fail("logout", f"cannot remove the tokens from {config.token.state_file}: {error.reason}", 1)
         click.echo(f"Removed the tokens from {config.token.state_file}.")
         if revoked.startswith("not revoked"):
             _fail("logout", f"the refresh token is {revoked}", 1)

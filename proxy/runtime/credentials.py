@@ -15,7 +15,8 @@ from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
 from ..core.causes import safe_url
 from ..observe.metrics import NULL_METRICS, Recorder
-from ..tokens.coordination import Coordination
+from ..tokens.coordination import Coordination, InProcessCoordination
+from ..tokens.file_lock import LOCK_MARGIN, FileLockCoordination
 from ..tokens.manager import Clock, RefreshPolicy, TokenManager, credential_id
 from ..tokens.redis_store import RedisCoordination, RedisSettings, check_redis
 from ..tokens.store import FileStore, NullStore, Store
@@ -103,6 +104,18 @@ def build_redis_coordination(config: Config, local: Store, metrics: Recorder) ->
     return RedisCoordination(settings, local, metrics)
 
 
+def build_coordination(token: TokenConfig, store: Store) -> Coordination:
+    """Who may refresh: with a state file, the processes sharing it take turns under its lock; else this one alone.
+
+    A corrupt state file is moved aside here, before it is first read, when no peer holds the lock.
+    """
+    if not isinstance(store, FileStore):
+        return InProcessCoordination(store)
+    coordination = FileLockCoordination(store, wait=token.timeout + LOCK_MARGIN)
+    coordination.set_aside_corrupt()
+    return coordination
+
+
 def build_policy(config: Config) -> RefreshPolicy:
     """The token manager's timings and bounds."""
     tok = config.token
@@ -133,7 +146,7 @@ def make_token_manager(
         request=request_of(tok),
         clock=clock,
         metrics=metrics,
-        coordination=build_redis_coordination(config, store, metrics),
+        coordination=build_redis_coordination(config, store, metrics) or build_coordination(tok, store),
     )
     manager.resume()
     return manager

@@ -1,7 +1,7 @@
 """Who may refresh a credential's token, among every process that shares it.
 
 Owns: the coordination interface a refresh runs under, and its in-process
-implementation. Within one process the single flight (flight.py) already
+implementation (the file lock is in file_lock.py). Within one process the single flight (flight.py) already
 makes a refresh the only one; a coordination extends that to peers (other
 processes, other replicas) that share the token through a state file or
 Redis, around the refresh only: the hot path never touches it.
@@ -91,8 +91,8 @@ class Coordination(Protocol):
         """
 
 
-class _OwnRight:
-    """The right to refresh inside one process: always held; others write the store only now and then."""
+class StoreRight:
+    """A right to refresh that locks nothing: reads and writes the store as it is (one process, or no shared state)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -114,17 +114,17 @@ class _OwnRight:
 
 
 class InProcessCoordination:
-    """Coordination for a process that shares its token with no other running proxy.
+    """Coordination for a process that shares its token with no other: no state file (`state_file = ""`).
 
     The right is granted at once and never lost: within the process the
-    single flight is all it takes. The store is read before each refresh, so
-    a token and rotated refresh token that a one-off command (`tokenproxy
-    check`) saved meanwhile are taken up rather than the spent refresh token
-    presented again; nothing locks the store against such a command.
+    single flight is all it takes. The store is still read before each
+    refresh, so the manager's rules are the same as under a lock; nothing
+    locks it against another process. With a state file, the processes that
+    share it take turns under its lock instead (file_lock.py).
     """
 
     def __init__(self, store: Store) -> None:
-        self._right = _OwnRight(store)
+        self._right = StoreRight(store)
 
     @contextlib.asynccontextmanager
     async def refresh_right(self, credential: str) -> AsyncIterator[RefreshRight]:

@@ -331,13 +331,28 @@ class TokenManager:
         """True when `state` was saved for this credential and login (the refresh token it started from)."""
         return state.credential == self._credential and (not self._seed or state.seed == self._seed)
 
+    def _peer_moved_on(self, peer: SavedState) -> bool:
+        """True when `peer` (saved for this credential) is ahead of what this process holds.
+
+        Ahead: a higher generation, or the same generation with another refresh
+        token (a save that only rotated it). A lower generation is a file this
+        process got ahead of (its own save failed): what it holds is newer.
+        """
+        if peer.generation != self._generation:
+            return peer.generation > self._generation
+        return peer.refresh_token is not None and peer.refresh_token != self._refresh_token
+
     def _take_chain(self, state: SavedState) -> None:
-        """Continue the refresh-token chain and the generations `state` (which belongs here) was saved with."""
+        """Continue the refresh-token chain and the generations `state` (which belongs here) was saved with.
+
+        Generations are global among the processes sharing the state: the next
+        token's is one more than the highest seen, this process's or a peer's.
+        """
         self._seed = state.seed
         self._registered = state.client_id  # kept through every save: the chain's tokens are that client's
         if state.refresh_token:
             self._refresh_token = state.refresh_token
-        self._generation = state.generation
+        self._generation = max(self._generation, state.generation)
 
     def _token_of(self, state: SavedState) -> Token:
         return make_token(
@@ -376,10 +391,18 @@ class TokenManager:
         fetch_required, self._fetch_required = self._fetch_required, False
         peer = await right.peer_state()
         started = self._clock()
-        if peer is not None and self._belongs(peer) and peer.generation > self._generation:
-            # A peer refreshed while this process waited for the right, spending the refresh token held here.
+        if peer is not None and self._belongs(peer) and self._peer_moved_on(peer):
+            # A peer refreshed (or only rotated the refresh token) while this process waited for the
+            # right, spending the refresh token held here: continue from its state.
+            newer = peer.generation > self._generation
             self._take_chain(peer)
-            if not fetch_required and peer.access_token and (adopted := self._token_of(peer)).usable_at(started):
+            if (
+                newer
+                and not fetch_required
+                and peer.access_token
+                and peer.generation > self._rejected  # never adopt a token the upstream refused
+                and (adopted := self._token_of(peer)).usable_at(started)  # nor a stale one
+            ):
                 return self._adopt(adopted, time.perf_counter() - timer)
         response: TokenResponse | None = None
         error: GrantError | None = None

@@ -152,7 +152,7 @@ def _decode(raw: bytes | str | None, credential: str) -> SavedState | None:
         return None
     try:
         data = json.loads(raw)
-        state = SavedState(**{f.name: data[f.name] for f in fields(SavedState)})
+        state = SavedState(**{f.name: data[f.name] for f in fields(SavedState) if f.name in data})
     except (ValueError, TypeError, KeyError):
         logger.warning(
             "store: the state in Redis for credential %s is unreadable; it is replaced at the next save", credential

@@ -1,22 +1,28 @@
 """Where tokens survive a restart.
 
 Owns: the state file format and writing it safely (0600 from creation, temp
-file + fsync + rename, directory 0700), and refusing a state file or
-directory that another user could have planted or changed, as ssh refuses
-such a `~/.ssh`. Knows nothing of grants or requests.
+file + fsync + rename, directory 0700), moving a corrupt one aside rather
+than overwriting it, opening the lock file beside it, and refusing a state
+file, lock file or directory that another user could have planted or
+changed, as ssh refuses such a `~/.ssh`. Knows nothing of grants or requests,
+nor of how the lock is taken (file_lock.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
+import logging
 import os
 import secrets
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
+
+logger = logging.getLogger("tokenproxy.tokens")
 
 # A state file is a few hundred bytes; anything much larger is not one of ours.
 _MAX_STATE_BYTES = 1 << 20
@@ -100,28 +106,27 @@ def check_directory(directory: Path, st: os.stat_result) -> None:
         )
 
 
-def check_file(path: Path, st: os.stat_result) -> None:
+def check_file(path: Path, st: os.stat_result, what: str = "state file") -> None:
     """Raise UnsafeStateError unless the state file (`st`: its lstat) is a regular file only this user can write.
 
     The owner must be this process's effective user exactly: root is not
-    exempt, and a root proxy refuses another user's file too.
+    exempt, and a root proxy refuses another user's file too. `what` names
+    the file in the message (the state lock file is held to the same checks).
     """
     euid = os.geteuid()
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafeStateError(
-            f"state file {path} is a symbolic link, which is not followed: "
-            "set token.state_file to the real file, or remove the link"
-        )
+        fix = "set token.state_file to the real file, or remove the link" if what == "state file" else "remove it"
+        raise UnsafeStateError(f"{what} {path} is a symbolic link, which is not followed: {fix}")
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafeStateError(f"state file {path} is not a regular file: remove it")
+        raise UnsafeStateError(f"{what} {path} is not a regular file: remove it")
     if st.st_uid != euid:
         raise UnsafeStateError(
-            f"state file {path} is owned by uid {st.st_uid}, not by this user (uid {euid}), so it is not used: "
+            f"{what} {path} is owned by uid {st.st_uid}, not by this user (uid {euid}), so it is not used: "
             "another user could have planted it; remove it"
         )
     if st.st_mode & 0o022:
         raise UnsafeStateError(
-            f"state file {path} is writable by other users (mode {_mode(st)}), so it is not used: "
+            f"{what} {path} is writable by other users (mode {_mode(st)}), so it is not used: "
             "another user could have changed it; remove it, or chmod 600 it if you trust what it holds"
         )
 
@@ -131,15 +136,20 @@ class FileStore:
 
     Each call opens the directory once, checks it, and reaches the file
     relative to it without following a symbolic link (O_NOFOLLOW): what is
-    checked is what is read or replaced.
+    checked is what is read or replaced. Beside the state file lies its lock
+    file (`<state_file>.lock`, see file_lock.py), held to the same checks and
+    never removed, so every process locks the same file.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
 
-    def _open_directory(self) -> int:
-        """The state directory, opened (a link to a directory is followed) and checked."""
+    def open_directory(self, *, create: bool = False) -> int:
+        """The state directory, opened (a link to a directory is followed) and checked; made 0700 with `create`."""
         directory = self.path.parent
+        if create:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             check_directory(directory, os.fstat(dir_fd))
@@ -147,6 +157,23 @@ class FileStore:
             os.close(dir_fd)
             raise
         return dir_fd
+
+    def open_lock(self, dir_fd: int) -> int:
+        """The lock file in the checked directory `dir_fd`, created 0600 if missing, never through a link; checked."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.lock_path.name, flags, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                link = os.stat(self.lock_path.name, dir_fd=dir_fd, follow_symlinks=False)
+                check_file(self.lock_path, link, "state lock file")
+            raise
+        try:
+            check_file(self.lock_path, os.fstat(fd), "state lock file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _open_file(self, dir_fd: int) -> int | None:
         """The state file, opened read-only without following a link, and checked; None when there is none."""
@@ -168,18 +195,21 @@ class FileStore:
         return fd
 
     def check(self) -> None:
-        """Raise UnsafeStateError when the state directory or file is unsafe; read nothing.
+        """Raise UnsafeStateError when the state directory, file or lock file is unsafe; read nothing.
 
         For the command line, to refuse before anything starts. A directory or
         file that is missing or cannot be opened is not an error here.
         """
         try:
-            dir_fd = self._open_directory()
+            dir_fd = self.open_directory()
         except UnsafeStateError:
             raise
         except OSError:
             return
         try:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(self.lock_path.name, dir_fd=dir_fd, follow_symlinks=False)
+                check_file(self.lock_path, st, "state lock file")
             fd = self._open_file(dir_fd)
         except UnsafeStateError:
             raise
@@ -196,8 +226,18 @@ class FileStore:
         Raises UnsafeStateError, reading nothing, when the directory or the
         file could have been written by another user or the file is a link.
         """
+        return self._load(set_aside=False)
+
+    def load_locked(self) -> SavedState | None:
+        """`load()` for the holder of the state lock: a corrupt file is also moved aside, and a warning logged.
+
+        Only under the lock: the file that is renamed is then the one that was read.
+        """
+        return self._load(set_aside=True)
+
+    def _load(self, *, set_aside: bool) -> SavedState | None:
         try:
-            dir_fd = self._open_directory()
+            dir_fd = self.open_directory()
         except UnsafeStateError:
             raise
         except OSError:
@@ -206,30 +246,50 @@ class FileStore:
             fd = self._open_file(dir_fd)
             if fd is None:
                 return None
-            with os.fdopen(fd, "rb") as file:
-                raw = file.read(_MAX_STATE_BYTES + 1)
+            try:
+                state, problem = _parse(_read_at_most(fd, _MAX_STATE_BYTES + 1))
+                if problem is not None and set_aside:
+                    self._set_aside(dir_fd, fd, problem)
+            finally:
+                os.close(fd)
         except UnsafeStateError:
             raise
         except OSError:
             return None
         finally:
             os.close(dir_fd)
-        if len(raw) > _MAX_STATE_BYTES:
-            return None
+        return state
+
+    def _set_aside(self, dir_fd: int, fd: int, problem: str) -> None:
+        """Rename the corrupt state file open as `fd` to `<name>.corrupt-<UTC time>`, 0600, and say so once."""
+        name = self.path.name
+        read = os.fstat(fd)
+        there = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (there.st_dev, there.st_ino) != (read.st_dev, read.st_ino):
+            return  # replaced since it was read: what is there now is not the corrupt file
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        for attempt in range(1, 100):
+            aside = f"{name}.corrupt-{stamp}" if attempt == 1 else f"{name}.corrupt-{stamp}-{attempt}"
+            try:
+                os.stat(aside, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                break
+        else:  # pragma: no cover - 99 corrupt files in one second
+            raise FileExistsError(errno.EEXIST, "no free name to move the corrupt state file aside")
         try:
-            data = json.loads(raw.decode("utf-8"))
-            return SavedState(
-                credential=str(data["credential"]),
-                seed=str(data["seed"]),
-                access_token=str(data["access_token"]),
-                expires_at=float(data["expires_at"]),
-                obtained_at=float(data["obtained_at"]),
-                refresh_token=None if data["refresh_token"] is None else str(data["refresh_token"]),
-                generation=int(data["generation"]),
-                client_id=str(data.get("client_id") or ""),
+            os.fchmod(fd, 0o600)
+            os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        except OSError as exc:
+            logger.warning(
+                "state file %s is corrupt (%s) and could not be moved aside to %s (%s); it is not used",
+                self.path, problem, self.path.with_name(aside), exc.strerror,
             )
-        except (ValueError, KeyError, TypeError):
-            return None
+            raise
+        logger.warning(
+            "state file %s is corrupt (%s): moved it aside to %s (0600); it is not used",
+            self.path, problem, self.path.with_name(aside),
+        )
 
     def save(self, state: SavedState) -> None:
         """Write `state` to a 0600 temp file, fsync it, and rename it over the old one.
@@ -238,8 +298,7 @@ class FileStore:
         directory that another user could write to.
         """
         payload = json.dumps(asdict(state)).encode("utf-8")
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        dir_fd = self._open_directory()
+        dir_fd = self.open_directory(create=True)
         try:
             tmp = _write_temp(dir_fd, payload)
             try:
@@ -251,6 +310,42 @@ class FileStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from the start of `fd`."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(65536, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes) -> tuple[SavedState | None, str | None]:
+    """The state a file's bytes hold, or None and what is wrong with them (never their content)."""
+    if len(raw) > _MAX_STATE_BYTES:
+        return None, f"larger than {_MAX_STATE_BYTES} bytes"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None, "not JSON"
+    try:
+        return SavedState(
+            credential=str(data["credential"]),
+            seed=str(data["seed"]),
+            access_token=str(data["access_token"]),
+            expires_at=float(data["expires_at"]),
+            obtained_at=float(data["obtained_at"]),
+            refresh_token=None if data["refresh_token"] is None else str(data["refresh_token"]),
+            generation=int(data["generation"]),
+            client_id=str(data.get("client_id") or ""),
+        ), None
+    except (ValueError, KeyError, TypeError, OverflowError):
+        return None, "fields missing or of the wrong type"
 
 
 def _write_temp(dir_fd: int, payload: bytes) -> str:

@@ -61,7 +61,9 @@ class FakeTokenServer(TokenServer):
     calls: list[Call] = field(default_factory=list)
     issued_access: list[str] = field(default_factory=list)
     gate: asyncio.Event | None = None  # when set to an Event, answers wait for it
-    delay: float = 0.0  # seconds every answer takes (a slow authorization server)
+    delay: float = 0.0  # seconds every answer takes (a slow server), after the gate
+    arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each call's arrival
+    drop_abandoned: bool = False  # when True, a held call whose client has gone is dropped, nothing spent
     entered: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call arrives
     base_url: str = ""  # where it listens, set by the fixture that starts it
     grants: frozenset[str] = GRANTS | {EXCHANGE_GRANT}
@@ -165,6 +167,7 @@ class FakeTokenServer(TokenServer):
     def record(self, request: web.Request, form: dict[str, str], json_body: Any = None) -> None:
         """Keep the call, for tests to read."""
         super().record(request, form)
+        self.arrivals.append(time.monotonic())
         self.calls.append(Call(request.path, form, dict(request.headers), json_body))
 
     async def intercept(self, request: web.Request) -> web.StreamResponse | None:
@@ -197,10 +200,13 @@ class FakeTokenServer(TokenServer):
 
     async def _fault(self, request: web.Request) -> web.StreamResponse | None:
         self.entered.set()
-        if self.delay:
-            await asyncio.sleep(self.delay)
         if self.gate is not None:
             await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.drop_abandoned and (request.transport is None or request.transport.is_closing()):
+            # Its client went away while the call was held: as if it never reached the server (nothing spent).
+            return web.Response(status=499)
         if self.mode == "hang":
             await asyncio.Event().wait()
         if self.mode == "500":
