@@ -9,7 +9,8 @@ in front of that upstream:
 - `mitmdump`: mitmproxy in reverse mode with a one-line addon;
 - `baseline`: bench/baseline_proxy.py, the plain aiohttp proxy;
 - `tokenproxy-static`: tokenproxy with a `static` grant;
-- `tokenproxy-cc`: tokenproxy with `client_credentials` against the token server.
+- `tokenproxy-cc`: tokenproxy with `client_credentials` against the token server;
+- `tokenproxy-w2`, `tokenproxy-wN`: tokenproxy-static with 2 workers, and one per CPU.
 
 Every process is stopped by PID when its `Running` closes, and everything
 left when the stage closes.
@@ -25,6 +26,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 import typing
 import urllib.request
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ class Contender:
     upstream_client: str = "fast"  # tokenproxy's `upstream.client`
     loop: str = "uvloop"  # tokenproxy's `server.loop`
     default: bool = True  # False: run only when named in --contenders (diagnostic variants)
+    workers: int = 1  # tokenproxy's `server.workers` (0: one per CPU)
 
 
 CONTENDERS: tuple[Contender, ...] = (
@@ -67,6 +70,9 @@ CONTENDERS: tuple[Contender, ...] = (
         loop="asyncio",
         default=False,
     ),
+    # tokenproxy-static with more processes on the one port: how throughput grows with cores.
+    Contender("tokenproxy-w2", "tokenproxy, static, 2 workers", workers=2, default=False),
+    Contender("tokenproxy-wN", "tokenproxy, static, one worker per CPU", workers=0, default=False),
 )
 BY_NAME = {c.name: c for c in CONTENDERS}
 
@@ -106,6 +112,7 @@ def tokenproxy_toml(
     refresh_before: float = 30.0,
     upstream_client: str = "fast",
     loop: str = "uvloop",
+    workers: int = 1,
 ) -> str:
     """A tokenproxy config for the bench: quiet logs, no state file, short shutdown.
 
@@ -126,6 +133,8 @@ def tokenproxy_toml(
     server_extra = f"max_connections = {max_client_connections}\n" if _has_key("server", "max_connections") else ""
     if _has_key("server", "loop"):
         server_extra += f'loop = "{loop}"\n'
+    if workers != 1:
+        server_extra += f"workers = {workers}\n"
     upstream_extra = f'client = "{upstream_client}"\n' if _has_key("upstream", "client") else ""
     return f"""\
 [server]
@@ -144,7 +153,7 @@ max_waiting = {max_waiting}
 wait_timeout = 60.0
 
 [log]
-level = "warning"
+level = "{'info' if workers != 1 else 'warning'}"
 access_log = false
 """
 
@@ -298,12 +307,26 @@ class Stage:
                     max_client_connections=max_client_connections,
                     upstream_client=contender.upstream_client,
                     loop=contender.loop,
+                    workers=contender.workers,
                 )
             )
             args = [sys.executable, "-m", "proxy", "run", "-c", str(config)]
-            proc = start(contender.name, args, log, port=port, cwd=REPO)
+            workers = contender.workers != 1
+            proc = start(contender.name, args, log, port=port, cwd=REPO, count_children=workers)
+            if workers:
+                wait_logged(proc, "workers listening on")
         self._procs.append(proc)
         return Running(contender, f"http://{HOST}:{port}", proc)
+
+
+def wait_logged(proc: Proc, text: str, timeout: float = 60.0) -> None:
+    """Return once `text` is in the process's log (all workers listen, not only the first); stop it if not."""
+    deadline = time.monotonic() + timeout
+    while text not in proc.log.read_text(errors="replace"):
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"{proc.name} did not log {text!r}; see {proc.log}")
+        time.sleep(0.05)
 
 
 def _env(**extra: str) -> dict[str, str]:
