@@ -96,9 +96,15 @@ async def _gone(pids: set[int]) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def running_group(config: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Group]:
-    """Start `tokenproxy run -c CONFIG ARGS` and wait until all its workers listen; stop it all by PID after."""
-    proc = await start_cli("run", "-c", str(config), *args, env={**ENV, **(env or {})})
+async def running_group(config: Path, *args: str) -> AsyncIterator[Group]:
+    """Start `tokenproxy run -c CONFIG ARGS` and wait until all its workers listen; stop it all by PID after.
+
+    The group's private runtime directory goes in `run/` beside the config ($XDG_RUNTIME_DIR), so
+    that a parent a test kills leaves nothing behind outside the test's own directory.
+    """
+    runtime = config.parent / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    proc = await start_cli("run", "-c", str(config), *args, env={**ENV, "XDG_RUNTIME_DIR": str(runtime)})
     assert proc.stderr is not None
     lines: list[str] = []
     drain: asyncio.Task[None] | None = None
@@ -311,9 +317,8 @@ async def test_workers_private_state_dir_when_no_state_file(
     directory under $XDG_RUNTIME_DIR, which is gone after the group stops."""
     config = group_config(tmp_path, token_server, api, fetch_on_start=True)
     config.write_text(config.read_text().replace(f'state_file = "{tmp_path / "state.json"}"', 'state_file = ""'))
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    async with running_group(config, env={"XDG_RUNTIME_DIR": str(runtime)}) as group:
+    runtime = tmp_path / "run"  # running_group's $XDG_RUNTIME_DIR
+    async with running_group(config) as group:
         (private,) = runtime.iterdir()
         assert private.stat().st_mode & 0o777 == 0o700
         assert (private / "state.json").stat().st_mode & 0o777 == 0o600
