@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.runtime.workers import describe_exit, resolve_workers, workers_unsupported
 from tests.fakes.api_server import FakeApi
 from tests.fakes.slow_token_server import SlowTokenServer
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
@@ -365,3 +366,24 @@ async def test_workers_share_rotating_token_one_refresh_per_expiry(
     # One refresh per expiry: a second refresh of the same expiry would come while the first is in flight.
     gaps = [later - earlier for earlier, later in itertools.pairwise(token_server.arrivals)]
     assert min(gaps) > 1.0, gaps
+
+
+def test_workers_elsewhere_than_linux_one_process_with_reason() -> None:
+    """Off Linux the group is one process, and the warning says why; on Linux nothing is said."""
+    assert workers_unsupported("linux") is None
+    assert workers_unsupported("darwin") == (
+        "server.workers: workers need Linux's SO_REUSEPORT load balancing, which darwin does not have: "
+        "serving with one process"
+    )
+
+
+def test_workers_zero_is_one_per_usable_cpu() -> None:
+    """`server.workers = 0` is the number of CPUs this process may run on; other counts are taken as they are."""
+    assert resolve_workers(0) == len(os.sched_getaffinity(0))
+    assert resolve_workers(3) == 3
+
+
+def test_workers_exit_described_in_words() -> None:
+    """A worker's end reads as its status or the signal's name."""
+    assert describe_exit(1) == "exited with status 1"
+    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
