@@ -38,7 +38,9 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
 NOTES = [
     "Upstream: one nginx (1 worker) serving fixed files; the upload sink reads the whole body "
     "(proxy_request_buffering into tmpfs) before answering 200. Every proxy runs one process "
-    "(nginx: 1 worker). Load generator: wrk, 1 thread for 1 connection, else 2.",
+    "(nginx: 1 worker), except tokenproxy-w2 and tokenproxy-wN (server.workers 2 and one per CPU; "
+    "their CPU/req counts the parent and every worker, log.level info). "
+    "Load generator: wrk, 1 thread for 1 connection, else 2.",
     "tokenproxy runs as `python -m proxy run -c <generated toml>` with log.level = warning and "
     "log.access_log = false, upstream.max_connections at its default, server.max_connections raised to "
     "2048 (storm: N + 64) where it exists; the plain aiohttp proxy uses aiohttp's default pool (100). "

@@ -13,6 +13,7 @@ in front of that upstream:
 - `tokenproxy-cc-redis` (run when named): the same with `[store] backend = "redis"`, against a
   redis-server the stage starts on first use: the store is touched only on refresh, so its
   per-request cost must match tokenproxy-cc's.
+- `tokenproxy-w2`, `tokenproxy-wN`: tokenproxy-static with 2 workers, and one per CPU.
 
 Every process is stopped by PID when its `Running` closes, and everything
 left when the stage closes.
@@ -28,6 +29,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 import typing
 import urllib.request
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ class Contender:
     loop: str = "uvloop"  # tokenproxy's `server.loop`
     default: bool = True  # False: run only when named in --contenders (diagnostic variants)
     store: str = "file"  # tokenproxy's `store.backend`
+    workers: int = 1  # tokenproxy's `server.workers` (0: one per CPU)
 
 
 CONTENDERS: tuple[Contender, ...] = (
@@ -78,6 +81,9 @@ CONTENDERS: tuple[Contender, ...] = (
         loop="asyncio",
         default=False,
     ),
+    # tokenproxy-static with more processes on the one port: how throughput grows with cores.
+    Contender("tokenproxy-w2", "tokenproxy, static, 2 workers", workers=2, default=False),
+    Contender("tokenproxy-wN", "tokenproxy, static, one worker per CPU", workers=0, default=False),
 )
 BY_NAME = {c.name: c for c in CONTENDERS}
 
@@ -118,6 +124,7 @@ def tokenproxy_toml(
     upstream_client: str = "fast",
     loop: str = "uvloop",
     redis_url: str = "",
+    workers: int = 1,
 ) -> str:
     """A tokenproxy config for the bench: quiet logs, no state file, short shutdown; Redis as the store if given.
 
@@ -138,6 +145,8 @@ def tokenproxy_toml(
     server_extra = f"max_connections = {max_client_connections}\n" if _has_key("server", "max_connections") else ""
     if _has_key("server", "loop"):
         server_extra += f'loop = "{loop}"\n'
+    if workers != 1:
+        server_extra += f"workers = {workers}\n"
     upstream_extra = f'client = "{upstream_client}"\n' if _has_key("upstream", "client") else ""
     return f"""\
 [server]
@@ -156,7 +165,7 @@ max_waiting = {max_waiting}
 wait_timeout = 60.0
 
 [log]
-level = "warning"
+level = "{'info' if workers != 1 else 'warning'}"
 access_log = false
 """ + (f'\n[store]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "bench:"\n' if redis_url else "")
 
@@ -324,12 +333,26 @@ class Stage:
                     upstream_client=contender.upstream_client,
                     loop=contender.loop,
                     redis_url=self.redis_url() if contender.store == "redis" else "",
+                    workers=contender.workers,
                 )
             )
             args = [sys.executable, "-m", "proxy", "run", "-c", str(config)]
-            proc = start(contender.name, args, log, port=port, cwd=REPO)
+            workers = contender.workers != 1
+            proc = start(contender.name, args, log, port=port, cwd=REPO, count_children=workers)
+            if workers:
+                wait_logged(proc, "workers listening on")
         self._procs.append(proc)
         return Running(contender, f"http://{HOST}:{port}", proc)
+
+
+def wait_logged(proc: Proc, text: str, timeout: float = 60.0) -> None:
+    """Return once `text` is in the process's log (all workers listen, not only the first); stop it if not."""
+    deadline = time.monotonic() + timeout
+    while text not in proc.log.read_text(errors="replace"):
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"{proc.name} did not log {text!r}; see {proc.log}")
+        time.sleep(0.05)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -6,7 +6,9 @@ import asyncio
 import datetime
 import logging
 import os
+import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -133,16 +135,41 @@ for _command in login_commands(_config_option, _load, _CONFIG_EPILOG):
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="Override log.level.",
 )
-def run(config_path: str | None, listen: str | None, upstream: str | None, log_level: str | None) -> None:
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Override server.workers: N processes share the port (0: one per CPU).",
+)
+# A worker of a group (runtime/workers.py): the socket to its supervisor, and the keys that make it one.
+@click.option("--worker-link", default=None, type=int, hidden=True)
+@click.option("--worker-set", multiple=True, hidden=True)
+def run(
+    config_path: str | None,
+    listen: str | None,
+    upstream: str | None,
+    log_level: str | None,
+    workers: int | None,
+    worker_link: int | None,
+    worker_set: tuple[str, ...],
+) -> None:
     """Run the proxy until Ctrl-C or SIGTERM."""
     from ..runtime.serve import ListenError, event_loop_factory, serve
 
-    overrides = {"server.listen": listen, "upstream.url": upstream, "log.level": log_level}
+    overrides: dict[str, Any] = {
+        "server.listen": listen,
+        "upstream.url": upstream,
+        "log.level": log_level,
+        "server.workers": workers,
+        **dict(item.split("=", 1) for item in worker_set),
+    }
     config = _load(config_path, overrides)
     _require_endpoint(config)
     setup_logging(config.log.level, config.log.format, secrets_of(config), access_log=config.log.access_log)
-    for warning in _file_warnings(config_path):
-        logging.getLogger("tokenproxy").warning("config: %s", warning)
+    if worker_link is None:
+        for warning in _file_warnings(config_path):
+            logging.getLogger("tokenproxy").warning("config: %s", warning)
     _refuse_unsafe_state(config.token.state_file, "tokenproxy")
     if (missing := not_logged_in(config)) is not None:
         logging.getLogger("tokenproxy").warning("%s; until then requests get 503 login_required", missing)
@@ -151,9 +178,12 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
         # SIGHUP: the same file and command-line overrides, read again.
         return load_config(find_config_path(config_path, os.environ), overrides)
 
+    link = None if worker_link is None else socket.socket(fileno=worker_link)
+    if link is None:
+        _run_workers_if_asked(config, config_path, {"upstream": upstream, "log-level": log_level})
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(config.server.loop)) as runner:
-            runner.run(serve(config, reload))
+            runner.run(serve(config, reload, link))
     except UnsafeStateError as error:  # made unsafe after the check above
         _fail_state(error, "tokenproxy")
     except ListenError as error:
@@ -171,6 +201,46 @@ def run(config_path: str | None, listen: str | None, upstream: str | None, log_l
     except asyncio.CancelledError:
         click.echo("tokenproxy: stopped at once by a second signal", err=True)
         sys.exit(1)
+
+
+def _run_workers_if_asked(config: Config, config_path: str | None, options: dict[str, str | None]) -> None:
+    """With `server.workers` other than 1 (on Linux), supervise the workers until stopped, and exit.
+
+    Each worker is this command again, with the same file and options, and the keys that make it
+    a worker (runtime/workers.py) as hidden options: it loads, validates and reloads its config as
+    a single process does.
+    """
+    from ..runtime.serve import ListenError
+    from ..runtime.workers import resolve_workers, supervise, workers_unsupported
+
+    count = resolve_workers(config.server.workers)
+    if count == 1:
+        return
+    reason = workers_unsupported()
+    if reason is not None:
+        logging.getLogger("tokenproxy").warning("%s", reason)
+        return
+    path = find_config_path(config_path, os.environ)
+    base = [sys.executable, "-m", "proxy", "run"]
+    if path is not None:
+        base += ["-c", str(path.absolute())]
+    for name, value in options.items():
+        if value is not None:
+            base += [f"--{name}", value]
+
+    def command(fd: int, overrides: Mapping[str, str]) -> list[str]:
+        sets = [arg for key, value in overrides.items() for arg in ("--worker-set", f"{key}={value}")]
+        return [*base, "--worker-link", str(fd), *sets]
+
+    try:
+        code = supervise(config, count, command)
+    except ListenError as error:
+        click.echo(f"tokenproxy: {error}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"tokenproxy: {cause_in_words(exc) or exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
 
 
 async def _one_token(config: Config, *, fresh: bool = False) -> tuple[str, float, str, int]:

@@ -55,6 +55,7 @@ class ServerConfig:
     max_header_size: int = field(default=8190, metadata=RESTART)
     max_request_line: int = field(default=8190, metadata=RESTART)
     loop: str = field(default="uvloop", metadata=RESTART)
+    workers: int = field(default=1, metadata=RESTART)  # processes serving the port; 0 = one per CPU
 
 
 @dataclass(frozen=True)

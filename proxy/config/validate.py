@@ -91,6 +91,7 @@ def _server_problems(server: ServerConfig) -> list[str]:
         problems.append(f"server.socket_mode: must be a file mode like 0o600, got {server.socket_mode!r}")
     if server.loop not in EVENT_LOOPS:
         problems.append(f"server.loop: must be one of {', '.join(EVENT_LOOPS)}, got {server.loop!r}")
+    problems.extend(_workers_problems(server))
     if server.shutdown_timeout < 0:
         problems.append(f"server.shutdown_timeout: must not be negative, got {server.shutdown_timeout!r}")
     for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
@@ -100,6 +101,18 @@ def _server_problems(server: ServerConfig) -> list[str]:
         if getattr(server, name) < least:
             problems.append(f"server.{name}: must be at least {least}, got {getattr(server, name)!r}")
     return problems
+
+
+def _workers_problems(server: ServerConfig) -> list[str]:
+    """`server.workers`: a count, and only where a port can be shared (a unix socket is one process's)."""
+    if server.workers < 0:
+        return [f"server.workers: must be 0 (one per CPU) or more, got {server.workers!r}"]
+    if server.workers != 1 and server.listen.startswith("unix:"):
+        return [
+            f"server.workers: a unix socket (server.listen = {server.listen!r}) is served by one process; "
+            f"set workers = 1 or listen on a TCP port, got {server.workers!r}"
+        ]
+    return []
 
 
 def _upstream_problems(up: UpstreamConfig) -> list[str]:

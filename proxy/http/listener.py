@@ -89,12 +89,15 @@ class _BatchListener:
 class BatchAcceptSite(web.BaseSite):
     """An aiohttp site on `host:port` (every address it resolves to) that accepts in batches."""
 
-    __slots__ = ("_host", "_port")
+    __slots__ = ("_host", "_port", "_reuse_port")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int = 128) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, *, backlog: int = 128, reuse_port: bool = False
+    ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
+        self._reuse_port = reuse_port  # workers: several processes accept on the one port (Linux balances)
 
     @property
     def name(self) -> str:
@@ -115,6 +118,8 @@ class BatchAcceptSite(web.BaseSite):
                 sock = socket.socket(family, kind, proto)
                 sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self._reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)

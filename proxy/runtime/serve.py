@@ -107,19 +107,24 @@ def refuse_live_socket(path: str) -> None:
     raise ListenError(f"unix:{path}", "another process is listening on this socket")
 
 
-async def start_listener(runner: web.BaseRunner, listen: str, socket_mode: int = 0o600, backlog: int = 128) -> str:
+async def start_listener(
+    runner: web.BaseRunner, listen: str, socket_mode: int = 0o600, backlog: int = 128, *, reuse_port: bool = False
+) -> str:
     """Listen on `listen`; `backlog` connections may wait to be accepted (the kernel caps it at somaxconn).
 
+    `reuse_port` (a worker) shares a TCP port with the other workers, SO_REUSEPORT.
     ListenError, naming `listen` and the cause in words, when it cannot.
     """
     try:
-        return await _start_listener(runner, listen, socket_mode, backlog)
+        return await _start_listener(runner, listen, socket_mode, backlog, reuse_port)
     except OSError as exc:
         host = None if listen.startswith("unix:") else listen.rpartition(":")[0].strip("[]")
         raise ListenError(listen, cause_in_words(exc, host=host) or str(exc)) from None
 
 
-async def _start_listener(runner: web.BaseRunner, listen: str, socket_mode: int, backlog: int) -> str:
+async def _start_listener(
+    runner: web.BaseRunner, listen: str, socket_mode: int, backlog: int, reuse_port: bool
+) -> str:
     if listen.startswith("unix:"):
         path = listen[len("unix:") :]
         refuse_live_socket(path)
@@ -133,7 +138,7 @@ async def _start_listener(runner: web.BaseRunner, listen: str, socket_mode: int,
         os.chmod(path, socket_mode)
         return f"unix:{path}"
     host, port = parse_listen(listen)
-    site = BatchAcceptSite(runner, host, port, backlog=backlog)
+    site = BatchAcceptSite(runner, host, port, backlog=backlog, reuse_port=reuse_port)
     await site.start()
     bound = runner.addresses[-1] if runner.addresses else (host, port)
     return f"http://{bound[0]}:{bound[1]}" if ":" not in str(bound[0]) else f"http://[{bound[0]}]:{bound[1]}"
@@ -176,18 +181,24 @@ def sparing_gc() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
-async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
+async def serve(
+    config: Config, reload: Callable[[], Config] | None = None, link: socket.socket | None = None
+) -> None:
     """Run the proxy until SIGINT or SIGTERM; a second signal stops at once; SIGHUP reloads.
 
     On the first signal: stop accepting, answer waiting requests with
     503 shutting_down, let in-flight requests and streams finish for up to
     `server.shutdown_timeout` seconds, then close everything.
+
+    `link` makes this process a worker (workers.py): it shares its port
+    (SO_REUSEPORT), writes `ready <url>` on the link once it listens, and
+    stops as on SIGTERM when the link ends (its supervisor is gone).
     """
     with sparing_gc():
-        await _serve(config, reload)
+        await _serve(config, reload, link)
 
 
-async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
+async def _serve(config: Config, reload: Callable[[], Config] | None, link: socket.socket | None) -> None:
     for warning in startup_warnings(config):
         logger.warning("%s", warning)
     app = build_app(config)
@@ -218,6 +229,8 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    if link is not None:
+        watch_supervisor(loop, link, stop)
     try:
         # A static token costs nothing to take up front: the first burst of clients finds it
         # ready instead of queueing (and overflowing queue.max_waiting) for it.
@@ -227,7 +240,11 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
         # A burst of new connections (a fleet of clients, a storm) waits in the accept queue
         # instead of having its SYNs dropped and retried a second later: as deep as we may hold.
         url = await start_listener(
-            runner, config.server.listen, config.server.socket_mode, backlog=config.server.max_connections
+            runner,
+            config.server.listen,
+            config.server.socket_mode,
+            backlog=config.server.max_connections,
+            reuse_port=link is not None,
         )
         logger.info(
             "tokenproxy listening on %s, forwarding to %s (grant %s, %s client, %s loop)",
@@ -252,6 +269,9 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
             await admin_runner.setup()
             admin_url = await start_listener(admin_runner, config.server.admin_listen)
             logger.info("admin listening on %s (/healthz /readyz /status /metrics)", admin_url)
+        if link is not None:
+            with contextlib.suppress(OSError):  # the supervisor is gone: watch_supervisor stops us
+                link.sendall(f"ready {url}\n".encode())
         await stop.wait()
         logger.info("shutting down: waiting up to %gs for requests in flight", config.server.shutdown_timeout)
     finally:
@@ -263,6 +283,33 @@ async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if link is not None:
+                loop.remove_reader(link.fileno())
+                link.close()
+
+
+def watch_supervisor(loop: asyncio.AbstractEventLoop, link: socket.socket, stop: asyncio.Event) -> None:
+    """Set `stop` when the supervisor's end of `link` closes: a worker never outlives its parent.
+
+    The kernel closes the parent's end however the parent ends (SIGKILL included), so this needs
+    no signal and no polling; the worker then drains as on SIGTERM.
+    """
+
+    def on_readable() -> None:
+        try:
+            data = link.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(link.fileno())
+            if not stop.is_set():
+                logger.warning("the supervising process has gone: stopping")
+                stop.set()
+
+    link.setblocking(False)
+    loop.add_reader(link.fileno(), on_readable)
 
 
 def _reload(reloader: Reloader, reload: Callable[[], Config]) -> Config | None:
