@@ -24,7 +24,6 @@ import pytest
 
 from proxy.runtime.workers import describe_exit, resolve_workers, workers_unsupported
 from tests.fakes.api_server import FakeApi
-from tests.fakes.slow_token_server import SlowTokenServer
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
 from tests.helpers import read_until, start_cli, write_config
 
@@ -37,9 +36,9 @@ ENV = {"TEST_CLIENT_SECRET": CLIENT_SECRET}
 
 
 @pytest.fixture
-async def token_server(aiohttp_server: Any) -> AsyncIterator[SlowTokenServer]:
+async def token_server(aiohttp_server: Any) -> AsyncIterator[FakeTokenServer]:
     """The fake authorization server, here one whose answers can be slowed down (`delay`, none by default)."""
-    fake = SlowTokenServer(delay=0.0)
+    fake = FakeTokenServer()
     server = await aiohttp_server(fake.app(), host="127.0.0.1")
     fake.base_url = str(server.make_url("")).rstrip("/")
     yield fake
@@ -332,7 +331,7 @@ async def test_workers_private_state_dir_when_no_state_file(
 
 
 async def test_workers_share_rotating_token_one_refresh_per_expiry(
-    tmp_path: Path, token_server: SlowTokenServer, api: FakeApi
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi
 ) -> None:
     """Four workers against a slow (300 ms) rotating, reuse-detecting token server, three expiries under load:
     every request succeeds, one refresh per expiry for the whole group, no refresh token presented twice."""
