@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -363,18 +364,25 @@ class RedisServer:
     `stop()` then `start()` gives a Redis that comes back empty on the same port (a restart without persistence).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key, CA file) to serve TLS only (rediss://) with that certificate."""
         assert REDIS_SERVER is not None
         self.directory = directory
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start it and wait (bounded) until it answers PING."""
         assert REDIS_SERVER is not None and self._proc is None
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file",
+                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
         self._proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [REDIS_SERVER, *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -382,7 +390,12 @@ class RedisServer:
         deadline = time.monotonic() + REDIS_BOUND
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                    sock = raw
+                    if self.tls is not None:
+                        sock = ssl.create_default_context(cafile=str(self.tls[2])).wrap_socket(
+                            raw, server_hostname="127.0.0.1"
+                        )
                     sock.sendall(b"PING\r\n")
                     if sock.recv(16).startswith(b"+PONG"):
                         return
@@ -402,6 +415,8 @@ class RedisServer:
         """A synchronous redis client to look inside (the test's own connection)."""
         import redis
 
+        if self.tls is not None:
+            return redis.Redis.from_url(self.url, socket_timeout=5, ssl_ca_certs=str(self.tls[2]))
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
 

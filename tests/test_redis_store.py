@@ -7,7 +7,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from tests.fakes.api_server import FakeApi
+from tests.fakes.tls import TestCa
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
-from tests.helpers import RedisServer, free_port, read_until, run_cli, start_cli, stop_process
+from tests.helpers import REDIS_SERVER, RedisServer, free_port, read_until, run_cli, start_cli, stop_process
 
 ENV = {"TEST_CLIENT_SECRET": CLIENT_SECRET}
 # Bound for a condition a test waits for (a refresh, a restart) on a loaded 2-core machine.
@@ -216,6 +217,53 @@ async def test_store_wrong_password_exits_1_without_the_password(
         "credentials (store.url)\n" in err
     )
     assert "wrong-PW-5678" not in out + err
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Path]]:
+    """A redis-server of the test's own that speaks TLS only, its certificate from a test CA; and the CA file."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server not found (`.ci/run` installs Debian's redis-server)")
+    (tmp_path / "redis-tls").mkdir()
+    ca = TestCa(tmp_path / "redis-tls")
+    cert, key = ca.issue("redis", client=False)
+    server = RedisServer(tmp_path / "redis-tls", tls=(cert, key, ca.ca_file))
+    server.start()
+    try:
+        yield server, ca.ca_file
+    finally:
+        server.stop()
+
+
+async def test_store_rediss_with_ca_file_keeps_the_state_over_tls(
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi, tls_redis: tuple[RedisServer, Path]
+) -> None:
+    """`rediss://` with `store.ca_file` naming the CA that signed Redis's certificate: the token is had and kept."""
+    server, ca_file = tls_redis
+    store = f'backend = "redis"\nurl = "{server.url}"\nkey_prefix = "tls:"\nca_file = "{ca_file}"'
+    config = _config(tmp_path / "c.toml", token_server, api, store, grant="client_credentials")
+    code, out, err = await run_cli("token", "-c", str(config), env=ENV)
+    assert code == 0, err
+    assert out.strip() == token_server.issued_access[-1]
+    state = _shared_state(server, "tls:")
+    assert state is not None and state["access_token"] == token_server.issued_access[-1]
+
+
+async def test_store_rediss_without_the_ca_exits_1_naming_the_host(
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi, tls_redis: tuple[RedisServer, Path]
+) -> None:
+    """`rediss://` to a Redis whose certificate no trusted CA signed (no `store.ca_file`): exit 1 naming the host."""
+    server, _ = tls_redis
+    store = f'backend = "redis"\nurl = "{server.url}"\nkey_prefix = "tls:"'
+    config = _config(tmp_path / "c.toml", token_server, api, store, grant="client_credentials")
+    code, out, err = await run_cli("token", "-c", str(config), env=ENV)
+    assert code == 1
+    assert (
+        f"token: store_unavailable: the token store Redis at 127.0.0.1:{server.port} presented a TLS certificate "
+        "that is not trusted (store.ca_file names the CA to trust)\n" in err
+    ), err
+    assert "Traceback" not in err and out == ""
+    assert token_server.count == 0
 
 
 # --- many replicas --------------------------------------------------------------------------------

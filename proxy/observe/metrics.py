@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # Bounded label values of the shared store's metrics (anything else is counted as the last one of each).
 LEASE_EVENTS = ("acquired", "waited", "lost")
-STORE_ERROR_KINDS = ("connection", "timeout", "auth", "other")
+STORE_ERROR_KINDS = ("connection", "timeout", "auth", "tls", "other")
 STORE_MODES = ("shared", "local", "unavailable")
 TOKEN_SOURCES = ("own", "adopted")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

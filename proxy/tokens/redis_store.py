@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, fields
@@ -86,6 +87,7 @@ _KIND_WORDS = {
     "connection": "could not be reached",
     "timeout": "did not answer in time",
     "auth": "refused the credentials",
+    "tls": "presented a TLS certificate that is not trusted (store.ca_file names the CA to trust)",
     "other": "answered with an error",
 }
 
@@ -109,7 +111,9 @@ def redis_host(url: str) -> str:
 
 
 def error_kind(exc: BaseException) -> str:
-    """What kind of store failure `exc` is: connection, timeout, auth or other (the metric's bounded label)."""
+    """What kind of store failure `exc` is: connection, timeout, auth, tls or other (the metric's bounded label)."""
+    if _untrusted_certificate(exc):
+        return "tls"
     if isinstance(exc, AuthenticationError | AuthorizationError) or (
         isinstance(exc, ResponseError) and str(exc).startswith(("WRONGPASS", "NOAUTH", "NOPERM", "AUTH"))
     ):
@@ -119,6 +123,19 @@ def error_kind(exc: BaseException) -> str:
     if isinstance(exc, redis.exceptions.ConnectionError | OSError):
         return "connection"
     return "other"
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) is a failed check of the server's certificate: redis-py wraps it, and
+    keeps only its words in some versions."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _client_options(settings: RedisSettings, *, asynchronous: bool) -> dict[str, Any]:
@@ -140,7 +157,8 @@ def check_redis(settings: RedisSettings) -> None:
         client.ping()
     except _STORE_ERRORS as exc:
         raise StoreUnavailable(
-            f"the token store Redis at {redis_host(settings.url)} {_KIND_WORDS[error_kind(exc)]} (store.url)"
+            f"the token store Redis at {redis_host(settings.url)} {_KIND_WORDS[error_kind(exc)]}"
+            + ("" if error_kind(exc) == "tls" else " (store.url)")
         ) from None
     finally:
         client.close()
