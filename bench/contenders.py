@@ -7,6 +7,8 @@ in front of that upstream:
 - `direct`: no proxy, the load generator talks to the upstream (the limit);
 - `nginx`: nginx as a reverse proxy setting a static Authorization header;
 - `mitmdump`: mitmproxy in reverse mode with a one-line addon;
+- `floor`: bench/floor_proxy.py, the least a Python proxy can do (httptools on raw
+  asyncio protocols; not a product): the yardstick tokenproxy's ratios are told against;
 - `baseline`: bench/baseline_proxy.py, the plain aiohttp proxy;
 - `tokenproxy-static`: tokenproxy with a `static` grant;
 - `tokenproxy-cc`: tokenproxy with `client_credentials` against the token server.
@@ -54,6 +56,7 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("direct", "direct (no proxy)", proxy=False),
     Contender("nginx", "nginx reverse proxy, static header"),
     Contender("mitmdump", "mitmdump reverse mode + addon"),
+    Contender("floor", "the floor: httptools on raw asyncio protocols, header swap only, not a product"),
     Contender("baseline", "plain aiohttp proxy (bench/baseline_proxy.py)"),
     Contender("tokenproxy-static", "tokenproxy, static grant"),
     Contender("tokenproxy-cc", "tokenproxy, client_credentials", refreshes=True),
@@ -242,6 +245,8 @@ class Stage:
         """'' when the contender can run here, else why not."""
         if contender.name == "mitmdump" and self.tools.mitmdump is None:
             return self.tools.mitmdump_missing
+        if contender.name == "floor" and self.tools.floor_missing:
+            return self.tools.floor_missing
         return ""
 
     def start(self, contender: Contender, *, max_waiting: int = 1000, max_client_connections: int = 2048) -> Running:
@@ -272,11 +277,11 @@ class Stage:
                 f"confdir={self.run_dir / 'mitmproxy'}",
             ]
             proc = start("mitmdump", args, log, port=port, env=_env(BENCH_TOKEN=nginx.STATIC_TOKEN))
-        elif contender.name == "baseline":
+        elif contender.name in ("baseline", "floor"):
             args = [
                 sys.executable,
                 "-m",
-                "bench.baseline_proxy",
+                f"bench.{contender.name}_proxy",
                 "--port",
                 str(port),
                 "--upstream",
@@ -284,7 +289,7 @@ class Stage:
                 "--token",
                 nginx.STATIC_TOKEN,
             ]
-            proc = start("baseline", args, log, port=port, cwd=REPO)
+            proc = start(contender.name, args, log, port=port, cwd=REPO)
         else:
             grant = "client_credentials" if contender.refreshes else "static"
             config = self.run_dir / f"{contender.name}-{port}.toml"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .contenders import BY_NAME, Stage
 from .runner import warm
-from .tools import Tools, ensure_wrk_nginx
+from .tools import Tools, ensure_httptools, ensure_wrk_nginx
 from .wrk import run_wrk, write_script
 
 # Frames on every stack (start-up and the event loop's own loop) say nothing in the total table.
@@ -88,7 +88,7 @@ def main() -> int:
         print("bench.profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
     wrk, nginx_path = ensure_wrk_nginx(install=True)
-    tools = Tools(wrk, nginx_path, None, "not needed", False, "not needed")
+    tools = Tools(wrk, nginx_path, None, "not needed", False, "not needed", ensure_httptools(install=True))
     with Stage(tools, 1 << 20) as stage, stage.start(BY_NAME[args.contender]) as running:
         url = running.url + "/tiny"
         warm(url)

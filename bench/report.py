@@ -32,7 +32,7 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     for tp in TOKENPROXIES:
         row: dict[str, float | None] = {}
-        for other in ("nginx", "mitmdump", "baseline"):
+        for other in ("floor", "nginx", "mitmdump", "baseline"):
             for body in ("tiny", "16k"):
                 row[f"rps_vs_{other}_{body}"] = _ratio(
                     _get(scen, "throughput", body, tp, "rps"), _get(scen, "throughput", body, other, "rps")
@@ -134,6 +134,10 @@ def _ratio_section(results: dict[str, Any]) -> list[str]:
         return []
     names = list(table)
     labels = [
+        ("req/s vs the floor (tiny, 64 conns; target ≥ 0.40x)", "rps_vs_floor_tiny"),
+        ("req/s vs the floor (16 KiB, 64 conns; target ≥ 0.40x)", "rps_vs_floor_16k"),
+        ("CPU/req vs the floor (tiny; target ≤ 2.50x)", "cpu_vs_floor"),
+        ("added p50 latency vs the floor's (target ≤ 3.00x)", "added_p50_vs_floor"),
         ("req/s vs nginx (tiny, 64 conns)", "rps_vs_nginx_tiny"),
         ("req/s vs nginx (16 KiB, 64 conns)", "rps_vs_nginx_16k"),
         ("req/s vs mitmdump (tiny)", "rps_vs_mitmdump_tiny"),
