@@ -49,6 +49,7 @@ class Contender:
     refreshes: bool = False  # True when it obtains tokens from the token server
     upstream_client: str = "fast"  # tokenproxy's `upstream.client`
     loop: str = "uvloop"  # tokenproxy's `server.loop`
+    access_log: bool = False  # tokenproxy's `log.access_log` (its lines go to the contender's log file)
     default: bool = True  # False: run only when named in --contenders (diagnostic variants)
 
 
@@ -63,6 +64,7 @@ CONTENDERS: tuple[Contender, ...] = (
     # Variants of tokenproxy-static, to measure one choice at a time.
     Contender("tokenproxy-session", "tokenproxy, static, ClientSession path", upstream_client="session", default=False),
     Contender("tokenproxy-asyncio", "tokenproxy, static, asyncio loop", loop="asyncio", default=False),
+    Contender("tokenproxy-access", "tokenproxy, static, access log on", access_log=True, default=False),
     Contender(
         "tokenproxy-session-asyncio",
         "tokenproxy, static, ClientSession path, asyncio loop",
@@ -109,6 +111,7 @@ def tokenproxy_toml(
     refresh_before: float = 30.0,
     upstream_client: str = "fast",
     loop: str = "uvloop",
+    access_log: bool = False,
 ) -> str:
     """A tokenproxy config for the bench: quiet logs, no state file, short shutdown.
 
@@ -147,8 +150,8 @@ max_waiting = {max_waiting}
 wait_timeout = 60.0
 
 [log]
-level = "warning"
-access_log = false
+level = "{'info' if access_log else 'warning'}"
+access_log = {'true' if access_log else 'false'}
 """
 
 
@@ -303,6 +306,7 @@ class Stage:
                     max_client_connections=max_client_connections,
                     upstream_client=contender.upstream_client,
                     loop=contender.loop,
+                    access_log=contender.access_log,
                 )
             )
             args = [sys.executable, "-m", "proxy", "run", "-c", str(config)]
