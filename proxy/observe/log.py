@@ -120,15 +120,19 @@ _writer: AccessWriter | None = None
 
 
 def access_line(
-    method: str, path: str, status: int, duration: float, resent: bool, generation: int | None
+    method: str, target: str, status: int, duration: float, resent: bool, generation: int | None
 ) -> None:
-    """Log one finished request (never its headers or body): queued to the writer thread when there is one."""
+    """Log one finished request: its path without the query (never its headers or body).
+
+    Queued to the writer thread when there is one.
+    """
     writer = _writer
     if writer is not None:
-        writer.put((time.time(), method, path, status, duration, resent, generation))
+        writer.put((time.time(), method, target.partition("?")[0], status, duration, resent, generation))
         return
     if not _access.isEnabledFor(logging.INFO):
         return
+    path = target.partition("?")[0]
     _access.info(
         '"%s %s" %d %.1fms resent=%s gen=%s',
         method,
