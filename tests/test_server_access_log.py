@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -46,4 +47,37 @@ async def test_server_access_log_unread_stderr_requests_still_answered_and_no_li
     lines = "".join(seen).splitlines() + rest.decode().splitlines()
     logged = {line.split('"GET /echo/', 1)[1].split('"', 1)[0] for line in lines if "tokenproxy.access:" in line}
     assert logged == {str(i) for i in range(REQUESTS)}
+    assert proc.returncode == 0
+
+
+_FORKING = """
+import logging, os, sys
+from proxy.observe import log
+log.setup_logging("info", "text")
+handler = logging.getLogger().handlers[0]
+handler.lock.acquire()  # the parent's writer cannot write the first line before the fork
+log.access_line("GET", "/parent", 200, 0.001, False, 1)
+pid = os.fork()
+if pid == 0:  # the child's copy of the lock is a new, free one
+    log.access_line("GET", "/child", 200, 0.001, False, 1)
+    sys.exit(0)
+handler.lock.release()
+os.waitpid(pid, 0)
+"""
+
+
+async def test_server_access_log_forked_worker_writes_its_own_lines_once() -> None:
+    """A forked process (a worker) writes its own access lines, and not again the lines its parent had queued."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FORKING, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    lines = err.decode().splitlines()
+    assert sum('"GET /parent"' in line for line in lines) == 1, lines
+    assert sum('"GET /child"' in line for line in lines) == 1, lines
     assert proc.returncode == 0

@@ -76,6 +76,16 @@ class AccessWriter:
         self._thread = threading.Thread(target=self._run, name="tokenproxy-access-log", daemon=True)
         self._thread.start()
 
+    def after_fork(self) -> None:
+        """In a forked child (a worker): the parent's queued lines are the parent's; start a thread of its own."""
+        self._pending.clear()
+        self.dropped = 0
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="tokenproxy-access-log", daemon=True)
+        self._thread.start()
+
     def put(self, entry: Entry) -> None:
         """Queue one finished request's line; never blocks, never formats."""
         pending = self._pending

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -117,6 +118,22 @@ def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = (), *, access
 _access = logging.getLogger(ACCESS_LOGGER)
 # Set by setup_logging in the proxy's process: access lines are queued to it instead of logged here.
 _writer: AccessWriter | None = None
+
+
+def flush_access_log() -> None:
+    """Write the access lines still queued, now (the proxy has stopped serving)."""
+    if _writer is not None:
+        _writer.flush_pending()
+
+
+def _writer_after_fork() -> None:
+    # Threads do not survive fork: a forked worker needs a writer thread of its own.
+    if _writer is not None:
+        _writer.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_writer_after_fork)
 
 
 def access_line(

@@ -18,7 +18,7 @@ from ..core.causes import cause_in_words
 from ..http.admin import build_admin_app
 from ..http.listener import BatchAcceptSite
 from ..http.server import ProxyRunner, ServerLimits
-from ..observe.log import setup_logging
+from ..observe.log import flush_access_log, setup_logging
 from ..upstream.model import Upstream
 from .app import ENTRY, METRICS, TOKENS, build_app
 from .reload import apply_reload
@@ -184,7 +184,10 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
     `server.shutdown_timeout` seconds, then close everything.
     """
     with sparing_gc():
-        await _serve(config, reload)
+        try:
+            await _serve(config, reload)
+        finally:
+            flush_access_log()  # a worker may end without atexit: its last lines are written here
 
 
 async def _serve(config: Config, reload: Callable[[], Config] | None) -> None:
