@@ -46,6 +46,10 @@ NOTES = [
     "2048 (storm: N + 64) where it exists; the plain aiohttp proxy uses aiohttp's default pool (100). "
     "nginx: keepalive 128 to the upstream, proxy_buffering and proxy_request_buffering off, "
     "proxy_buffer_size 64k. mitmdump: reverse mode, stream_large_bodies=1m.",
+    "The floor (bench/floor_proxy.py) is not a product: httptools on raw asyncio protocols (uvloop), one "
+    "kept-alive upstream connection per client, the head rebuilt with the token, the answer relayed as it "
+    "comes; no refresh, limits, timeouts, errors or logs. It shows what a Python proxy costs at least; the "
+    "targets of issue 18 are ratios to it.",
     "The load average above counts everything on the machine: other work running at the same time "
     "lowers every figure, the ratios less so.",
 ]

@@ -7,6 +7,8 @@ in front of that upstream:
 - `direct`: no proxy, the load generator talks to the upstream (the limit);
 - `nginx`: nginx as a reverse proxy setting a static Authorization header;
 - `mitmdump`: mitmproxy in reverse mode with a one-line addon;
+- `floor`: bench/floor_proxy.py, the least a Python proxy can do (httptools on raw
+  asyncio protocols; not a product): the yardstick tokenproxy's ratios are told against;
 - `baseline`: bench/baseline_proxy.py, the plain aiohttp proxy;
 - `tokenproxy-static`: tokenproxy with a `static` grant;
 - `tokenproxy-cc`: tokenproxy with `client_credentials` against the token server;
@@ -52,6 +54,7 @@ class Contender:
     refreshes: bool = False  # True when it obtains tokens from the token server
     upstream_client: str = "fast"  # tokenproxy's `upstream.client`
     loop: str = "uvloop"  # tokenproxy's `server.loop`
+    access_log: bool = False  # tokenproxy's `log.access_log` (its lines go to the contender's log file)
     default: bool = True  # False: run only when named in --contenders (diagnostic variants)
     store: str = "file"  # tokenproxy's `store.backend`
     workers: int = 1  # tokenproxy's `server.workers` (0: one per CPU)
@@ -61,6 +64,7 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("direct", "direct (no proxy)", proxy=False),
     Contender("nginx", "nginx reverse proxy, static header"),
     Contender("mitmdump", "mitmdump reverse mode + addon"),
+    Contender("floor", "the floor: httptools on raw asyncio protocols, header swap only, not a product"),
     Contender("baseline", "plain aiohttp proxy (bench/baseline_proxy.py)"),
     Contender("tokenproxy-static", "tokenproxy, static grant"),
     Contender("tokenproxy-cc", "tokenproxy, client_credentials", refreshes=True),
@@ -74,6 +78,7 @@ CONTENDERS: tuple[Contender, ...] = (
     # Variants of tokenproxy-static, to measure one choice at a time.
     Contender("tokenproxy-session", "tokenproxy, static, ClientSession path", upstream_client="session", default=False),
     Contender("tokenproxy-asyncio", "tokenproxy, static, asyncio loop", loop="asyncio", default=False),
+    Contender("tokenproxy-access", "tokenproxy, static, access log on", access_log=True, default=False),
     Contender(
         "tokenproxy-session-asyncio",
         "tokenproxy, static, ClientSession path, asyncio loop",
@@ -125,6 +130,7 @@ def tokenproxy_toml(
     loop: str = "uvloop",
     redis_url: str = "",
     workers: int = 1,
+    access_log: bool = False,
 ) -> str:
     """A tokenproxy config for the bench: quiet logs, no state file, short shutdown; Redis as the store if given.
 
@@ -165,8 +171,8 @@ max_waiting = {max_waiting}
 wait_timeout = 60.0
 
 [log]
-level = "{'info' if workers != 1 else 'warning'}"
-access_log = false
+level = "{'info' if workers != 1 or access_log else 'warning'}"
+access_log = {'true' if access_log else 'false'}
 """ + (f'\n[store]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "bench:"\n' if redis_url else "")
 
 
@@ -266,6 +272,8 @@ class Stage:
             return self.tools.mitmdump_missing
         if contender.store == "redis" and shutil.which("redis-server") is None:
             return "redis-server not found (apt-get install redis-server)"
+        if contender.name == "floor" and self.tools.floor_missing:
+            return self.tools.floor_missing
         return ""
 
     def redis_url(self) -> str:
@@ -306,11 +314,11 @@ class Stage:
                 f"confdir={self.run_dir / 'mitmproxy'}",
             ]
             proc = start("mitmdump", args, log, port=port, env=_env(BENCH_TOKEN=nginx.STATIC_TOKEN))
-        elif contender.name == "baseline":
+        elif contender.name in ("baseline", "floor"):
             args = [
                 sys.executable,
                 "-m",
-                "bench.baseline_proxy",
+                f"bench.{contender.name}_proxy",
                 "--port",
                 str(port),
                 "--upstream",
@@ -318,7 +326,7 @@ class Stage:
                 "--token",
                 nginx.STATIC_TOKEN,
             ]
-            proc = start("baseline", args, log, port=port, cwd=REPO)
+            proc = start(contender.name, args, log, port=port, cwd=REPO)
         else:
             grant = "client_credentials" if contender.refreshes else "static"
             config = self.run_dir / f"{contender.name}-{port}.toml"
@@ -334,6 +342,7 @@ class Stage:
                     loop=contender.loop,
                     redis_url=self.redis_url() if contender.store == "redis" else "",
                     workers=contender.workers,
+                    access_log=contender.access_log,
                 )
             )
             args = [sys.executable, "-m", "proxy", "run", "-c", str(config)]

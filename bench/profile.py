@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .contenders import BY_NAME, Stage
 from .runner import warm
-from .tools import Tools, ensure_wrk_nginx
+from .tools import Tools, ensure_httptools, ensure_wrk_nginx
 from .wrk import run_wrk, write_script
 
 # Frames on every stack (start-up and the event loop's own loop) say nothing in the total table.
@@ -43,16 +43,19 @@ def _short(frame: str) -> str:
     if not match:
         return frame
     path = match["file"]
-    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+    for marker in ("site-packages/", "/lib/python3", "/work/main/", str(Path(__file__).resolve().parent.parent) + "/"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
     return f"{match['name']} ({path})"
 
 
-def top_functions(collapsed: str, count: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
-    """From py-spy's raw (collapsed) output: busy samples, top own-time and top total-time functions."""
+def top_functions(
+    collapsed: str, count: int
+) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
+    """From py-spy's raw (collapsed) output: busy samples, top own-time and total-time functions, own time by file."""
     own: Counter[str] = Counter()
+    files: Counter[str] = Counter()
     total: Counter[str] = Counter()
     samples = 0
     for line in collapsed.splitlines():
@@ -63,10 +66,11 @@ def top_functions(collapsed: str, count: int) -> tuple[int, list[tuple[str, int]
         weight = int(number)
         samples += weight
         own[frames[-1]] += weight
+        files[frames[-1].rpartition(" (")[2].rstrip(")")] += weight
         for frame in set(frames):
             if not any(marker in frame for marker in _ENTRY_FRAMES):
                 total[frame] += weight
-    return samples, own.most_common(count), total.most_common(count)
+    return samples, own.most_common(count), total.most_common(count), files.most_common(count)
 
 
 def _print_table(title: str, rows: list[tuple[str, int]], samples: int) -> None:
@@ -88,7 +92,7 @@ def main() -> int:
         print("bench.profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
     wrk, nginx_path = ensure_wrk_nginx(install=True)
-    tools = Tools(wrk, nginx_path, None, "not needed", False, "not needed")
+    tools = Tools(wrk, nginx_path, None, "not needed", False, "not needed", ensure_httptools(install=True))
     with Stage(tools, 1 << 20) as stage, stage.start(BY_NAME[args.contender]) as running:
         url = running.url + "/tiny"
         warm(url)
@@ -121,10 +125,11 @@ def main() -> int:
         if done.returncode != 0 or not out.exists():
             print(f"bench.profile: py-spy failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
             return 1
-        samples, own, total = top_functions(out.read_text(), args.top)
+        samples, own, total, files = top_functions(out.read_text(), args.top)
     print(f"{args.contender}, {args.connections} connections, {args.seconds} s: {samples} busy samples")
     _print_table("own time (top of stack)", own, samples)
     _print_table("total time (anywhere on the stack)", total, samples)
+    _print_table("own time by file", files, samples)
     return 0
 
 

@@ -32,7 +32,7 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     for tp in TOKENPROXIES:
         row: dict[str, float | None] = {}
-        for other in ("nginx", "mitmdump", "baseline"):
+        for other in ("floor", "nginx", "mitmdump", "baseline"):
             for body in ("tiny", "16k"):
                 row[f"rps_vs_{other}_{body}"] = _ratio(
                     _get(scen, "throughput", body, tp, "rps"), _get(scen, "throughput", body, other, "rps")
@@ -41,6 +41,11 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
                 _get(scen, "throughput", "tiny", tp, "cpu_us_per_request"),
                 _get(scen, "throughput", "tiny", other, "cpu_us_per_request"),
             )
+            if other == "floor":
+                row["cpu_vs_floor_16k"] = _ratio(
+                    _get(scen, "throughput", "16k", tp, "cpu_us_per_request"),
+                    _get(scen, "throughput", "16k", other, "cpu_us_per_request"),
+                )
             row[f"added_p50_vs_{other}"] = _ratio(
                 _get(scen, "latency", tp, "added_p50_us"), _get(scen, "latency", other, "added_p50_us")
             )
@@ -134,6 +139,11 @@ def _ratio_section(results: dict[str, Any]) -> list[str]:
         return []
     names = list(table)
     labels = [
+        ("req/s vs the floor (tiny, 64 conns; target ≥ 0.40x)", "rps_vs_floor_tiny"),
+        ("req/s vs the floor (16 KiB, 64 conns; target ≥ 0.40x)", "rps_vs_floor_16k"),
+        ("CPU/req vs the floor (tiny; target ≤ 2.50x)", "cpu_vs_floor"),
+        ("CPU/req vs the floor (16 KiB)", "cpu_vs_floor_16k"),
+        ("added p50 latency vs the floor's (target ≤ 3.00x)", "added_p50_vs_floor"),
         ("req/s vs nginx (tiny, 64 conns)", "rps_vs_nginx_tiny"),
         ("req/s vs nginx (16 KiB, 64 conns)", "rps_vs_nginx_16k"),
         ("req/s vs mitmdump (tiny)", "rps_vs_mitmdump_tiny"),

@@ -1,9 +1,10 @@
-"""What the bench needs from the machine: wrk, nginx, mitmdump, matplotlib, and their versions.
+"""What the bench needs from the machine: wrk, nginx, mitmdump, matplotlib, httptools, and their versions.
 
 Owns: finding each tool, installing what is missing (Debian packages with
 apt-get when running as root; mitmproxy into a virtualenv of its own, so
-its pinned dependencies never change the project's; matplotlib into the
-running interpreter), and describing the machine for the report.
+its pinned dependencies never change the project's; matplotlib and
+httptools, the floor's parser, into the running interpreter), and
+describing the machine for the report.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Tools:
     mitmdump_missing: str  # why mitmdump is None ("" when present)
     plotting: bool
     plotting_missing: str
+    floor_missing: str = ""  # why the floor contender cannot run (httptools missing); "" when it can
 
 
 def _apt_install(packages: list[str]) -> str:
@@ -111,25 +113,36 @@ def ensure_mitmdump(install: bool) -> tuple[str | None, str]:
 
 def ensure_matplotlib(install: bool) -> tuple[bool, str]:
     """Whether matplotlib can be imported (pip-installing it if allowed), and why not."""
-    if _has_matplotlib():
-        return True, ""
+    missing = _ensure_module("matplotlib", "matplotlib", install)
+    return not missing, missing
+
+
+def ensure_httptools(install: bool) -> str:
+    """'' when httptools (the floor contender's parser) can be imported, pip-installing it if allowed; else why not."""
+    return _ensure_module("httptools", "httptools>=0.6", install)
+
+
+def _ensure_module(module: str, requirement: str, install: bool) -> str:
+    """'' when `module` imports in this interpreter (after pip-installing `requirement` if allowed), else why not."""
+    if _importable(module):
+        return ""
     if not install:
-        return False, "matplotlib is not installed (installing was turned off)"
+        return f"{module} is not installed (installing was turned off)"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "matplotlib"],
+        [sys.executable, "-m", "pip", "install", "-q", requirement],
         capture_output=True,
         text=True,
         timeout=INSTALL_TIMEOUT,
         check=False,
     )
-    if done.returncode != 0 or not _has_matplotlib():
-        return False, f"matplotlib could not be installed: {done.stderr.strip()[-300:]}"
-    return True, ""
+    if done.returncode != 0 or not _importable(module):
+        return f"{module} could not be installed: {done.stderr.strip()[-300:]}"
+    return ""
 
 
-def _has_matplotlib() -> bool:
+def _importable(module: str) -> bool:
     # A fresh process: an install made after this one started is not visible to its import system.
-    probe = subprocess.run([sys.executable, "-c", "import matplotlib"], capture_output=True, check=False)
+    probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, check=False)
     return probe.returncode == 0
 
 
@@ -138,7 +151,7 @@ def ensure_tools(install: bool = True) -> Tools:
     wrk, nginx = ensure_wrk_nginx(install)
     mitmdump, mitm_missing = ensure_mitmdump(install)
     plotting, plot_missing = ensure_matplotlib(install)
-    return Tools(wrk, nginx, mitmdump, mitm_missing, plotting, plot_missing)
+    return Tools(wrk, nginx, mitmdump, mitm_missing, plotting, plot_missing, ensure_httptools(install))
 
 
 def _first_line_matching(args: list[str], pattern: str) -> str:
@@ -179,8 +192,9 @@ def versions(tools: Tools) -> dict[str, str]:
     }
     if tools.mitmdump:
         found["mitmproxy"] = _first_line_matching([tools.mitmdump, "--version"], r"Mitmproxy: (\S+)")
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        found["uvloop"] = importlib.metadata.version("uvloop")
+    for package in ("uvloop", "httptools"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
     return found
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PROXIES = ("nginx", "mitmdump", "baseline", "tokenproxy-static", "tokenproxy-cc")
+PROXIES = ("nginx", "mitmdump", "floor", "baseline", "tokenproxy-static", "tokenproxy-cc")
 CONTENDERS = ("direct", *PROXIES)
 
 
@@ -102,6 +102,10 @@ def test_quick_bench_writes_the_report(quick_run: tuple[dict[str, Any], Path]) -
         assert heading in text
     assert results["meta"]["machine"]["cores"] >= 1
     assert {"python", "aiohttp", "nginx", "wrk", "mitmproxy"} <= set(results["meta"]["versions"])
-    _assert_numbers(results["ratios"]["tokenproxy-static"], ("rps_vs_nginx_tiny", "rps_vs_baseline_tiny"), "ratios")
+    _assert_numbers(
+        results["ratios"]["tokenproxy-static"],
+        ("rps_vs_floor_tiny", "rps_vs_floor_16k", "cpu_vs_floor", "added_p50_vs_floor", "rps_vs_nginx_tiny"),
+        "ratios",
+    )
     png = out / "latest.png"
     assert png.exists() or any("No latest.png" in note for note in results["meta"]["notes"])

@@ -91,6 +91,21 @@ async def _stream(prefix: deque[bytes], content: StreamReader) -> AsyncIterator[
         yield chunk
 
 
+# The bodies of requests without one (no Content-Length, or 0): shared, nothing held.
+_NO_BODY = RequestBody(None, None, None)
+_EMPTY_BODY = RequestBody(b"", None, 0)
+
+
+def bodiless(request: web.BaseRequest) -> RequestBody | None:
+    """The body of a request that has none, without awaiting anything; None when it has one (use read_body)."""
+    if request.body_exists or hdrs.TRANSFER_ENCODING in request.headers:
+        return None
+    length = request.content_length
+    if length is None:
+        return _NO_BODY
+    return _EMPTY_BODY if length == 0 else None
+
+
 async def read_body(
     request: web.BaseRequest, replay_limit: int, memory: ReplayMemory, wait: float = 0.0
 ) -> RequestBody:

@@ -25,7 +25,7 @@ from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..observe.ratelimit import LogLimiter
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
-from .body import ReplayMemory, read_body
+from .body import ReplayMemory, bodiless, read_body
 from .headers import challenge_error, control_character_in, request_header_bytes, response_headers
 from .render import error_response
 from .route import Route
@@ -214,7 +214,7 @@ class Forwarder:
             self._metrics.request_done(status)
             access_line(
                 request.method,
-                request.raw_path.partition("?")[0],
+                request.raw_path,
                 status,
                 time.perf_counter() - started,
                 state.resent,
@@ -233,7 +233,7 @@ class Forwarder:
                 raise BadRequest(another_host_detail(request, target))
             target = origin_form
         headers = request_header_bytes(request.raw_headers, route.drop)
-        body = await read_body(request, route.replay_limit, self._memory, self._replay_wait)
+        body = bodiless(request) or await read_body(request, route.replay_limit, self._memory, self._replay_wait)
         state.held = body.held
         outgoing = Outgoing(route.upstream, request.method, target, headers, body)
 

@@ -2,19 +2,24 @@
 
 Owns: the `tokenproxy` loggers' format and the redaction filter that is the
 last line of defence against a token reaching a log. Callers log
-fingerprints, never values; the filter catches what slips through.
+fingerprints, never values; the filter catches what slips through. In the
+proxy's process the access lines go to an `AccessWriter` (accesslog.py),
+which formats and writes them off the request path.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import re
 import sys
 import time
 from typing import Any
 
 from ..core.token import fingerprint
+from .accesslog import AccessWriter, FlushingHandler
 
 LOGGER = "tokenproxy"
 ACCESS_LOGGER = "tokenproxy.access"
@@ -38,12 +43,17 @@ class RedactingFilter(logging.Filter):
         # Longest first: a secret that holds another (`Basic abc…` and `abc…`) is masked whole.
         self._secrets = tuple(sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True))
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
+    def clean(self, text: str) -> str:
+        """`text` without token-shaped text or any of the configured secrets."""
+        cleaned = redact(text)
         for secret in self._secrets:
             if secret in cleaned:
                 cleaned = cleaned.replace(secret, "<secret>")
+        return cleaned
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = self.clean(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         if record.exc_info:
@@ -74,32 +84,72 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = (), *, access_log: bool = True) -> None:
-    """Configure the root handler for the proxy's process (CLI only)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Configure the root handler for the proxy's process (CLI only), and the access log's writer thread.
+
+    Called again on a reload: the previous writer writes what it holds and stops first.
+    """
+    global _writer  # the process's logging set-up is process-wide; only this function replaces it
+    handler = FlushingHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter(secrets))
+    redacting = RedactingFilter(secrets)
+    handler.addFilter(redacting)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    if _writer is not None:
+        _writer.close()
+        atexit.unregister(_writer.close)
+        _writer = None
     root.addHandler(handler)
     root.setLevel(level.upper())
     # aiohttp's own access log is replaced by ours; its error logs stay.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)
+    if _access.isEnabledFor(logging.INFO):
+        assert handler.lock is not None
+        _writer = AccessWriter(sys.stderr, handler.lock, json_lines=fmt == "json", clean=redacting.clean)
+        handler.access = _writer
+        atexit.register(_writer.close)
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
+# Set by setup_logging in the proxy's process: access lines are queued to it instead of logged here.
+_writer: AccessWriter | None = None
+
+
+def flush_access_log() -> None:
+    """Write the access lines still queued, now (the proxy has stopped serving)."""
+    if _writer is not None:
+        _writer.flush_pending()
+
+
+def _writer_after_fork() -> None:
+    # Threads do not survive fork: a forked worker needs a writer thread of its own.
+    if _writer is not None:
+        _writer.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_writer_after_fork)
 
 
 def access_line(
-    method: str, path: str, status: int, duration: float, resent: bool, generation: int | None
+    method: str, target: str, status: int, duration: float, resent: bool, generation: int | None
 ) -> None:
-    """Log one finished request (never its headers or body)."""
+    """Log one finished request: its path without the query (never its headers or body).
+
+    Queued to the writer thread when there is one.
+    """
+    writer = _writer
+    if writer is not None:
+        writer.put((time.time(), method, target.partition("?")[0], status, duration, resent, generation))
+        return
     if not _access.isEnabledFor(logging.INFO):
         return
+    path = target.partition("?")[0]
     _access.info(
         '"%s %s" %d %.1fms resent=%s gen=%s',
         method,

@@ -18,7 +18,7 @@ from ..core.causes import cause_in_words
 from ..http.admin import build_admin_app
 from ..http.listener import BatchAcceptSite
 from ..http.server import ProxyRunner, ServerLimits
-from ..observe.log import setup_logging
+from ..observe.log import flush_access_log, setup_logging
 from ..upstream.model import Upstream
 from .app import ENTRY, METRICS, TOKENS, build_app
 from .reload import Reloader
@@ -195,7 +195,10 @@ async def serve(
     stops as on SIGTERM when the link ends (its supervisor is gone).
     """
     with sparing_gc():
-        await _serve(config, reload, link)
+        try:
+            await _serve(config, reload, link)
+        finally:
+            flush_access_log()  # a worker may end without atexit: its last lines are written here
 
 
 async def _serve(config: Config, reload: Callable[[], Config] | None, link: socket.socket | None) -> None:

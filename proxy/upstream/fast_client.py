@@ -325,6 +325,7 @@ class _Pool:
         self.details = _Details(upstream, connect_timeout=connect_timeout, read_timeout=read_timeout)
         self._host = upstream.host
         self._port = upstream.port
+        self.host_line = f"Host: {upstream.authority}\r\n".encode("latin-1")  # built once: every head has it
         self._tls = tls
         self._limit = limit
         self._connect_timeout = connect_timeout
@@ -555,23 +556,22 @@ class FastAnswer:
             self._pool.release(self._connection, reusable=False)
 
 
-def _request_head(request: Outgoing, authorization: str) -> bytes:
-    upstream = request.upstream
+def _request_head(request: Outgoing, authorization: str, host_line: bytes) -> bytes:
     body = request.body
     parts = [
-        f"{request.method} {upstream.base_path}{request.target} HTTP/1.1\r\nHost: {upstream.authority}\r\n".encode(
-            "latin-1"
-        )
+        f"{request.method} {request.upstream.base_path}{request.target} HTTP/1.1\r\n".encode("latin-1"),
+        host_line,
     ]
     for name, value in request.headers:
-        parts.append(b"%b: %b\r\n" % (name, value))
-    framing = ""
+        parts += (name, b": ", value, b"\r\n")
     if body.length is not None:
         framing = f"Content-Length: {body.length}\r\n"
     elif body.stream is not None:
         framing = "Transfer-Encoding: chunked\r\n"
     elif request.method not in BODYLESS_METHODS:
         framing = "Content-Length: 0\r\n"
+    else:
+        framing = ""
     parts.append(f"Authorization: {authorization}\r\n{framing}\r\n".encode("latin-1"))
     return b"".join(parts)
 
@@ -647,7 +647,7 @@ class FastClient:
     async def send(self, request: Outgoing, authorization: str) -> FastAnswer:
         """Send `request`; its errors come back as ProxyError."""
         pool = self._pool_for(request.upstream)
-        head = _request_head(request, authorization)
+        head = _request_head(request, authorization, pool.host_line)
         resent = False
         for _ in range(_MAX_ATTEMPTS):
             connection, reused = await pool.acquire()
