@@ -7,6 +7,7 @@ imports what it shares from here, never from another test module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -390,12 +391,11 @@ class RedisServer:
         deadline = time.monotonic() + REDIS_BOUND
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
-                    sock = raw
+                with contextlib.ExitStack() as stack:
+                    sock = stack.enter_context(socket.create_connection(("127.0.0.1", self.port), timeout=1))
                     if self.tls is not None:
-                        sock = ssl.create_default_context(cafile=str(self.tls[2])).wrap_socket(
-                            raw, server_hostname="127.0.0.1"
-                        )
+                        context = ssl.create_default_context(cafile=str(self.tls[2]))
+                        sock = stack.enter_context(context.wrap_socket(sock, server_hostname="127.0.0.1"))
                     sock.sendall(b"PING\r\n")
                     if sock.recv(16).startswith(b"+PONG"):
                         return

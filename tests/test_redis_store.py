@@ -183,6 +183,16 @@ async def test_store_lease_ttl_below_token_timeout_exits_2(
     )
 
 
+async def test_store_file_backend_takes_any_token_timeout(
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi
+) -> None:
+    """`store.lease_ttl` bounds only Redis leases: with the file store a token.timeout above it is fine."""
+    config = _config(tmp_path / "c.toml", token_server, api, "", grant="client_credentials", token="timeout = 30.0")
+    code, out, err = await run_cli("token", "-c", str(config), env=ENV)
+    assert code == 0, err
+    assert out.strip() == token_server.issued_access[-1]
+
+
 @pytest.mark.parametrize("command", ["run", "check", "token"])
 async def test_store_unreachable_at_start_exits_1_naming_the_host(
     tmp_path: Path, token_server: FakeTokenServer, api: FakeApi, command: str

@@ -291,7 +291,7 @@ def _store_problems(store: StoreConfig, token: TokenConfig) -> list[str]:
         problems.append("store.ca_file: is used only with a rediss:// store.url (TLS)")
     if not store.key_prefix:
         problems.append("store.key_prefix: must not be empty")
-    if store.lease_ttl < token.timeout:
+    if store.backend == "redis" and store.lease_ttl < token.timeout:
         problems.append(
             f"store.lease_ttl: must be at least token.timeout ({token.timeout:g}s), so a lease outlives "
             f"the token call it guards, got {store.lease_ttl!r}"
