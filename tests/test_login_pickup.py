@@ -20,8 +20,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.runtime.credentials import credential_of
+from proxy.tokens.store import FileStore, SavedState
 from tests.fakes.auth_server import PUBLIC_CLIENT, FakeAuthServer
-from tests.helpers import read_until, run_cli, start_cli, stop_process
+from tests.fakes.token_server import FakeClock, FakeTokenServer
+from tests.helpers import ProxyFactory, assert_proxy_error, read_until, run_cli, start_cli, stop_process
 
 # Bound for the proxy to take up a login (it looks at most once a second) or for a process to reach a point.
 BOUND = 20.0
@@ -260,3 +263,30 @@ async def test_login_waits_for_the_lock_of_a_refresh_in_flight(
         assert await proxy.get(client) == (200, {"ok": True})
     assert auth_server.accepted[-1] == auth_server.issued_access[1]  # the login's token, adopted
     assert auth_server.refreshes == [auth_server.issued_refresh[0]]
+
+
+async def test_login_pickup_looks_at_most_once_a_second(
+    make_proxy: ProxyFactory, token_server: FakeTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """While login_required, the saved state is looked at again at most once a second, not per request: a login
+    saved meanwhile is taken up by the first request a second after the failure, and then serves."""
+    clock = FakeClock()
+    proxy = await make_proxy(clock=clock, token={"refresh_token": ""})
+
+    async def ask() -> tuple[int, Any, bytes]:
+        async with client.get(f"{proxy.url}/echo/x") as resp:
+            return resp.status, resp.headers.getall, await resp.read()
+
+    assert_proxy_error(*await ask(), 503, "login_required")
+    FileStore(Path(proxy.config.token.state_file)).save(
+        SavedState(credential_of(proxy.config.token), "", "", 0.0, 0.0, token_server.current_refresh, 1)
+    )
+    assert_proxy_error(*await ask(), 503, "login_required")
+    clock.advance(0.5)
+    assert_proxy_error(*await ask(), 503, "login_required")
+    assert token_server.calls == []
+    clock.advance(0.5)
+    assert (await ask())[0] == 200
+    assert (await ask())[0] == 200
+    assert [call.form.get("grant_type") for call in token_server.calls] == ["refresh_token"]
+    assert proxy.tokens.status().generation == 2
