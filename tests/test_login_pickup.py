@@ -41,12 +41,12 @@ async def auth_server(aiohttp_server: Any) -> AsyncIterator[FakeAuthServer]:
         fake.refresh_gate.set()
 
 
-def pickup_config(path: Path, fake: FakeAuthServer, state: Path) -> str:
+def pickup_config(path: Path, fake: FakeAuthServer, state: Path, extra: str = "") -> str:
     """A login config (no secret) whose proxy refreshes on any 401 at once: min_refresh_interval = 0."""
     path.write_text(
         f'[server]\nlisten = "127.0.0.1:0"\n[upstream]\nurl = "{fake.base_url}"\n[token]\ngrant = "refresh_token"\n'
         f'issuer = "{fake.issuer}"\nclient_id = "{PUBLIC_CLIENT}"\nclient_auth = "none"\nstate_file = "{state}"\n'
-        "min_refresh_interval = 0\n"
+        f"min_refresh_interval = 0\n{extra}"
     )
     return str(path)
 
@@ -225,7 +225,9 @@ async def test_login_waits_for_the_lock_of_a_refresh_in_flight(
     comes after it, and the proxy then moves to the login's tokens without calling the endpoint."""
     state = tmp_path / "state.json"
     lock = tmp_path / "state.json.lock"
-    config = pickup_config(tmp_path / "c.toml", auth_server, state)
+    # The held refresh must outlast the second login's start on a loaded machine (the lock wait is timeout + 5 s;
+    # store.lease_ttl, 15 s, bounds token.timeout).
+    config = pickup_config(tmp_path / "c.toml", auth_server, state, "timeout = 14\n[queue]\nwait_timeout = 30\n")
     await login(config)
     proxy = await start_proxy(config)
     proxies.append(proxy)
@@ -255,6 +257,7 @@ async def test_login_waits_for_the_lock_of_a_refresh_in_flight(
                 await stop_process(second)
             if not held.done():
                 held.cancel()
+                await asyncio.gather(held, return_exceptions=True)
         # issued: [0] the first login, [1] the second login (while the refresh was held), [2] the proxy's refresh
         assert auth_server.accepted[-1] == auth_server.issued_access[2]
         after = saved(state)
