@@ -239,6 +239,15 @@ def _state_of(
     )
 
 
+def _logged_out(state: SavedState, before: SavedState | None) -> SavedState:
+    """The state a logout leaves: no token, the next generation of the credential's chain, so that a proxy running
+    on it sees the logout at its next refresh (and never presents the refresh token again); a registered client
+    stays, for the next login."""
+    latest = before if before is not None and before.credential == state.credential else state
+    generation = latest.generation + 1
+    return SavedState(state.credential, "", "", 0.0, time.time(), None, generation, client_id=state.client_id)
+
+
 def not_logged_in(config: Config) -> str | None:
     """For a refresh_token grant with no refresh token configured nor kept in the state file: what is missing
     and what to do, in one line. None when a refresh token is known (or the grant needs none)."""
@@ -335,10 +344,8 @@ def login_commands(
             revoked = f"not revoked: discovery: {error}"
         except GrantError as error:
             revoked = f"not revoked: {error}"
-        # The tokens go; a registered client stays, for the next login.
-        forgotten = SavedState("", "", "", 0.0, time.time(), None, 0, client_id=state.client_id)
         try:
-            asyncio.run(_keep(config, state.credential, lambda _before: forgotten))
+            asyncio.run(_keep(config, state.credential, lambda before: _logged_out(state, before)))
         except CoordinationUnavailable as error:
             _fail("logout", f"cannot remove the tokens from {config.token.state_file}: {error.reason}", 1)
         click.echo(f"Removed the tokens from {config.token.state_file}.")

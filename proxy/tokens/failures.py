@@ -3,7 +3,9 @@
 Owns: the count of consecutive failed refreshes, the back-off deadline that
 makes requests fail fast meanwhile, the last error (for /status), and the
 final failure (a rejected refresh token, a configuration no retry can fix)
-after which no refresh is tried until a reload. Maps a `FailureKind` to the
+after which no refresh is tried until a reload, and when a `login_required`
+one may be looked at again (a person may have run `tokenproxy login`
+since). Maps a `FailureKind` to the
 error requests get: `TokenUnavailable` or `LoginRequired`. Knows nothing of
 how a token is fetched or of the requests waiting for one.
 """
@@ -18,6 +20,9 @@ from ..core.renewal import backoff_delay
 from ..observe.log import refresh_fields
 
 logger = logging.getLogger("tokenproxy.tokens")
+
+# While login_required, how often (seconds) a request may have the saved state looked at again for a new login.
+LOOK_INTERVAL = 1.0
 
 
 class FailureState:
@@ -35,6 +40,7 @@ class FailureState:
         self._backoff_until = 0.0
         self._last_error: ProxyError | None = None
         self._final: ProxyError | None = None
+        self._next_look = 0.0  # wall-clock time before which a login_required failure is not looked at again
 
     @property
     def failures(self) -> int:
@@ -55,6 +61,24 @@ class FailureState:
     def final(self) -> ProxyError | None:
         """The failure no retry can fix (login_required, token_unavailable), if there was one."""
         return self._final
+
+    @property
+    def login_required(self) -> bool:
+        """True when the final failure is `login_required`: only a new login (or a reload) can end it."""
+        return isinstance(self._final, LoginRequired)
+
+    def look_again(self, now: float) -> bool:
+        """True when, at `now`, the saved state may be looked at for a new login: while login_required, at
+        most once per LOOK_INTERVAL (counted from the failure, then from each look)."""
+        if not self.login_required or now < self._next_look:
+            return False
+        self._next_look = now + LOOK_INTERVAL
+        return True
+
+    def logged_in(self) -> None:
+        """A new login was found in the saved state: the login_required failure is over, and so is the rest."""
+        self._final = None
+        self.succeeded()
 
     def may_refresh(self, now: float) -> bool:
         """True when a refresh may start at `now`: no final failure and not backing off."""
@@ -102,6 +126,7 @@ class FailureState:
                 else TokenUnavailable(f"{exc.reason}; fix the configuration and restart")
             )
             self._final = error
+            self._next_look = now + LOOK_INTERVAL
             logger.error(
                 "refresh failed for good grant=%s reason=%s",
                 grant,

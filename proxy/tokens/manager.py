@@ -7,6 +7,10 @@ fetch from the grant, save, then publish. Wires the parts that own the rest:
 the single flight with its bounded waiters (flight.py), the failure and
 back-off state (failures.py), the right to refresh among peers
 (coordination.py) and the store the state survives a restart in (store.py).
+While the credential is in `login_required`, a request has the saved state
+looked at again (at most once per second, through the same coordination
+as a refresh) so that a `tokenproxy login` run meanwhile is taken up
+without a restart; a healthy credential never does this.
 Knows nothing of client requests or of which grant is used beyond its name.
 """
 
@@ -111,6 +115,9 @@ class TokenManager:
         self._obtained = False
         # Set by refresh_now() for the refresh it starts: call the endpoint even when a peer saved a newer token.
         self._fetch_required = False
+        # Set for the refresh started to look for a new login while login_required: it calls the endpoint only
+        # if the saved state holds one.
+        self._looking = False
         self._flight = SingleFlight(self._refresh)
         self._failures = FailureState(policy.backoff_initial, policy.backoff_max)
 
@@ -126,6 +133,9 @@ class TokenManager:
         if state is None or not self._belongs(state):
             return
         self._take_chain(state)
+        if not state.access_token and not state.refresh_token:
+            logger.info("the state file holds no tokens (logged out): run `tokenproxy login`")
+            return
         if not state.access_token:
             # Saved from an answer that rotated the refresh token but gave no usable access token.
             logger.info("resumed the refresh token from the state file; no access token yet")
@@ -319,7 +329,16 @@ class TokenManager:
         flight = self._flight
         if flight.closed:
             raise ShuttingDown("tokenproxy is shutting down")
-        self._failures.refuse(self._clock(), refreshing=flight.running)
+        failures = self._failures
+        if failures.login_required:
+            # No refresh starts under a final failure, so one running now is a look: wait for it with the rest.
+            if not flight.running:
+                if not failures.look_again(self._clock()):
+                    failures.refuse(self._clock(), refreshing=False)
+                self._looking = True
+                flight.start()
+        else:
+            failures.refuse(self._clock(), refreshing=flight.running)
         if not flight.running and logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "refresh starts grant=%s: %s", self._grant.name, why_wait(self._token, self._rejected, self._clock())
@@ -347,12 +366,27 @@ class TokenManager:
 
         Generations are global among the processes sharing the state: the next
         token's is one more than the highest seen, this process's or a peer's.
+        A newer state with no token at all is a `tokenproxy logout`: the
+        refresh token held here is dropped too, never presented again.
         """
         self._seed = state.seed
         self._registered = state.client_id  # kept through every save: the chain's tokens are that client's
         if state.refresh_token:
             self._refresh_token = state.refresh_token
+        elif not state.access_token and state.generation > self._generation:
+            self._refresh_token = None
         self._generation = max(self._generation, state.generation)
+
+    def _logged_in_again(self, peer: SavedState | None) -> bool:
+        """True when `peer` is a login saved since login_required: newer, this credential's, and holding a refresh
+        token other than the one refused or an access token still usable that the upstream has not refused."""
+        if peer is None or not self._belongs(peer) or not self._peer_moved_on(peer):
+            return False
+        if peer.refresh_token and peer.refresh_token != self._refresh_token:
+            return True
+        return bool(peer.access_token) and peer.generation > self._rejected and (
+            self._token_of(peer).usable_at(self._clock())
+        )
 
     def _token_of(self, state: SavedState) -> Token:
         return make_token(
@@ -365,16 +399,32 @@ class TokenManager:
         )
 
     async def _refresh(self) -> Outcome:
-        """The one refresh, under the right to refresh; its metrics. Returns the error instead of raising it."""
+        """The one refresh, under the right to refresh; its metrics. Returns the error instead of raising it.
+
+        A look for a new login (while login_required) that finds none returns
+        that failure again: the token endpoint is not called, nothing is counted.
+        """
         timer = time.perf_counter()
         login, reshaped = self._login, self._reshaped
+        looking, self._looking = self._looking, False
         try:
             async with self._coordination.refresh_right(self._credential) as right:
-                result = await self._fetch_and_publish(right, login, reshaped, timer)
+                peer = await right.peer_state()
+                if looking and (final := self._failures.final) is not None and self._failures.login_required:
+                    if not self._logged_in_again(peer):
+                        return final.again()
+                    assert peer is not None
+                    logger.info("found a new login (generation %d) in the saved state: login_required is over",
+                                peer.generation)
+                    self._failures.logged_in()
+                result = await self._fetch_and_publish(right, peer, login, reshaped, timer)
         except StoreUnavailable as exc:
             # The shared store is down and the grant rotates its refresh token: no refresh, no back-off.
             result = exc
         except CoordinationUnavailable as exc:
+            if looking and (final := self._failures.final) is not None and self._failures.login_required:
+                logger.warning("could not look for a new login in the saved state (%s)", exc.reason)
+                return final.again()
             result = self._failures.failed(
                 GrantError(exc.reason),
                 self._clock(),
@@ -386,16 +436,23 @@ class TokenManager:
         self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
         return result
 
-    async def _fetch_and_publish(self, right: RefreshRight, login: int, reshaped: int, timer: float) -> Outcome:
-        """Fetch a token (or adopt a peer's), save and publish it; `timer` is the refresh's perf_counter start."""
+    async def _fetch_and_publish(
+        self, right: RefreshRight, peer: SavedState | None, login: int, reshaped: int, timer: float
+    ) -> Outcome:
+        """Fetch a token (or adopt `peer`'s, the saved state read under `right`), save and publish it; `timer` is
+        the refresh's perf_counter start."""
         fetch_required, self._fetch_required = self._fetch_required, False
-        peer = await right.peer_state()
         started = self._clock()
         if peer is not None and self._belongs(peer) and self._peer_moved_on(peer):
             # A peer refreshed (or only rotated the refresh token) while this process waited for the
             # right, spending the refresh token held here: continue from its state.
             newer = peer.generation > self._generation
             self._take_chain(peer)
+            if newer and not peer.access_token and not peer.refresh_token:
+                # `tokenproxy logout`: the token held here goes too; the grant says what is left (login_required).
+                logger.warning("the state file says the credential was logged out (tokenproxy logout); "
+                               "requests get 503 login_required until `tokenproxy login`")
+                self._token = None
             if (
                 newer
                 and not fetch_required

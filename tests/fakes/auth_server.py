@@ -8,10 +8,14 @@ plays the browser over HTTP), a token endpoint checking the PKCE verifier
 small API that accepts the access tokens it issued and otherwise answers
 401 with an RFC 9728 `resource_metadata` challenge. Records what it
 issued, so tests can check that no secret ever appears in output or logs.
+A test can end the grants issued so far (`revoke_grants`), have the API
+refuse the access tokens issued so far (`refuse_access`), and hold refresh
+requests at a gate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import secrets
@@ -46,6 +50,12 @@ class FakeAuthServer:
     authorize_error: str = ""  # when set, the authorization endpoint answers with this error instead of a code
     authorize_iss: str | None = None  # when set, the `iss` the redirect carries (RFC 9207)
     registered: dict[str, list[str]] = field(default_factory=dict)  # client id -> its redirect URIs
+    refused_access: set[str] = field(default_factory=set)  # access tokens the API no longer accepts
+    accepted: list[str] = field(default_factory=list)  # access tokens the API accepted, in order
+    refreshes: list[str] = field(default_factory=list)  # refresh tokens presented, in order
+    device_issued: asyncio.Event = field(default_factory=asyncio.Event)  # set when a device-code poll got tokens
+    refresh_arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when a refresh request came in
+    refresh_gate: asyncio.Event | None = None  # when set, a refresh request waits for it before being answered
     _codes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def _known(self, client_id: Any) -> bool:
@@ -58,6 +68,15 @@ class FakeAuthServer:
         parts = urlsplit(redirect_uri)
         portless = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
         return portless in self.registered[client_id]
+
+    def revoke_grants(self) -> None:
+        """End every grant issued so far, as an administrator would: its refresh and access tokens are refused."""
+        self.revoked.extend(self.issued_refresh)
+        self.refuse_access()
+
+    def refuse_access(self) -> None:
+        """The API refuses the access tokens issued so far (as once they have expired)."""
+        self.refused_access.update(self.issued_access)
 
     @property
     def issuer(self) -> str:
@@ -177,10 +196,15 @@ class FakeAuthServer:
             self.polls += 1
             self.polled_at.append(self.clock())
             if answer == "ok":
+                self.device_issued.set()
                 return self._issue()
             return web.json_response({"error": answer}, status=400)
         if grant == "refresh_token":
             presented = str(form.get("refresh_token", ""))
+            self.refreshes.append(presented)
+            self.refresh_arrived.set()
+            if self.refresh_gate is not None:
+                await self.refresh_gate.wait()
             if presented not in self.issued_refresh or presented in self.revoked:
                 return web.json_response({"error": "invalid_grant"}, status=400)
             self.revoked.append(presented)  # rotation: each refresh token is good once
@@ -205,7 +229,9 @@ class FakeAuthServer:
     async def api(self, request: web.Request) -> web.Response:
         """200 with an issued access token; else 401 with an RFC 9728 challenge."""
         auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer ") and auth[7:] in self.issued_access:
+        token = auth[7:] if auth.startswith("Bearer ") else ""
+        if token in self.issued_access and token not in self.refused_access:
+            self.accepted.append(token)
             return web.json_response({"ok": True})
         challenge = f'Bearer resource_metadata="{self.base_url}/.well-known/oauth-protected-resource"'
         return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": challenge})
