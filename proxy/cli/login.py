@@ -178,7 +178,7 @@ async def _keep(config: Config, credential: str, make: Callable[[SavedState | No
     refreshing at the same moment never races the login or logout."""
     from ..runtime.credentials import build_coordination
 
-    coordination = build_coordination(config.token, FileStore(Path(config.token.state_file)))
+    coordination = build_coordination(config.token, FileStore(Path(config.token.state_file), credential))
     async with coordination.refresh_right(credential) as right:
         state = make(await right.peer_state())
         await right.save(state)

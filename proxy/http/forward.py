@@ -211,7 +211,7 @@ class Forwarder:
             # Once the answer has begun, its status is what the client got, even if it then hung up.
             if state.sent_status is not None:
                 status = state.sent_status
-            self._metrics.request_done(status)
+            route.metrics.request_done(status)
             access_line(
                 request.method,
                 request.raw_path.partition("?")[0],
@@ -219,6 +219,7 @@ class Forwarder:
                 time.perf_counter() - started,
                 state.resent,
                 state.generation,
+                route.name,
             )
 
     async def _journey(self, request: web.BaseRequest, route: Route, state: _Journey) -> web.StreamResponse:
@@ -228,10 +229,12 @@ class Forwarder:
         if not target.isascii():
             raise BadRequest("the request target must be ASCII; percent-encode other bytes")
         if not target.startswith("/"):
-            origin_form = route.upstream.origin_form_of(target)
+            origin_form = route.origin_form_of(target)
             if origin_form is None:
                 raise BadRequest(another_host_detail(request, target))
             target = origin_form
+        if route.strip_prefix:
+            target = route.forwarded_target(target)
         headers = request_header_bytes(request.raw_headers, route.drop)
         body = await read_body(request, route.replay_limit, self._memory, self._replay_wait)
         state.held = body.held

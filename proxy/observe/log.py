@@ -95,19 +95,20 @@ _access = logging.getLogger(ACCESS_LOGGER)
 
 
 def access_line(
-    method: str, path: str, status: int, duration: float, resent: bool, generation: int | None
+    method: str, path: str, status: int, duration: float, resent: bool, generation: int | None, route: str = "default"
 ) -> None:
-    """Log one finished request (never its headers or body)."""
+    """Log one finished request (never its headers or body), naming the route it took."""
     if not _access.isEnabledFor(logging.INFO):
         return
     _access.info(
-        '"%s %s" %d %.1fms resent=%s gen=%s',
+        '"%s %s" %d %.1fms resent=%s gen=%s route=%s',
         method,
         path,
         status,
         duration * 1000.0,
         "yes" if resent else "no",
         "-" if generation is None else generation,
+        route,
         extra={
             "method": method,
             "path": path,
@@ -115,6 +116,7 @@ def access_line(
             "duration_ms": round(duration * 1000.0, 3),
             "resent": resent,
             "generation": generation,
+            "route": route,
         },
     )
 
