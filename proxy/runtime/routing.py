@@ -196,6 +196,10 @@ class Routing:
         self.route_credentials = {route.name: route.credential for route in routes}
         return self.router
 
+    def in_force(self) -> tuple[dict[str, str], dict[str, TokenManager]]:
+        """The routes (name -> credential name) and credentials (name -> token manager) in force: for /readyz."""
+        return self.route_credentials, {name: each.manager for name, each in self.credentials.items()}
+
     @property
     def first(self) -> TokenManager:
         """The first credential's manager (the only one of a config without routes)."""
