@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import Config, parse_config
+from proxy.config import Config, exposed_secrets_warning, parse_config
 from proxy.core.token import fingerprint
 from proxy.http.admin import build_admin_app
 from proxy.runtime.app import METRICS, ROUTING, build_app
@@ -434,3 +434,25 @@ async def test_routes_single_upstream_config_unchanged(tmp_path: Path, token_ser
     assert (code, err) == (0, "")
     assert out.startswith("ok: grant refresh_token, token ")
     logging.getLogger("tokenproxy").debug("checked")
+
+
+def test_routes_commented_example_in_config_example_parses() -> None:
+    """The commented routes example of config.example.toml, uncommented and named, is a valid config."""
+    text = (Path(__file__).parent.parent / "config.example.toml").read_text()
+    part = text[text.index("# [credentials.github]") :]
+    body = "\n".join(line[2:] if line.startswith("# ") else "" for line in part.splitlines())
+    body = body.replace('name = ""', 'name = "issues"', 1).replace('host = ""', 'host = "issues.local"', 1)
+    config = parse_config(tomllib.loads(body), {"GITHUB_CLIENT_SECRET": "s"})
+    assert [(route.name, route.token) for route in config.routes] == [("issues", "github"), ("search", "github")]
+
+
+def test_routes_literal_secret_in_a_credential_named_in_the_readable_file_warning() -> None:
+    """A config file others may read with a literal secret in a credential's table is warned about by its key."""
+    raw = {
+        "credentials": {"gh": {"client_secret": "literal-secret", "client_id": "x"}},
+        "route": [{"name": "a", "token": {"refresh_token": "${FROM_ENV}"}}],
+    }
+    assert exposed_secrets_warning("c.toml", 0o644, raw) == (
+        "c.toml is readable by other users and holds credentials.gh.client_secret as literal text: "
+        "chmod 600 the file, or write ${VAR} there and set the variable"
+    )

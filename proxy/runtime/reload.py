@@ -11,6 +11,7 @@ from aiohttp import web
 from ..auth.discovery import DiscoveryError
 from ..config import Config, restart_only_changes
 from ..config.schema import values_of
+from ..core.errors import ProxyError
 from .app import ENTRY, FORWARDER, METRICS, ROUTING
 from .credentials import has_issuer, registered_clients, resolve_credentials
 from .routing import token_note
@@ -101,7 +102,14 @@ class Reloader:
             self._apply(resolved)
 
     def _apply(self, new: Config) -> None:
-        for note in apply_reload(self._app, self._started, new):
+        try:
+            notes = apply_reload(self._app, self._started, new)
+        except (OSError, ProxyError) as error:
+            # A new credential's state file refused (UnsafeStateError) or its Redis not answering: the
+            # routes in force stay; credentials already reconfigured keep their new settings.
+            logger.error("config reload rejected, the routes in force stay: %s", error)
+            return
+        for note in notes:
             logger.log(note.level, "config reloaded: %s", note.text)
 
     async def close(self) -> None:
