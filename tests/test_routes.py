@@ -456,3 +456,16 @@ def test_routes_literal_secret_in_a_credential_named_in_the_readable_file_warnin
         "c.toml is readable by other users and holds credentials.gh.client_secret as literal text: "
         "chmod 600 the file, or write ${VAR} there and set the variable"
     )
+
+
+async def test_routes_reload_restart_only_key_of_a_route_warned_and_kept(
+    routed: Routed, left: Side, right: Side, tmp_path: Path
+) -> None:
+    """A reload changing a route's read_timeout (restart-only) warns naming `route[N].read_timeout`."""
+    raw = two_routes(left, right, tmp_path / "state.json")
+    url, config, app = await routed(raw)
+    changed = two_routes(left, right, tmp_path / "state.json", {"right": {"read_timeout": 3.0}})
+    for name in ("lc", "rc"):
+        changed["credentials"][name]["refresh_token"] = config.credentials[name].refresh_token
+    notes = apply_reload(app, config, parse_config({"server": {"listen": "127.0.0.1:0"}, **changed}, {}))
+    assert notes[0] == (logging.WARNING, "route[1].read_timeout changed; it takes effect after a restart")

@@ -81,10 +81,10 @@ def refuse_unwritable(request: web.BaseRequest, reason: str, headers: Iterable[t
     raise UpstreamUnreachable(f"the upstream's answer cannot be relayed: a control character in {where}")
 
 
-def _log_not_resent(request: web.BaseRequest, status: int, why: str) -> None:
+def _log_not_resent(request: web.BaseRequest, status: int, why: str, route: str) -> None:
     """The debug line for a refresh status handed to the client as it is."""
     path = request.raw_path.partition("?")[0]
-    logger.debug("not resending %s %s: %s; the %d is passed on", request.method, path, why, status)
+    logger.debug("not resending %s %s (route %s): %s; the %d is passed on", request.method, path, route, why, status)
 
 
 # The likely fix when a client sends an absolute-form target (it treats tokenproxy as its HTTP proxy).
@@ -252,15 +252,16 @@ class Forwarder:
                 renewed = await tokens.renew(token, challenge)
                 if renewed is None:
                     if logger.isEnabledFor(logging.DEBUG):
-                        _log_not_resent(request, kept.status, "no new token to resend with")
+                        _log_not_resent(request, kept.status, "no new token to resend with", route.name)
                     refuse_unwritable(request, kept.reason, kept.headers.items())
                     self._metrics.rejection_passed_through()
                     return kept
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
-                        "resending %s %s with token %s generation %d after %d to generation %d",
+                        "resending %s %s (route %s) with token %s generation %d after %d to generation %d",
                         request.method,
                         request.raw_path.partition("?")[0],
+                        route.name,
                         renewed.fingerprint,
                         renewed.generation,
                         kept.status,
@@ -274,7 +275,7 @@ class Forwarder:
                 # Not replayable: the client gets this answer, and its own retry a new token.
                 if logger.isEnabledFor(logging.DEBUG):
                     why = "the answer is too large to hold" if body.replayable else "the request body was streamed"
-                    _log_not_resent(request, upstream.status, why)
+                    _log_not_resent(request, upstream.status, why, route.name)
                 tokens.renew_later(token, challenge)
                 self._metrics.rejection_passed_through()
                 prefix = kept or b""
