@@ -84,11 +84,13 @@ def credential(side: Side, state: Path) -> dict[str, Any]:
 class Routed:
     """Starts proxies from raw configs with routes; stops them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream_client: str) -> None:
         self.started: list[tuple[aiohttp.web.Application, Any]] = []
+        self.upstream_client = upstream_client
 
     async def __call__(self, raw: dict[str, Any]) -> tuple[str, Config, aiohttp.web.Application]:
-        config = parse_config({"server": {"listen": "127.0.0.1:0"}, "queue": {"wait_timeout": 10.0}, **raw}, {})
+        shared = {"server": {"listen": "127.0.0.1:0"}, "queue": {"wait_timeout": 10.0}}
+        config = parse_config({**shared, "upstream": {"client": self.upstream_client}, **raw}, {})
         app = build_app(config)
         runner = make_runner(app, config)
         await runner.setup()
@@ -98,9 +100,9 @@ class Routed:
 
 
 @pytest.fixture
-async def routed() -> AsyncIterator[Routed]:
-    """A factory of proxies with routes, every one stopped at the end."""
-    factory = Routed()
+async def routed(upstream_client: str) -> AsyncIterator[Routed]:
+    """A factory of proxies with routes (with each upstream client in turn), every one stopped at the end."""
+    factory = Routed(upstream_client)
     yield factory
     for _, runner in reversed(factory.started):
         await runner.cleanup()
@@ -277,6 +279,7 @@ async def test_routes_reload_adds_removes_changes_routes_unchanged_credential_ke
     moved = await _side(aiohttp_server, left.tokens)
     new_raw = {
         "server": {"listen": "127.0.0.1:0"},
+        "upstream": {"client": routed.upstream_client},
         "queue": {"wait_timeout": 10.0},
         "credentials": {"lc": credential(left, state)},
         "route": [
@@ -467,5 +470,6 @@ async def test_routes_reload_restart_only_key_of_a_route_warned_and_kept(
     changed = two_routes(left, right, tmp_path / "state.json", {"right": {"read_timeout": 3.0}})
     for name in ("lc", "rc"):
         changed["credentials"][name]["refresh_token"] = config.credentials[name].refresh_token
+    changed["upstream"] = {"client": routed.upstream_client}
     notes = apply_reload(app, config, parse_config({"server": {"listen": "127.0.0.1:0"}, **changed}, {}))
     assert notes[0] == (logging.WARNING, "route[1].read_timeout changed; it takes effect after a restart")
