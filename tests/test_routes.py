@@ -30,6 +30,7 @@ from proxy.runtime.reload import apply_reload
 from proxy.runtime.serve import make_runner, start_listener
 from proxy.tokens.store import SavedState
 from tests.fakes.api_server import FakeApi
+from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
 from tests.helpers import assert_proxy_error, raw_exchange, run_cli, write_config
 
@@ -473,3 +474,26 @@ async def test_routes_reload_restart_only_key_of_a_route_warned_and_kept(
     changed["upstream"] = {"client": routed.upstream_client}
     notes = apply_reload(app, config, parse_config({"server": {"listen": "127.0.0.1:0"}, **changed}, {}))
     assert notes[0] == (logging.WARNING, "route[1].read_timeout changed; it takes effect after a restart")
+
+
+@pytest.mark.parametrize("upstream_client", ["fast"])
+async def test_routes_reload_moving_a_route_closes_the_old_upstreams_idle_connections(
+    routed: Routed, left: Side, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    """A reload that points the only route at another upstream closes the kept-alive connection to the old one."""
+    async with CountingUpstream() as old, CountingUpstream() as new:
+        raw = {
+            "credentials": {"lc": credential(left, tmp_path / "state.json")},
+            "route": [{"name": "only", "url": old.url, "token": "lc"}],
+        }
+        url, config, app = await routed(raw)
+        async with client.get(f"{url}/a") as resp:
+            assert resp.status == 200
+        assert await old.wait_open(lambda n: n == 1) == 1  # kept alive for the next request
+        raw["route"][0]["url"] = new.url
+        raw["credentials"]["lc"]["refresh_token"] = config.credentials["lc"].refresh_token
+        apply_reload(app, config, parse_config({"server": {"listen": "127.0.0.1:0"}, **raw}, {}))
+        assert await old.wait_open(lambda n: n == 0) == 0
+        async with client.get(f"{url}/b") as resp:
+            assert resp.status == 200
+        assert (old.requests, new.requests) == (1, 1)

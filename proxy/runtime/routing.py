@@ -35,6 +35,9 @@ from .credentials import build_grant, build_policy, credential_of, make_token_ma
 
 logger = logging.getLogger("tokenproxy")
 
+# What a retired upstream client is told to use instead: no request goes there, so its own pool closes.
+_NOWHERE = Upstream("http", "retired.invalid", 9, "")
+
 # What a route's metrics recorder is, given its route name (Metrics.for_route, or nothing).
 RouteRecorders = Callable[[str], Recorder]
 
@@ -46,7 +49,7 @@ class RouteClients:
     that goes there, and kept while a route goes there; with one upstream,
     `send` is that client's own (nothing added per request). A client no
     route uses any more keeps serving the requests that still name its
-    upstream and is closed at shutdown.
+    upstream, its idle connections closed at once, and is itself closed at shutdown.
     """
 
     def __init__(self) -> None:
@@ -58,13 +61,15 @@ class RouteClients:
         """Use a client for each upstream of `wanted` (made by its factory when there is none yet)."""
         clients: dict[Upstream, UpstreamClient] = {}
         for upstream, make in wanted.items():
-            client = self._clients.get(upstream) or self._retired.pop(upstream, None)
+            client = self._clients.get(upstream)
             if client is None:
-                client = make()
+                client = self._retired.pop(upstream, None) or make()
                 client.use(upstream)
             clients[upstream] = client
         for upstream, client in self._clients.items():
             if upstream not in clients:
+                # Its keep-alive connections close as their requests end; late requests are served unpooled.
+                client.use(_NOWHERE)
                 self._retired[upstream] = client
         self._clients = clients
         only = next(iter(clients.values())) if len(clients) == 1 and not self._retired else None
