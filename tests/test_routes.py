@@ -497,3 +497,28 @@ async def test_routes_reload_moving_a_route_closes_the_old_upstreams_idle_connec
         async with client.get(f"{url}/b") as resp:
             assert resp.status == 200
         assert (old.requests, new.requests) == (1, 1)
+
+
+async def test_routes_config_show_writes_routes_and_credentials_secrets_as_set(tmp_path: Path) -> None:
+    """`config show` writes the [[route]] tables and each credential, a secret as `<set>`; it reads back the same."""
+    path = _config_file(
+        tmp_path / "c.toml",
+        '[credentials.gh]\ngrant = "client_credentials"\ntoken_url = "https://t.example/token"\n'
+        'client_id = "c"\nclient_secret = "literal-s3cret"\n'
+        '[[route]]\nname = "a"\nhost = "a.test"\nurl = "https://a.example"\ntoken = "gh"\n'
+        '[[route]]\nname = "b"\npath_prefix = "/b"\nurl = "https://b.example"\nread_timeout = 5.0\n'
+        '[route.token]\ngrant = "client_credentials"\ntoken_url = "https://u.example/token"\n'
+        'client_id = "d"\nclient_secret = "other-s3cret"\n',
+    )
+    code, out, err = await run_cli("config", "show", "-c", str(path))
+    assert (code, err) == (0, "")
+    assert "s3cret" not in out
+    shown = tomllib.loads(out)
+    assert shown["credentials"]["gh"]["client_secret"] == "<set>"
+    assert [(r["name"], r["read_timeout"]) for r in shown["route"]] == [("a", 60.0), ("b", 5.0)]
+    assert shown["route"][0]["token"] == "gh"
+    assert shown["route"][1]["token"]["client_secret"] == "<set>"  # the inline [route.token]
+    again = parse_config(shown, {})
+    original = parse_config(tomllib.loads(path.read_text()), {})
+    assert again.routes == original.routes
+    assert again.credentials["b"].settings.client_secret == "<set>"  # type: ignore[attr-defined]
