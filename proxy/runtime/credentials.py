@@ -162,11 +162,15 @@ def build_policy(config: Config) -> RefreshPolicy:
 
 
 def make_token_manager(
-    config: Config, session: aiohttp.ClientSession, clock: Clock = time.time, metrics: Recorder = NULL_METRICS
+    config: Config,
+    session: aiohttp.ClientSession,
+    clock: Clock = time.time,
+    metrics: Recorder = NULL_METRICS,
+    store: Store | None = None,
 ) -> TokenManager:
-    """A TokenManager for the configured credential, resumed from its state file."""
+    """A TokenManager for the configured credential, resumed from its state file (`store`, else its own)."""
     tok = config.token
-    store = build_store(tok)
+    store = build_store(tok) if store is None else store
     manager = TokenManager(
         build_grant(tok, session),
         store,

@@ -11,6 +11,7 @@ loop's reloads change it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -28,10 +29,10 @@ from ..http.route import Route, Router
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..tokens.change import Reconfigured, TokenChange
 from ..tokens.manager import Clock, TokenManager
-from ..tokens.store import FileStore
+from ..tokens.store import FileStore, Store
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 from .clients import token_session, upstream_client
-from .credentials import build_grant, build_policy, credential_of, make_token_manager, request_of
+from .credentials import build_grant, build_policy, build_store, credential_of, make_token_manager, request_of
 
 logger = logging.getLogger("tokenproxy")
 
@@ -94,17 +95,16 @@ class RouteClients:
 
 @dataclass
 class Credential:
-    """One configured credential in force: its name, its resolved `[token]` table and its token manager."""
+    """One configured credential in force: its name, its resolved `[token]` table and its token manager.
+
+    Owned by `Routing` on the event loop; a reload replaces `token` (and may re-key `store`).
+    """
 
     name: str
     token: TokenConfig
     manager: TokenManager
     session: aiohttp.ClientSession  # its token endpoint's (its own TLS client certificate, if any)
-
-
-def _store_of(manager: TokenManager) -> FileStore | None:
-    store = getattr(manager, "_store", None)
-    return store if isinstance(store, FileStore) else None
+    store: Store  # its entry of the state file (or nothing kept)
 
 
 class Routing:
@@ -141,8 +141,9 @@ class Routing:
     def _add(self, config: Config, name: str, token: TokenConfig) -> Credential:
         view = for_credential(config, name)
         session = self.session_for(config, name)
-        manager = make_token_manager(view, session, self._clock, self._credential_metrics(name))
-        credential = Credential(name, token, manager, session)
+        store = build_store(view.token)
+        manager = make_token_manager(view, session, self._clock, self._credential_metrics(name), store)
+        credential = Credential(name, token, manager, session, store)
         self.credentials[name] = credential
         return credential
 
@@ -170,9 +171,8 @@ class Routing:
                 request=request_of(token),
                 fetch_now=config.server.fetch_on_start or token.grant == "static",
             )
-            store = _store_of(credential.manager)
-            if store is not None:
-                store.credential = credential_of(token)
+            if isinstance(credential.store, FileStore):
+                credential.store.credential = credential_of(token)  # its entry follows a changed identity
             credential.token = token
             text = token_note(outcome)
             notes.append(f"credential {name}: {text}" if several else text)
@@ -187,14 +187,14 @@ class Routing:
         routes = []
         factories: dict[Upstream, Callable[[], UpstreamClient]] = {}
         for route_config in routes_of(config):
+            view = for_route(config, route_config)
             route = build_route(
-                for_route(config, route_config),
+                view,
                 self.credentials[route_config.token].manager,
                 route_config,
                 NULL_METRICS if recorders is None else recorders(route_config.name),
             )
-            view = for_route(config, route_config)
-            factories.setdefault(route.upstream, lambda view=view: upstream_client(view))  # type: ignore[misc]
+            factories.setdefault(route.upstream, functools.partial(upstream_client, view))
             routes.append(route)
         self.clients.update(factories)
         self.router = Router(routes)
