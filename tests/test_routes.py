@@ -522,3 +522,29 @@ async def test_routes_config_show_writes_routes_and_credentials_secrets_as_set(t
     original = parse_config(tomllib.loads(path.read_text()), {})
     assert again.routes == original.routes
     assert again.credentials["b"].settings.client_secret == "<set>"  # type: ignore[attr-defined]
+
+
+async def test_routes_logout_one_credential_uses_it_several_refused(tmp_path: Path) -> None:
+    """`logout` on a routes config works on its one credential's state file, and refuses (exit 2) several."""
+    state = tmp_path / "state" / "s.json"
+    credential_table = (
+        f'grant = "refresh_token"\ntoken_url = "https://t.example/token"\nclient_id = "c"\nstate_file = "{state}"\n'
+    )
+    one = _config_file(
+        tmp_path / "one.toml",
+        f'[credentials.gh]\n{credential_table}[[route]]\nurl = "https://a.example"\ntoken = "gh"\n',
+    )
+    code, out, err = await run_cli("logout", "-c", str(one))
+    assert (code, out, err) == (0, f"Not logged in: {state} holds no tokens. Nothing was done.\n", "")
+    two = _config_file(
+        tmp_path / "two.toml",
+        f'[credentials.gh]\n{credential_table}[credentials.gl]\n{credential_table}'
+        '[[route]]\nname = "a"\nhost = "a.test"\nurl = "https://a.example"\ntoken = "gh"\n'
+        '[[route]]\nname = "b"\nhost = "b.test"\nurl = "https://b.example"\ntoken = "gl"\n',
+    )
+    code, out, err = await run_cli("logout", "-c", str(two))
+    assert (code, out, err) == (
+        2,
+        "",
+        "logout: config: logout works on a config with one credential; this one has several (gh, gl)\n",
+    )
