@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import signal
 import time
 import tomllib
 from collections.abc import AsyncIterator
@@ -32,7 +33,15 @@ from proxy.tokens.store import SavedState
 from tests.fakes.api_server import FakeApi
 from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
-from tests.helpers import assert_proxy_error, raw_exchange, run_cli, write_config
+from tests.helpers import (
+    assert_proxy_error,
+    raw_exchange,
+    read_until,
+    run_cli,
+    start_cli,
+    stop_process,
+    write_config,
+)
 
 HANG_BOUND = 10.0
 
@@ -164,9 +173,11 @@ async def test_routes_by_path_prefix_strip_prefix_removes_it_at_a_path_boundary(
 
 
 async def test_routes_no_route_unknown_host_or_path_404_nothing_forwarded(
-    routed: Routed, left: Side, right: Side, client: aiohttp.ClientSession, tmp_path: Path
+    routed: Routed, left: Side, right: Side, client: aiohttp.ClientSession, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A host no route names, or a path under no prefix, gets 404 no_route: no API and no token server saw it."""
+    """A host no route names, or a path under no prefix, gets 404 no_route: no API and no token server saw it;
+    its access line says `route=-`."""
     state = tmp_path / "state.json"
     url, _, _ = await routed(two_routes(left, right, state, {"left": {"path_prefix": "/echo"}}))
     for host, path in (("other.test", "/echo/x"), ("left.test", "/elsewhere")):
@@ -178,6 +189,11 @@ async def test_routes_no_route_unknown_host_or_path_404_nothing_forwarded(
                 "detail": "no configured route takes this request's host and path",
             }
     assert (left.api.requests, right.api.requests, left.tokens.count, right.tokens.count) == (0, 0, 0, 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokenproxy.access"]
+    assert [line.replace(" 0.0ms ", " ") for line in lines] == [
+        '"GET /echo/x" 404 resent=no gen=- route=-',
+        '"GET /elsewhere" 404 resent=no gen=- route=-',
+    ]
 
 
 async def test_routes_absolute_form_routed_host_served_unrouted_host_refused(
@@ -548,3 +564,45 @@ async def test_routes_logout_one_credential_uses_it_several_refused(tmp_path: Pa
         "",
         "logout: config: logout works on a config with one credential; this one has several (gh, gl)\n",
     )
+
+
+async def test_routes_cli_run_fetches_each_credential_at_start_and_sighup_adds_a_route(
+    left: Side, right: Side, tmp_path: Path
+) -> None:
+    """`tokenproxy run` with fetch_on_start gets every credential's token before listening, names its routes,
+    and a SIGHUP adding a route on a kept credential serves it without another token call."""
+    state = tmp_path / "state" / "s.json"
+    raw = two_routes(left, right, state)
+
+    def toml(routes: list[dict[str, Any]]) -> str:
+        lines = ['[server]\nlisten = "127.0.0.1:0"\nfetch_on_start = true']
+        for name, table in raw["credentials"].items():
+            lines.append(f"[credentials.{name}]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+        for route in routes:
+            lines.append("[[route]]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in route.items()]
+        return "\n".join(lines) + "\n"
+
+    path = _config_file(tmp_path / "c.toml", toml(raw["route"]))
+    proc = await start_cli("run", "-c", str(path))
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, r"first token \w{8} obtained before listening \(credential lc\)", seen)
+        await read_until(proc.stderr, r"first token \w{8} obtained before listening \(credential rc\)", seen)
+        match = await read_until(
+            proc.stderr, r"listening on http://127\.0\.0\.1:(\d+), forwarding to routes left, right", seen
+        )
+        url = f"http://127.0.0.1:{match.group(1)}"
+        extra = {"name": "more", "path_prefix": "/echo", "url": right.api.base_url, "token": "rc"}
+        path.write_text(toml([*raw["route"], extra]))
+        proc.send_signal(signal.SIGHUP)
+        await read_until(proc.stderr, r"config reloaded: credential rc: current token kept", seen)
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/echo/new", headers={"Host": "x"}) as resp:
+            assert resp.status == 200
+        await read_until(proc.stderr, r'"GET /echo/new" 200 .* route=more', seen)
+        assert (left.tokens.count, right.tokens.count, right.api.requests) == (1, 1, 1)
+    finally:
+        log = "".join(seen) + await stop_process(proc)
+    assert right.tokens.issued_access[0] not in log

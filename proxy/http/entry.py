@@ -11,6 +11,7 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 
 from ..core.errors import ExpectationFailed, NoRoute
+from ..observe.log import access_line
 from .forward import Forwarder
 from .render import error_response
 from .route import Route, Router, authority_of
@@ -53,6 +54,7 @@ class Entry:
         if route is None:
             route = route_of(router, request)
             if route is None:
+                access_line(request.method, request.raw_path.partition("?")[0], NoRoute.status, 0.0, False, None, "-")
                 answer = error_response(NoRoute("no configured route takes this request's host and path"))
                 if request.version >= (1, 1) and hdrs.EXPECT in request.headers:
                     answer.force_close()  # its body was not asked for: the connection cannot carry another request

@@ -62,13 +62,16 @@ def server_limits(config: Config) -> ServerLimits:
 def startup_warnings(config: Config) -> list[str]:
     """Things worth a warning at start: a token sent in clear text, TLS checks off."""
     warnings = []
-    upstream = Upstream.parse(config.upstream.url)
-    if upstream.scheme == "http" and not is_loopback(upstream.host):
-        warnings.append("upstream.url uses http:// to a non-loopback host: the token travels in clear text")
+    for index, route in enumerate(config.routes or (None,)):
+        up = config.upstream if route is None else route.upstream
+        key = "upstream" if route is None else f"route[{index}]"
+        upstream = Upstream.parse(up.url)
+        if upstream.scheme == "http" and not is_loopback(upstream.host):
+            warnings.append(f"{key}.url uses http:// to a non-loopback host: the token travels in clear text")
+        if not up.verify_tls:
+            warnings.append(f"{key}.verify_tls is false: the upstream's identity is not checked")
     if config.server.allow_any:
         warnings.append("server.allow_any is true: anyone who can reach the proxy can use its token")
-    if not config.upstream.verify_tls:
-        warnings.append("upstream.verify_tls is false: the upstream's identity is not checked")
     return warnings
 
 
