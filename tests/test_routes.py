@@ -406,6 +406,13 @@ def _config_file(path: Path, text: str) -> Path:
                 "refresh_token, client_credentials, password, token_exchange, command, json, static, got 'nope'",
             ],
         ),
+        (
+            '[[route]]\nurl = "https://a.example"\ntokn = "x"\n',
+            [
+                "route[0].tokn: unknown key; did you mean token?",
+                "route[0].token: is required: a [credentials.NAME] table's name, or a [route.token] table",
+            ],
+        ),
     ],
 )
 async def test_routes_config_errors_exit_2_naming_each_key(body: str, problems: list[str], tmp_path: Path) -> None:

@@ -209,7 +209,8 @@ def _build_route(
         problems.append(f"{prefix}.token: must be a credential's name or a [route.token] table, got {token!r}")
         token = ""
     hints = get_type_hints(UpstreamConfig)
-    types = {**_ROUTE_KEYS, **{f.name: hints[f.name] for f in dataclasses.fields(UpstreamConfig)}}
+    # `token` is known (for did-you-mean), though it was taken out above.
+    types = {**_ROUTE_KEYS, "token": str, **{f.name: hints[f.name] for f in dataclasses.fields(UpstreamConfig)}}
     values = _values(types, raw, prefix, env, problems)
     own = {name: values.pop(name) for name in _ROUTE_KEYS if name in values}
     route = RouteConfig(**own, token=token, upstream=dataclasses.replace(upstream, **values))
