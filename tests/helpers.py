@@ -426,3 +426,11 @@ async def stop_process(proc: asyncio.subprocess.Process) -> str:
         proc.kill()
     _, err = await asyncio.wait_for(proc.communicate(), RAW_BOUND)
     return err.decode()
+
+
+def saved_entry(path: Path) -> dict[str, Any]:
+    """The one credential's entry in a state file (whose JSON keys each credential's state by its id)."""
+    data = json.loads(path.read_text())
+    entries = data["credentials"]
+    assert len(entries) == 1, f"expected one credential in {path}, found {len(entries)}"
+    return dict(next(iter(entries.values())))

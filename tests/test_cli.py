@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -14,7 +13,7 @@ import aiohttp
 import pytest
 
 from tests.fakes.token_server import CLIENT_SECRET
-from tests.helpers import TOKENPROXY, read_until, run_cli, start_cli, write_config
+from tests.helpers import TOKENPROXY, read_until, run_cli, saved_entry, start_cli, write_config
 
 
 async def test_cli_bad_config_exits_2_naming_each_key(tmp_path: Path) -> None:
@@ -63,7 +62,7 @@ async def test_cli_check_prints_expiry_never_the_token(tmp_path: Path, token_ser
     assert token_server.count == 1
     assert token_server.issued_access[0] not in out + err
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
-    assert json.loads(state.read_text())["refresh_token"] == token_server.current_refresh
+    assert saved_entry(state)["refresh_token"] == token_server.current_refresh
 
 
 async def test_cli_check_failure_exits_1_with_code(tmp_path: Path, token_server, api) -> None:

@@ -8,7 +8,6 @@ carries on from it.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import aiohttp
 
 from proxy.runtime.credentials import make_token_manager
 from tests.fakes.token_server import CLIENT_SECRET
-from tests.helpers import run_cli, write_config
+from tests.helpers import run_cli, saved_entry, write_config
 
 
 def ok_line(generation: int) -> str:
@@ -38,7 +37,7 @@ async def test_cli_check_with_valid_state_file_calls_the_token_endpoint(tmp_path
     assert re.fullmatch(ok_line(2), out)
     assert token_server.count == 2
     assert not token_server.reuse_detected  # the rotated refresh token from the state file was presented
-    saved = json.loads(state.read_text())
+    saved = saved_entry(state)
     assert saved["refresh_token"] == token_server.current_refresh
     assert saved["access_token"] == token_server.issued_access[-1]
 

@@ -40,6 +40,8 @@ def test_config_example_file_is_valid_and_complete() -> None:
 
     def keys(cls, prefix=""):
         for f in dataclasses.fields(cls):
+            if f.name in ("routes", "credentials"):  # [[route]] and [credentials.NAME]: a commented example
+                continue
             if f.metadata.get("flat"):  # the grant's keys sit in the section itself
                 for grant in GRANTS.values():
                     yield from keys(grant.settings, prefix)

@@ -15,6 +15,7 @@ import pytest
 from proxy.auth.endpoint import MAX_ANSWER_BYTES
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import FakeClock, FakeTokenServer, until
+from tests.helpers import saved_entry
 
 
 async def assert_proxy_error(resp: aiohttp.ClientResponse, code: str, *, retry_after: bool) -> None:
@@ -231,7 +232,7 @@ async def test_failure_bad_answer_keeps_rotated_refresh_token_and_backs_off(
         await assert_proxy_error(resp, "token_unavailable", retry_after=True)
     rotated = token_server.current_refresh
     assert rotated != original and token_server.count == 1
-    saved = json.loads(Path(proxy.config.token.state_file).read_text())
+    saved = saved_entry(Path(proxy.config.token.state_file))
     assert saved["refresh_token"] == rotated
     assert saved["access_token"] == ""  # the unusable access token is never saved
     status = proxy.tokens.status()
@@ -271,7 +272,7 @@ async def test_failure_bad_answer_during_refresh_ahead_saves_rotated_with_curren
         assert resp.status == 200
     await until(lambda: not proxy.tokens.status().refreshing)
     assert token_server.count == 2 and proxy.tokens.status().failures == 1
-    saved = json.loads(Path(proxy.config.token.state_file).read_text())
+    saved = saved_entry(Path(proxy.config.token.state_file))
     assert (saved["access_token"], saved["refresh_token"]) == (current, token_server.current_refresh)
     assert saved["generation"] == 1
 

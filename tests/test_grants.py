@@ -15,6 +15,7 @@ from proxy.auth.protocol import BadAnswer
 from proxy.core.errors import FailureKind, GrantError
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, PASSWORD, USERNAME, FakeClock, FakeTokenServer
+from tests.helpers import saved_entry
 
 JSON_BODY_MODE = {
     "access_token_path": "data.accessToken",
@@ -350,7 +351,7 @@ async def test_grant_rotated_refresh_token_kept_when_access_token_unusable(
         assert resp.headers["X-Tokenproxy-Error"] == "token_unavailable"
     rotated = token_server.current_refresh
     assert rotated != original
-    assert json.loads(Path(proxy.config.token.state_file).read_text())["refresh_token"] == rotated
+    assert saved_entry(Path(proxy.config.token.state_file))["refresh_token"] == rotated
 
     token_server.access_value = None
     clock.advance(6)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import PASSWORD, USERNAME, FakeTokenServer
-from tests.helpers import run_cli
+from tests.helpers import run_cli, saved_entry
 
 FALLBACK = "refresh token unusable ({why}); logging in again with grant {grant} (token.login)"
 
@@ -49,7 +49,7 @@ async def test_login_password_without_refresh_token_logs_in_and_continues_the_ch
     assert [call.form["grant_type"] for call in token_server.calls] == ["password", "refresh_token"]
     assert token_server.calls[1].form["refresh_token"] == chain
     assert warnings(caplog) == [FALLBACK.format(why="none is known", grant="password")]
-    saved = json.loads(Path(proxy.config.token.state_file).read_text())
+    saved = saved_entry(Path(proxy.config.token.state_file))
     assert saved["refresh_token"] == token_server.current_refresh
     assert not token_server.reuse_detected
 

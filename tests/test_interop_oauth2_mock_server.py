@@ -8,7 +8,6 @@ reason. Tokens are RS256 JWTs, checked here against the server's own JWKS.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -20,6 +19,8 @@ from typing import Any
 import jwt
 import pytest
 import requests
+
+from tests.helpers import saved_entry
 
 CACHE = Path(os.environ.get("TOKENPROXY_TEST_CACHE", Path.home() / ".cache" / "tokenproxy-tests")) / "npm"
 PACKAGE = "oauth2-mock-server@7"
@@ -113,7 +114,7 @@ async def test_interop_oauth2_mock_server_refresh_token_rotation(make_proxy: Any
     second = await asyncio.to_thread(requests.get, f"{proxy.url}/bearer", timeout=10)
     assert second.status_code == 200
     await asyncio.to_thread(verified_claims, second.json()["token"], oauth2_server)
-    saved = json.loads(Path(proxy.config.token.state_file).read_text())
+    saved = saved_entry(Path(proxy.config.token.state_file))
     assert saved["generation"] == 2
     assert saved["refresh_token"] and saved["refresh_token"] != "initial-refresh-token"
 
@@ -146,12 +147,12 @@ async def test_interop_oauth2_mock_server_login_fallback_starts_the_refresh_chai
     )
     first = await asyncio.to_thread(requests.get, f"{proxy.url}/bearer", timeout=10)
     assert first.status_code == 200
-    saved = json.loads(Path(proxy.config.token.state_file).read_text())
+    saved = saved_entry(Path(proxy.config.token.state_file))
     assert saved["refresh_token"]  # the login's answer began the chain
     rejected = await asyncio.to_thread(requests.get, f"{proxy.url}/status/401", timeout=10)
     assert rejected.status_code == 401
     second = await asyncio.to_thread(requests.get, f"{proxy.url}/bearer", timeout=10)
     assert second.status_code == 200
     await asyncio.to_thread(verified_claims, second.json()["token"], oauth2_server)
-    after = json.loads(Path(proxy.config.token.state_file).read_text())
+    after = saved_entry(Path(proxy.config.token.state_file))
     assert after["generation"] == 2 and after["refresh_token"] != saved["refresh_token"]

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.fakes.tls import TestCa
-from tests.helpers import read_until, run_cli, start_cli
+from tests.helpers import read_until, run_cli, saved_entry, start_cli
 
 CACHE = Path(os.environ.get("TOKENPROXY_TEST_CACHE", Path.home() / ".cache" / "tokenproxy-tests")) / "npm-oidc-provider"
 PACKAGE = "oidc-provider@8"
@@ -148,7 +148,7 @@ async def _run_and_ask_userinfo(config: str) -> tuple[int, dict[str, str], str]:
 
 
 def _no_tokens_in(state: Path, *texts: str) -> None:
-    saved = json.loads(state.read_text())
+    saved = saved_entry(state)
     for value in (saved["access_token"], saved["refresh_token"]):
         assert value and all(value not in text for text in texts)
 
@@ -198,10 +198,10 @@ async def test_interop_oidc_provider_registration_code_pkce_then_run_and_logout(
     printed = "".join(seen) + out.decode() + err.decode()
     assert proc.returncode == 0, printed
     assert re.match(r"Registered tokenproxy as client \S+ at http://127\.0\.0\.1:\d+/reg", printed)
-    first = json.loads(state.read_text())["refresh_token"]
+    first = saved_entry(state)["refresh_token"]
     code, out_check, err_check = await run_cli("check", "-c", config)  # a refresh now: the refresh token rotates
     assert (code, err_check) == (0, "")
-    assert json.loads(state.read_text())["refresh_token"] not in (first, None)
+    assert saved_entry(state)["refresh_token"] not in (first, None)
     status, body, log = await _run_and_ask_userinfo(config)
     assert (status, body) == (200, {"sub": "alice"})
     _no_tokens_in(state, printed, log, out_check)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ from proxy.auth.endpoint import TokenEndpoint
 from proxy.auth.login.device import device_login
 from proxy.cli.login import Endpoints, can_open_browser, choose_flow
 from tests.fakes.auth_server import PUBLIC_CLIENT, FakeAuthServer
-from tests.helpers import TOKENPROXY, read_until, run_cli, start_cli
+from tests.helpers import TOKENPROXY, read_until, run_cli, saved_entry, start_cli
 
 
 @pytest.fixture
@@ -135,7 +134,7 @@ async def test_login_device_then_token_and_logout(auth_server: FakeAuthServer, t
         out.splitlines()[-2],
     )
     assert out.splitlines()[-1] == "`tokenproxy run` now uses it, and its refresh token, with no secret in its config."
-    saved = json.loads(state.read_text())
+    saved = saved_entry(state)
     assert (saved["access_token"], saved["refresh_token"]) == (auth_server.issued_access[0], auth_server.issued_refresh[0])
     assert state.stat().st_mode & 0o777 == 0o600
     code, token_out, _ = await run_cli("token", "-c", config)
@@ -146,7 +145,7 @@ async def test_login_device_then_token_and_logout(auth_server: FakeAuthServer, t
         f"Removed the tokens from {state}.\nRevoked the refresh token at {auth_server.base_url}/revoke.\n"
     )
     assert auth_server.revoked == [auth_server.issued_refresh[0]]
-    assert json.loads(state.read_text())["refresh_token"] is None
+    assert saved_entry(state)["refresh_token"] is None
     assert_no_secret(auth_server, out, err, logout_out)
 
 
@@ -191,7 +190,7 @@ async def test_login_code_wrong_state_400_then_pkce_exchange_and_run(auth_server
     assert (proc.returncode, err.decode()) == (0, "")
     assert printed.splitlines()[0] == "To log in, open this URL in a browser on this machine:"
     assert "Logged in: access token" in printed
-    assert json.loads(state.read_text())["refresh_token"] == auth_server.issued_refresh[0]
+    assert saved_entry(state)["refresh_token"] == auth_server.issued_refresh[0]
     assert_no_secret(auth_server, printed)
 
     run = await start_cli("run", "-c", config)
@@ -282,16 +281,16 @@ async def test_login_without_client_id_registers_once_and_run_uses_it(
         f"Registered tokenproxy as client dyn-1 at {auth_server.base_url}/register (kept in {state})"
     )
     assert auth_server.registered == {"dyn-1": ["http://127.0.0.1/callback"]}
-    assert json.loads(state.read_text())["client_id"] == "dyn-1"
+    assert saved_entry(state)["client_id"] == "dyn-1"
     code, out, err = await run_cli("login", "-c", config, "--flow", "device")
     assert (code, err) == (0, "")
     assert "Registered" not in out
     assert list(auth_server.registered) == ["dyn-1"]
-    saved = json.loads(state.read_text())
+    saved = saved_entry(state)
     assert (saved["client_id"], saved["generation"]) == ("dyn-1", 2)
     code, out, err = await run_cli("check", "-c", config)  # refreshes now, as dyn-1, and saves the rotation
     assert (code, err) == (0, "")
-    saved = json.loads(state.read_text())
+    saved = saved_entry(state)
     assert (saved["client_id"], saved["refresh_token"]) == ("dyn-1", auth_server.issued_refresh[-1])
     assert len(auth_server.issued_refresh) == 3
 

@@ -144,7 +144,7 @@ async def test_logs_debug_first_token_rejection_and_resend(make_proxy, token_ser
         "refresh starts grant=refresh_token: no token yet",
         f"the upstream rejected token {first} generation 1 (error=invalid_token): refreshing",
         f"refresh starts grant=refresh_token: the upstream rejected token {first} generation 1",
-        f"resending GET /echo/b with token {second} generation 2 after 401 to generation 1",
+        f"resending GET /echo/b (route default) with token {second} generation 2 after 401 to generation 1",
     ]
 
 
@@ -178,7 +178,8 @@ async def test_logs_debug_challenge_not_refreshed_is_passed_on(make_proxy, token
     assert debug_lines(caplog, "the upstream rejected", "resending", "not resending") == [
         f"the upstream rejected token {fingerprint(token)} generation 1 (error=insufficient_scope): not refreshing: "
         "a new token would not answer this challenge; the answer is passed on",
-        "not resending GET /challenge/insufficient_scope: no new token to resend with; the 401 is passed on",
+        "not resending GET /challenge/insufficient_scope (route default): no new token to resend with; "
+        "the 401 is passed on",
     ]
 
 

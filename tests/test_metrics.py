@@ -37,16 +37,16 @@ async def test_metrics_count_requests_resends_and_refreshes(aiohttp_server, make
         assert resp.status == 401
 
     samples = await scrape(client, admin)
-    assert samples[("tokenproxy_requests_total", (("status_class", "2xx"),))] == 2
-    assert samples[("tokenproxy_requests_total", (("status_class", "4xx"),))] == 1
+    assert samples[("tokenproxy_requests_total", (("route", "default"), ("status_class", "2xx")))] == 2
+    assert samples[("tokenproxy_requests_total", (("route", "default"), ("status_class", "4xx")))] == 1
     assert samples[("tokenproxy_resends_total", ())] == 1
     assert samples[("tokenproxy_rejections_passed_through_total", ())] == 1
-    assert samples[("tokenproxy_refreshes_total", (("grant", "refresh_token"), ("result", "ok")))] == 2
+    assert samples[("tokenproxy_refreshes_total", (("credential", "default"), ("grant", "refresh_token"), ("result", "ok")))] == 2
     assert samples[("tokenproxy_refresh_duration_seconds_count", ())] == 2
     assert samples[("tokenproxy_upstream_latency_seconds_count", ())] == 4
-    assert samples[("tokenproxy_token_generation", ())] == 2
-    assert samples[("tokenproxy_waiting_requests", ())] == 0
-    assert 0 < samples[("tokenproxy_token_expires_in_seconds", ())] <= 300
+    assert samples[("tokenproxy_token_generation", (("credential", "default"),))] == 2
+    assert samples[("tokenproxy_waiting_requests", (("credential", "default"),))] == 0
+    assert 0 < samples[("tokenproxy_token_expires_in_seconds", (("credential", "default"),))] <= 300
 
 
 async def test_metrics_count_failed_refresh_and_queue_rejection(aiohttp_server, make_proxy, token_server, client) -> None:
@@ -69,6 +69,6 @@ async def test_metrics_count_failed_refresh_and_queue_rejection(aiohttp_server, 
         assert resp.status == 503
     samples = await scrape(client, admin)
     assert samples[("tokenproxy_queue_rejections_total", (("reason", "queue_full"),))] == 1
-    assert samples[("tokenproxy_requests_total", (("status_class", "5xx"),))] == 1
+    assert samples[("tokenproxy_requests_total", (("route", "default"), ("status_class", "5xx")))] == 1
     samples2 = await scrape(client, str(server2.make_url("")).rstrip("/"))
-    assert samples2[("tokenproxy_refreshes_total", (("grant", "refresh_token"), ("result", "token_unavailable")))] == 1
+    assert samples2[("tokenproxy_refreshes_total", (("credential", "default"), ("grant", "refresh_token"), ("result", "token_unavailable")))] == 1

@@ -32,7 +32,7 @@ from proxy.tokens.manager import RefreshPolicy, TokenManager
 from proxy.tokens.store import FileStore
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
-from tests.helpers import read_until, run_cli, start_cli, write_config
+from tests.helpers import read_until, run_cli, saved_entry, start_cli, write_config
 
 ENV = {"TEST_CLIENT_SECRET": CLIENT_SECRET}
 LIFETIME = 6.0  # seconds a token lives in the process tests
@@ -138,7 +138,7 @@ async def test_shared_state_rotation_only_save_noticed_spent_token_never_present
     token_server.mode = "no_token"  # the next answer rotates the refresh token and gives no access token
     with pytest.raises(TokenUnavailable):
         await first.refresh_now()
-    assert json.loads(state.read_text())["generation"] == 1
+    assert saved_entry(state)["generation"] == 1
     token_server.mode = "ok"
 
     renewed = await second.renew(seen, "invalid_token")
@@ -262,7 +262,7 @@ async def test_shared_state_corrupt_file_at_start_moved_aside_0600_warned_once(
         f"state file {state} is corrupt (not JSON): moved it aside to {aside} (0600); it is not used"
     ]
     assert "CORRUPT-SECRET-CONTENT" not in caplog.text
-    assert json.loads(state.read_text())["generation"] == 1 and token_server.count == 1
+    assert saved_entry(state)["generation"] == 1 and token_server.count == 1
 
 
 async def test_shared_state_corrupt_file_seen_under_the_lock_moved_aside(
@@ -289,7 +289,7 @@ async def test_shared_state_corrupt_file_seen_under_the_lock_moved_aside(
         f"state file {state} is corrupt (fields missing or of the wrong type): moved it aside to {aside} (0600); "
         "it is not used"
     ]
-    assert json.loads(state.read_text())["generation"] == 2 and not token_server.reuse_detected
+    assert saved_entry(state)["generation"] == 2 and not token_server.reuse_detected
 
 
 # -- real processes ------------------------------------------------------------------------------------------
@@ -493,7 +493,7 @@ async def test_shared_state_lock_holder_killed_mid_refresh_other_proxy_carries_o
     assert holder.proc.returncode == -signal.SIGKILL
     assert token_server.count == 3 and len(token_server.issued_access) == 2
     assert not token_server.reuse_detected
-    saved = json.loads((tmp_path / "state" / "state.json").read_text())
+    saved = saved_entry(tmp_path / "state" / "state.json")
     assert saved["generation"] == 2 and saved["refresh_token"] == token_server.current_refresh
 
 

@@ -14,6 +14,7 @@ import pytest
 from proxy.tokens.store import FileStore, SavedState, UnsafeStateError
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_ID, FakeTokenServer
+from tests.helpers import saved_entry
 
 
 async def refresh_times(proxy, token_server: FakeTokenServer, api: FakeApi, client, times: int) -> None:
@@ -72,7 +73,7 @@ async def test_store_after_refreshes_leaves_no_temp_files(
 
     # The lock file stays: every process locks the same one.
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json", "state.json.lock"]
-    saved = json.loads(path.read_text())
+    saved = saved_entry(path)
     assert saved["generation"] == 4
     assert saved["refresh_token"] == token_server.current_refresh
 
@@ -89,7 +90,7 @@ async def test_store_corrupt_state_file_ignored_configured_token_used(
     async with client.get(f"{proxy.url}/echo/x") as resp:
         assert resp.status == 200
     assert token_server.count == 1
-    assert json.loads(state.read_text())["generation"] == 1
+    assert saved_entry(state)["generation"] == 1
 
 
 async def test_store_new_configured_login_wins_over_saved_chain(

@@ -32,6 +32,7 @@ from ..auth.login.register import register_client
 from ..auth.login.revoke import revoke
 from ..auth.protocol import GrantContext, TokenResponse
 from ..config import Config, endpoint_missing, secrets_of
+from ..config.schema import for_route
 from ..core.causes import safe_url
 from ..core.errors import GrantError
 from ..core.token import expiry_of, fingerprint
@@ -178,7 +179,7 @@ async def _keep(config: Config, credential: str, make: Callable[[SavedState | No
     refreshing at the same moment never races the login or logout."""
     from ..runtime.credentials import build_coordination
 
-    coordination = build_coordination(config.token, FileStore(Path(config.token.state_file)))
+    coordination = build_coordination(config.token, FileStore(Path(config.token.state_file), credential))
     async with coordination.refresh_right(credential) as right:
         state = make(await right.peer_state())
         await right.save(state)
@@ -265,6 +266,17 @@ def _fail(command: str, text: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def one_credential(config: Config, command: str) -> Config:
+    """A config with routes as its one credential sees it (with the first route's upstream); exit 2 when it
+    has several credentials: `login` and `logout` work on one."""
+    if not config.routes:
+        return config
+    if len(config.credentials) > 1:
+        names = ", ".join(config.credentials)
+        _fail(command, f"config: {command} works on a config with one credential; this one has several ({names})", 2)
+    return for_route(config, config.routes[0])
+
+
 def _usable_for_login(config: Config, command: str) -> None:
     """Exit 2 unless the config can take a login: a refresh_token grant, a state file, no configured token."""
     tok = config.token
@@ -295,7 +307,7 @@ def login_commands(
                   help="Give up after this many seconds without an approval.")
     def login(config_path: str | None, flow: str | None, no_browser: bool, timeout: float) -> None:
         """Log in as a person and keep the refresh token in the state file, for `tokenproxy run`."""
-        config = load(config_path)
+        config = one_credential(load(config_path), "login")
         setup_logging("warning", "text", secrets_of(config))
         _usable_for_login(config, "login")
         browser = not no_browser and can_open_browser(os.environ)
@@ -328,7 +340,7 @@ def login_commands(
     @config_option
     def logout(config_path: str | None) -> None:
         """Revoke the refresh token at the authorization server where it can be, and remove it from the state file."""
-        config = load(config_path)
+        config = one_credential(load(config_path), "logout")
         setup_logging("warning", "text", secrets_of(config))
         _usable_for_login(config, "logout")
         store = FileStore(Path(config.token.state_file))

@@ -26,6 +26,7 @@ from ..config import (
     load_config,
     secrets_of,
 )
+from ..config.schema import credentials_of, for_credential
 from ..core.causes import cause_in_words
 from ..core.errors import ProxyError
 from ..core.token import sendable
@@ -65,10 +66,40 @@ def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> C
 
 
 def _require_endpoint(config: Config) -> None:
-    """Exit 2 for a config naming no token endpoint: only `login` can start from one (it finds the issuer)."""
-    problem = endpoint_missing(config)
-    if problem is not None:
-        _fail_config(ConfigError([problem]))
+    """Exit 2 for a config (any credential of it) naming no token endpoint: only `login` can start from one."""
+    problems = []
+    for name in credentials_of(config):
+        problem = endpoint_missing(for_credential(config, name))
+        if problem is not None:
+            problems.append(problem if not config.routes else _credential_key(config, name) + problem[len("token") :])
+    if problems:
+        _fail_config(ConfigError(problems))
+
+
+def _credential_key(config: Config, name: str) -> str:
+    """How the config names a credential's table: `credentials.NAME`, or `route[N].token` for an inline one."""
+    for index, route in enumerate(config.routes):
+        if route.name == name and route.token == name:
+            return f"route[{index}].token"
+    return f"credentials.{name}"
+
+
+def _chosen(config: Config, command: str, name: str | None, *, one: bool) -> list[str]:
+    """The credentials a command works on: `--credential NAME`, else every one (exit 2 when `one` is needed and
+    there are several, or for an unknown name)."""
+    names = list(credentials_of(config))
+    if name is not None:
+        if name not in names:
+            click.echo(f"{command}: --credential: no credential {name!r}; the config has {', '.join(names)}", err=True)
+            sys.exit(2)
+        return [name]
+    if one and len(names) > 1:
+        click.echo(
+            f"{command}: the config has several credentials ({', '.join(names)}): name one with --credential NAME",
+            err=True,
+        )
+        sys.exit(2)
+    return names
 
 
 def _refuse_unsafe_state(state_file: str, command: str) -> None:
@@ -170,9 +201,11 @@ def run(
     if worker_link is None:
         for warning in _file_warnings(config_path):
             logging.getLogger("tokenproxy").warning("config: %s", warning)
-    _refuse_unsafe_state(config.token.state_file, "tokenproxy")
-    if (missing := not_logged_in(config)) is not None:
-        logging.getLogger("tokenproxy").warning("%s; until then requests get 503 login_required", missing)
+    for name in credentials_of(config):
+        view = for_credential(config, name)
+        _refuse_unsafe_state(view.token.state_file, "tokenproxy")
+        if (missing := not_logged_in(view)) is not None:
+            logging.getLogger("tokenproxy").warning("%s; until then requests get 503 login_required", missing)
 
     def reload() -> Config:
         # SIGHUP: the same file and command-line overrides, read again.
@@ -260,18 +293,39 @@ async def _one_token(config: Config, *, fresh: bool = False) -> tuple[str, float
         await session.close()
 
 
+_CREDENTIAL_OPTION = click.option(
+    "--credential",
+    "credential",
+    default=None,
+    metavar="NAME",
+    help="The credential to use ([credentials.NAME], or a route's name for its [route.token]).",
+)
+
+
 @main.command(epilog=_CONFIG_EPILOG)
 @_config_option
-def check(config_path: str | None) -> None:
-    """Validate the config, fetch one token from the token endpoint now and print its expiry (never the token)."""
+@_CREDENTIAL_OPTION
+def check(config_path: str | None, credential: str | None) -> None:
+    """Validate the config, fetch one token from the token endpoint now and print its expiry (never the token).
+
+    With several credentials, each one in turn (or only `--credential NAME`).
+    """
     config = _load(config_path)
     _require_endpoint(config)
     setup_logging("critical", "text", secrets_of(config))
     for warning in _file_warnings(config_path):
         click.echo(f"warning: config: {warning}", err=True)
+    names = _chosen(config, "check", credential, one=False)
+    for name in names:
+        _check_one(for_credential(config, name), f"credential {name}: " if config.routes else "")
+
+
+def _check_one(config: Config, label: str) -> None:
+    """`check` for one credential (`config` as it sees it); exits unless it is ok. `label` names it."""
     _refuse_unsafe_state(config.token.state_file, "check")
     if config.token.grant == "static":
-        _check_static(config)
+        _check_static(config, label)
+        return
     try:
         # A token in the state file proves nothing about the credential now: always ask the endpoint.
         _, expires_at, fp, generation = asyncio.run(_one_token(config, fresh=True))
@@ -280,33 +334,34 @@ def check(config_path: str | None) -> None:
     except DiscoveryError as error:
         _fail_discovery(error, "check")
     except ProxyError as error:
-        click.echo(f"check: {_token_failure(config, error)}", err=True)
+        click.echo(f"check: {label}{_token_failure(config, error)}", err=True)
         sys.exit(1)
     when = datetime.datetime.fromtimestamp(expires_at, datetime.UTC).isoformat(timespec="seconds")
     remaining = expires_at - datetime.datetime.now(datetime.UTC).timestamp()
     click.echo(
-        f"ok: grant {config.token.grant}, token {fp} (generation {generation}), "
+        f"ok: {label}grant {config.token.grant}, token {fp} (generation {generation}), "
         f"expires {when} (in {remaining:.0f}s)"
     )
 
 
-def _check_static(config: Config) -> NoReturn:
-    """`check` for a static token: nothing to contact, so only whether it can be sent at all."""
+def _check_static(config: Config, label: str = "") -> None:
+    """`check` for a static token: nothing to contact, so only whether it can be sent at all (exit 1 if not)."""
     settings = config.token.settings
     if not isinstance(settings, StaticSettings) or not sendable(settings.access_token):
-        click.echo("check: token_unavailable: the access token has characters a header cannot carry", err=True)
+        click.echo(f"check: {label}token_unavailable: the access token has characters a header cannot carry", err=True)
         sys.exit(1)
-    click.echo("ok: grant static: nothing to contact; the token is sent as configured")
-    sys.exit(0)
+    click.echo(f"ok: {label}grant static: nothing to contact; the token is sent as configured")
 
 
 @main.command(epilog=_CONFIG_EPILOG)
 @_config_option
-def token(config_path: str | None) -> None:
-    """Print a valid access token on standard output, for scripts."""
+@_CREDENTIAL_OPTION
+def token(config_path: str | None, credential: str | None) -> None:
+    """Print a valid access token on standard output, for scripts (with several credentials: `--credential NAME`)."""
     config = _load(config_path)
     _require_endpoint(config)
     setup_logging("critical", "text", secrets_of(config))
+    config = for_credential(config, _chosen(config, "token", credential, one=True)[0])
     _refuse_unsafe_state(config.token.state_file, "token")
     try:
         value, _, _, _ = asyncio.run(_one_token(config))

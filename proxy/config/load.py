@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from ..auth.registry import GRANTS
-from .schema import DEFAULT_GRANT, Config, TokenConfig, token_keys
+from .schema import DEFAULT_GRANT, Config, RouteConfig, TokenConfig, UpstreamConfig, token_keys
 from .secrets import is_secret_key
-from .validate import validate
+from .validate import route_problems, validate
 
 
 class ConfigError(Exception):
@@ -154,13 +154,16 @@ def _build(cls: Any, raw: Mapping[str, Any], prefix: str, env: Mapping[str, str]
     return cls(**_values({f.name: hints[f.name] for f in dataclasses.fields(cls)}, raw, prefix, env, problems))
 
 
-def _build_token(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> TokenConfig:
-    """`[token]`: the shared keys, and the chosen grant's own keys as its settings object.
+def _build_token(
+    raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], prefix: str = "token"
+) -> TokenConfig:
+    """`[token]` (or a credential's table, named by `prefix`): the shared keys, and the chosen grant's own keys
+    as its settings object.
 
     Every grant's keys are known (and checked against their types) whatever
     the grant; only the chosen grant's are kept.
     """
-    values = _values(token_keys(), raw, "token", env, problems)
+    values = _values(token_keys(), raw, prefix, env, problems)
     grant = GRANTS.get(values.get("grant", DEFAULT_GRANT), GRANTS[DEFAULT_GRANT])
     own = {f.name for f in dataclasses.fields(grant.settings)}
     settings = grant.settings(**{name: value for name, value in values.items() if name in own})
@@ -168,19 +171,112 @@ def _build_token(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[
     return TokenConfig(**{name: value for name, value in values.items() if name in shared}, settings=settings)
 
 
+# The keys of a `[[route]]` table besides the upstream keys (which are `[upstream]`'s).
+_ROUTE_KEYS: dict[str, Any] = {"name": str, "host": str, "path_prefix": str, "strip_prefix": bool}
+
+
+def _build_credentials(raw: Any, env: Mapping[str, str], problems: list[str]) -> dict[str, TokenConfig]:
+    """`[credentials.NAME]` tables, each with the keys of `[token]`."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"credentials: must be a table of [credentials.NAME] tables, got {_kind(raw)}")
+        return {}
+    credentials = {}
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            problems.append(f"credentials.{name}: must be a table (the keys of [token]), got {_kind(table)}")
+            continue
+        credentials[name] = _build_token(table, env, problems, f"credentials.{name}")
+    return credentials
+
+
+def _build_route(
+    index: int, raw: Any, upstream: UpstreamConfig, env: Mapping[str, str], problems: list[str]
+) -> tuple[RouteConfig, TokenConfig | None]:
+    """One `[[route]]` table: its own keys, its upstream keys laid over `[upstream]`, and its inline
+    `[route.token]` credential (None when it names one with `token = "NAME"`)."""
+    prefix = f"route[{index}]"
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix}: must be a table ([[route]]), got {_kind(raw)}")
+        return RouteConfig(), None
+    raw = dict(raw)
+    token = raw.pop("token", "")
+    inline: TokenConfig | None = None
+    if isinstance(token, dict):
+        inline, token = _build_token(token, env, problems, f"{prefix}.token"), ""
+    elif not isinstance(token, str):
+        problems.append(f"{prefix}.token: must be a credential's name or a [route.token] table, got {token!r}")
+        token = ""
+    hints = get_type_hints(UpstreamConfig)
+    # `token` is known (for did-you-mean), though it was taken out above.
+    types = {**_ROUTE_KEYS, "token": str, **{f.name: hints[f.name] for f in dataclasses.fields(UpstreamConfig)}}
+    values = _values(types, raw, prefix, env, problems)
+    own = {name: values.pop(name) for name in _ROUTE_KEYS if name in values}
+    route = RouteConfig(**own, token=token, upstream=dataclasses.replace(upstream, **values))
+    if inline is not None:
+        route = dataclasses.replace(route, token=route.name)
+    return route, inline
+
+
+def _build_routes(
+    raw: Mapping[str, Any], upstream: UpstreamConfig, env: Mapping[str, str], problems: list[str]
+) -> tuple[tuple[RouteConfig, ...], dict[str, TokenConfig]]:
+    """The `[[route]]` tables and every credential (named and inline); empty without `[[route]]`."""
+    credentials = _build_credentials(raw.get("credentials"), env, problems)
+    tables = raw.get("route")
+    if tables is None:
+        if credentials:
+            problems.append("credentials: [credentials.NAME] tables are used by [[route]] tables, and there are none")
+        return (), credentials
+    if not isinstance(tables, list) or not tables:
+        problems.append(f"route: must be one or more [[route]] tables, got {_kind(tables)}")
+        return (), credentials
+    routes = []
+    for index, table in enumerate(tables):
+        if len(tables) > 1 and isinstance(table, dict) and "name" not in table:
+            problems.append(f"route[{index}].name: is required when there are several routes (logs and metrics use it)")
+        route, inline = _build_route(index, table, upstream, env, problems)
+        if inline is not None:
+            if route.name in credentials:
+                problems.append(
+                    f"route[{index}].token: an inline [route.token] is the credential {route.name!r}, "
+                    f"and [credentials.{route.name}] has that name too"
+                )
+            credentials[route.name] = inline
+        routes.append(route)
+    return tuple(routes), credentials
+
+
 def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     """Turn a parsed TOML document into a validated Config, or raise ConfigError."""
     problems: list[str] = []
-    config: Config = _build(Config, raw, "", env, problems)
+    sections = {name: value for name, value in raw.items() if name not in ("route", "credentials")}
+    config: Config = _build(Config, sections, "", env, problems)
+    if "route" in raw or "credentials" in raw:
+        routes, credentials = _build_routes(raw, config.upstream, env, problems)
+        config = dataclasses.replace(config, routes=routes, credentials=credentials)
+        if routes and "token" in raw:
+            problems.append(
+                "[token]: with [[route]] tables, a credential is a [credentials.NAME] table (or a route's "
+                "[route.token]), named by the route's token key"
+            )
     # A key that already failed its type check is not judged again on its default.
     named = {line.split(":", 1)[0] for line in problems}
-    problems.extend(line for line in validate(config) if line.split(":", 1)[0] not in named)
+    problems.extend(line for line in validate(config) + route_problems(config) if line.split(":", 1)[0] not in named)
     if problems:
         raise ConfigError(problems)
-    state_file = config.token.state_file
-    if state_file:
-        state_file = str(Path(state_file).expanduser())
-    return dataclasses.replace(config, token=dataclasses.replace(config.token, state_file=state_file))
+    return dataclasses.replace(
+        config,
+        token=_expand_state_file(config.token),
+        credentials={name: _expand_state_file(tok) for name, tok in config.credentials.items()},
+    )
+
+
+def _expand_state_file(token: TokenConfig) -> TokenConfig:
+    """`token` with `~` in its state_file expanded."""
+    state_file = str(Path(token.state_file).expanduser()) if token.state_file else ""
+    return dataclasses.replace(token, state_file=state_file)
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -10,7 +10,7 @@ Knows nothing of TOML, the environment or validation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -146,9 +146,36 @@ class LogConfig:
     access_log: bool = True
 
 
+# The name of the one route (and of its credential) that `[upstream]` + `[token]` without `[[route]]` make.
+DEFAULT_ROUTE = "default"
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One `[[route]]` table: what it matches, the upstream it goes to and the credential it is sent with.
+
+    `upstream` is `[upstream]` with the route's own upstream keys (flat in the
+    route's table) laid over it. `token` names the route's credential: a
+    `[credentials.NAME]` table, or the route's inline `[route.token]`, which
+    is a credential named after the route.
+    """
+
+    name: str = DEFAULT_ROUTE
+    host: str = ""  # lower-case; a port in it must match, none matches any port
+    path_prefix: str = ""  # "" or "/a/b": matches /a/b and /a/b/..., never /a/bc
+    strip_prefix: bool = False
+    token: str = ""
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig, metadata=FLAT)
+
+
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration, parsed and validated once."""
+    """The whole configuration, parsed and validated once.
+
+    `routes` and `credentials` are empty for a config without `[[route]]`:
+    its `[upstream]` and `[token]` are then one route that matches every
+    request (see `routes_of`).
+    """
 
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -157,6 +184,33 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    routes: tuple[RouteConfig, ...] = ()
+    credentials: Mapping[str, TokenConfig] = field(default_factory=dict)
+
+
+def routes_of(config: Config) -> tuple[RouteConfig, ...]:
+    """The routes in force, first match first: the `[[route]]` tables, or the one route `[upstream]` makes."""
+    if config.routes:
+        return config.routes
+    return (RouteConfig(token=DEFAULT_ROUTE, upstream=config.upstream),)
+
+
+def credentials_of(config: Config) -> dict[str, TokenConfig]:
+    """Every credential by its name: the named and inline ones of the routes, or `[token]` as `default`."""
+    if config.routes:
+        return dict(config.credentials)
+    return {DEFAULT_ROUTE: config.token}
+
+
+def for_credential(config: Config, name: str) -> Config:
+    """`config` as one credential sees it: its `[token]` is that credential's table (a route's upstream
+    is given to it with `for_route`)."""
+    return dataclasses.replace(config, token=credentials_of(config)[name])
+
+
+def for_route(config: Config, route: RouteConfig) -> Config:
+    """`config` as one route sees it: its upstream and its credential in place of `[upstream]` and `[token]`."""
+    return dataclasses.replace(config, upstream=route.upstream, token=credentials_of(config)[route.token])
 
 
 def token_keys() -> dict[str, Any]:

@@ -36,13 +36,27 @@ def effective_toml(config: Config, heading: str) -> str:
     was set is now the text `<set>`.
     """
     lines = [f"# {line}".rstrip() for line in heading.splitlines()]
-    _table(config, "", lines)
+    _table(config, "", lines, skip=frozenset({"token"}) if config.routes else frozenset())
+    inline = {route.name for route in config.routes if route.token == route.name}
+    for name, token in config.credentials.items():
+        if name not in inline:
+            _table(token, f"credentials.{name}", lines)
+    for route in config.routes:
+        lines += ["", "[[route]]"]
+        for key, f, value in _entries(route):
+            if key != "token" or route.name not in inline:
+                shape = secret_shape(f.metadata)
+                lines.append(f"{key} = {_value(key, _masked(shape, value) if shape else value)}")
+        if route.name in inline:
+            _table(config.credentials[route.name], "route.token", lines)
     return "\n".join(lines) + "\n"
 
 
 def _entries(section: Any) -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:
     """The keys of one table with their fields and values; a FLAT field's keys sit in the table itself."""
     for f in dataclasses.fields(section):
+        if f.name in ("routes", "credentials"):
+            continue  # written after the sections, as [credentials.NAME] and [[route]] tables
         value = getattr(section, f.name)
         if f.metadata.get("flat"):
             yield from _entries(value)
@@ -54,9 +68,9 @@ def _is_table(value: Any) -> bool:
     return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
-def _table(section: Any, name: str, lines: list[str]) -> None:
-    """Append `[name]` and its keys, then its tables, each under its own header."""
-    entries = list(_entries(section))
+def _table(section: Any, name: str, lines: list[str], skip: frozenset[str] = frozenset()) -> None:
+    """Append `[name]` and its keys, then its tables (but those in `skip`), each under its own header."""
+    entries = [entry for entry in _entries(section) if entry[0] not in skip]
     if name:
         lines += ["", f"[{name}]"]
     for key, f, value in entries:

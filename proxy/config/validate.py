@@ -8,6 +8,7 @@ grant registry. Knows nothing of TOML or the environment.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import re
 import ssl
@@ -26,6 +27,7 @@ from .schema import (
     LogConfig,
     QueueConfig,
     RetryConfig,
+    RouteConfig,
     ServerConfig,
     StoreConfig,
     TokenConfig,
@@ -308,12 +310,76 @@ def _log_problems(log: LogConfig) -> list[str]:
     return problems
 
 
+def _renamed(problems: list[str], section: str, prefix: str) -> list[str]:
+    """Problems a section's checks name as `section.key`, named `prefix.key` instead (a route, a credential)."""
+    return [prefix + line[len(section) :] if line.startswith(f"{section}.") else line for line in problems]
+
+
+# A route's host: a name or address as a client asks for it, with an optional port; no scheme, path or user.
+_ROUTE_HOST = re.compile(r"(?:[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+# A route's path_prefix: /segment/segment, no query, no trailing slash.
+_PATH_PREFIX = re.compile(r"(?:/[^/?#\s]+)+")
+
+
+def _one_route_problems(index: int, route: RouteConfig, several: bool, credentials: set[str]) -> list[str]:
+    """What one `[[route]]` table gets wrong on its own."""
+    prefix = f"route[{index}]"
+    problems = []
+    if several and not route.host and not route.path_prefix:
+        problems.append(
+            f"{prefix}: give host or path_prefix (or both): with several routes, each says which requests it takes"
+        )
+    if route.host and not _ROUTE_HOST.fullmatch(route.host):
+        problems.append(f"{prefix}.host: must be a lower-case host name with an optional :port, got {route.host!r}")
+    if route.path_prefix and not _PATH_PREFIX.fullmatch(route.path_prefix):
+        problems.append(
+            f"{prefix}.path_prefix: must start with / and not end with /, without a query, got {route.path_prefix!r}"
+        )
+    if route.strip_prefix and not route.path_prefix:
+        problems.append(f"{prefix}.strip_prefix: needs {prefix}.path_prefix")
+    if not route.token:
+        problems.append(f"{prefix}.token: is required: a [credentials.NAME] table's name, or a [route.token] table")
+    elif route.token not in credentials:
+        close = difflib.get_close_matches(route.token, sorted(credentials), n=1)
+        guess = f"; did you mean {close[0]!r}?" if close else ""
+        problems.append(f"{prefix}.token: no [credentials.{route.token}] table{guess}")
+    return problems + _renamed(_upstream_problems(route.upstream), "upstream", prefix)
+
+
+def route_problems(config: Config) -> list[str]:
+    """Every problem of the `[[route]]` tables and `[credentials.NAME]` tables, naming the key."""
+    if not config.routes:
+        return []
+    problems = []
+    if config.upstream.url:
+        problems.append(
+            "upstream.url: with [[route]] tables each route gives its url; [upstream] holds only what they share"
+        )
+    several = len(config.routes) > 1
+    seen: dict[str, int] = {}
+    for index, route in enumerate(config.routes):
+        if route.name in seen:
+            problems.append(f"route[{index}].name: {route.name!r} is already the name of route[{seen[route.name]}]")
+        seen.setdefault(route.name, index)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", route.name):
+            problems.append(f"route[{index}].name: must be letters, digits, '_', '-' or '.', got {route.name!r}")
+        problems += _one_route_problems(index, route, several, set(config.credentials))
+    for name, tok in config.credentials.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            problems.append(f"credentials.{name}: a credential's name must be letters, digits, '_', '-' or '.'")
+        inline = next((i for i, r in enumerate(config.routes) if r.name == name and r.token == name), None)
+        where = f"credentials.{name}" if inline is None else f"route[{inline}].token"
+        problems += _renamed(_token_problems(tok), "token", where)
+    return problems
+
+
 def validate(config: Config) -> list[str]:
     """Every problem of a config whose values have the right types, one line each, naming the key."""
+    routed = bool(config.routes)
     return [
         *_server_problems(config.server),
-        *_upstream_problems(config.upstream),
-        *_token_problems(config.token),
+        *(_upstream_problems(config.upstream) if not routed else []),
+        *(_token_problems(config.token) if not routed else []),
         *_queue_problems(config.queue),
         *_retry_problems(config.retry),
         *_store_problems(config.store, config.token),

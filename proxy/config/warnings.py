@@ -57,6 +57,31 @@ def _raw_value(raw: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def _secret_values(raw: Mapping[str, Any]) -> list[tuple[str, SecretShape, Any]]:
+    """Every secret key of a parsed config file with its shape and raw value: the sections', and the `[token]`
+    keys of each `[credentials.NAME]` and `[route.token]` table, named where they sit."""
+    tables: list[tuple[str, Any]] = []
+    credentials = raw.get("credentials")
+    if isinstance(credentials, Mapping):
+        tables += [(f"credentials.{name}", table) for name, table in credentials.items()]
+    routes = raw.get("route")
+    if isinstance(routes, list):
+        tables += [
+            (f"route[{index}].token", route.get("token"))
+            for index, route in enumerate(routes)
+            if isinstance(route, Mapping)
+        ]
+    found = [(key, shape, _raw_value(raw, key)) for key, shape in SECRET_KEYS.items()]
+    for where, table in tables:
+        if isinstance(table, Mapping):
+            found += [
+                (where + key[len("token") :], shape, _raw_value({"token": table}, key))
+                for key, shape in SECRET_KEYS.items()
+                if key.startswith("token.")
+            ]
+    return found
+
+
 def literal_secrets(raw: Mapping[str, Any]) -> list[str]:
     """The secret keys whose value in a parsed config file is literal text, not only `${VAR}` references.
 
@@ -66,8 +91,7 @@ def literal_secrets(raw: Mapping[str, Any]) -> list[str]:
     one of its string values is literal.
     """
     found = []
-    for key, shape in SECRET_KEYS.items():
-        value = _raw_value(raw, key)
+    for key, shape, value in _secret_values(raw):
         if shape is SecretShape.HEADER_VALUES:
             if isinstance(value, Mapping):
                 found += [

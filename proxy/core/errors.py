@@ -90,6 +90,13 @@ class Forbidden(ProxyError):
     code = "forbidden"
 
 
+class NoRoute(ProxyError):
+    """No configured route takes the request: it is forwarded nowhere."""
+
+    status = 404
+    code = "no_route"
+
+
 class BadRequest(ProxyError):
     """The request cannot be forwarded as it is."""
 

@@ -7,14 +7,17 @@ the metrics registry; never changes anything.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
+from ..core.errors import NoRoute
 from ..tokens.manager import ManagerStatus, TokenManager
-from .render import ERROR_HEADER
+from .render import ERROR_HEADER, error_response
 
 StatusSource = Callable[[], TokenManager]
+# The routes and credentials in force: route name -> credential name, credential name -> its token manager.
+RoutesSource = Callable[[], tuple[Mapping[str, str], Mapping[str, TokenManager]]]
 
 
 def readiness(status: ManagerStatus, now: float, ready_before_token: bool = False) -> tuple[bool, str, str]:
@@ -73,23 +76,51 @@ def _not_before_token() -> bool:
     return False
 
 
+def overall_readiness(
+    managers: Mapping[str, TokenManager], now: float, ready_before_token: bool = False
+) -> tuple[bool, str, str]:
+    """(ready, code, sentence) for several credentials: ready when every one is; else the first that is not,
+    named in the sentence when there are several."""
+    if len(managers) == 1:
+        return readiness(next(iter(managers.values())).status(), now, ready_before_token)
+    for name, manager in managers.items():
+        ready, code, detail = readiness(manager.status(), now, ready_before_token)
+        if not ready:
+            return False, code, f"credential {name}: {detail}" if len(managers) > 1 else detail
+    return True, "ok", "a valid token is held, or can be obtained, for every credential"
+
+
 def build_admin_app(
     tokens: StatusSource,
     metrics_text: Callable[[], bytes] | None = None,
     clock: Callable[[], float] = time.time,
     ready_before_token: Callable[[], bool] = _not_before_token,
+    routes: RoutesSource | None = None,
 ) -> web.Application:
-    """The admin Application: /healthz, /readyz, /status and (when given) /metrics.
+    """The admin Application: /healthz, /readyz (`?route=NAME`: one route's), /status and (when given) /metrics.
 
-    `ready_before_token` reads `server.ready_before_token` as it is now (a reload may change it).
+    `ready_before_token` reads `server.ready_before_token` as it is now (a reload may change it);
+    `routes` gives the routes and credentials in force (without it, `tokens()` is the one credential).
     """
     app = web.Application()
+
+    def in_force() -> tuple[Mapping[str, str], Mapping[str, TokenManager]]:
+        return routes() if routes is not None else ({"default": "default"}, {"default": tokens()})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        ready, code, detail = readiness(tokens().status(), clock(), ready_before_token())
+        route_credentials, managers = in_force()
+        name = request.query.get("route")
+        if name is not None:
+            if name not in route_credentials:
+                return error_response(NoRoute("no route has this name"))
+            managers = {route_credentials[name]: managers[route_credentials[name]]}
+        if routes is None:
+            ready, code, detail = readiness(tokens().status(), clock(), ready_before_token())
+        else:
+            ready, code, detail = overall_readiness(managers, clock(), ready_before_token())
         headers = {} if ready else {ERROR_HEADER: code}
         return web.json_response(
             {"status": "ready" if ready else "not_ready", "reason": code, "detail": detail},
@@ -103,6 +134,14 @@ def build_admin_app(
         describe = getattr(manager.coordination, "describe", None)  # a shared store (Redis) says how it is
         if describe is not None:
             document["store"] = describe()
+        if routes is not None:
+            route_credentials, managers = routes()
+            now = clock()
+            document["routes"] = [{"name": name, "credential": cred} for name, cred in route_credentials.items()]
+            document["credentials"] = {
+                name: status_document(each.status(), now, each.grant_name, ready_before_token())
+                for name, each in managers.items()
+            }
         return web.json_response(document)
 
     app.router.add_get("/healthz", healthz)

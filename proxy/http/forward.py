@@ -81,10 +81,10 @@ def refuse_unwritable(request: web.BaseRequest, reason: str, headers: Iterable[t
     raise UpstreamUnreachable(f"the upstream's answer cannot be relayed: a control character in {where}")
 
 
-def _log_not_resent(request: web.BaseRequest, status: int, why: str) -> None:
+def _log_not_resent(request: web.BaseRequest, status: int, why: str, route: str) -> None:
     """The debug line for a refresh status handed to the client as it is."""
     path = request.raw_path.partition("?")[0]
-    logger.debug("not resending %s %s: %s; the %d is passed on", request.method, path, why, status)
+    logger.debug("not resending %s %s (route %s): %s; the %d is passed on", request.method, path, route, why, status)
 
 
 # The likely fix when a client sends an absolute-form target (it treats tokenproxy as its HTTP proxy).
@@ -211,7 +211,7 @@ class Forwarder:
             # Once the answer has begun, its status is what the client got, even if it then hung up.
             if state.sent_status is not None:
                 status = state.sent_status
-            self._metrics.request_done(status)
+            route.metrics.request_done(status)
             access_line(
                 request.method,
                 request.raw_path,
@@ -219,6 +219,7 @@ class Forwarder:
                 time.perf_counter() - started,
                 state.resent,
                 state.generation,
+                route.name,
             )
 
     async def _journey(self, request: web.BaseRequest, route: Route, state: _Journey) -> web.StreamResponse:
@@ -228,10 +229,12 @@ class Forwarder:
         if not target.isascii():
             raise BadRequest("the request target must be ASCII; percent-encode other bytes")
         if not target.startswith("/"):
-            origin_form = route.upstream.origin_form_of(target)
+            origin_form = route.origin_form_of(target)
             if origin_form is None:
                 raise BadRequest(another_host_detail(request, target))
             target = origin_form
+        if route.strip_prefix:
+            target = route.forwarded_target(target)
         headers = request_header_bytes(request.raw_headers, route.drop)
         body = bodiless(request) or await read_body(request, route.replay_limit, self._memory, self._replay_wait)
         state.held = body.held
@@ -249,15 +252,16 @@ class Forwarder:
                 renewed = await tokens.renew(token, challenge)
                 if renewed is None:
                     if logger.isEnabledFor(logging.DEBUG):
-                        _log_not_resent(request, kept.status, "no new token to resend with")
+                        _log_not_resent(request, kept.status, "no new token to resend with", route.name)
                     refuse_unwritable(request, kept.reason, kept.headers.items())
                     self._metrics.rejection_passed_through()
                     return kept
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
-                        "resending %s %s with token %s generation %d after %d to generation %d",
+                        "resending %s %s (route %s) with token %s generation %d after %d to generation %d",
                         request.method,
                         request.raw_path.partition("?")[0],
+                        route.name,
                         renewed.fingerprint,
                         renewed.generation,
                         kept.status,
@@ -271,7 +275,7 @@ class Forwarder:
                 # Not replayable: the client gets this answer, and its own retry a new token.
                 if logger.isEnabledFor(logging.DEBUG):
                     why = "the answer is too large to hold" if body.replayable else "the request body was streamed"
-                    _log_not_resent(request, upstream.status, why)
+                    _log_not_resent(request, upstream.status, why, route.name)
                 tokens.renew_later(token, challenge)
                 self._metrics.rejection_passed_through()
                 prefix = kept or b""

@@ -39,7 +39,7 @@ LINGER = 0.05
 _CLOSE_WAIT = 5.0
 
 # time (epoch), method, path (no query), status, duration (s), resent, token generation
-Entry = tuple[float, str, str, int, float, bool, int | None]
+Entry = tuple[float, str, str, int, float, bool, int | None, str]
 
 
 class AccessWriter:
@@ -142,15 +142,16 @@ class AccessWriter:
         return self._prefix, int((when - second) * 1000)
 
     def _line(self, entry: Entry) -> str:
-        when, method, path, status, duration, resent, generation = entry
+        when, method, path, status, duration, resent, generation, route = entry
         path = self._clean(path)
-        message = '"%s %s" %d %.1fms resent=%s gen=%s' % (  # noqa: UP031 - the access line's fixed layout
+        message = '"%s %s" %d %.1fms resent=%s gen=%s route=%s' % (  # noqa: UP031 - the access line's fixed layout
             method,
             path,
             status,
             duration * 1000.0,
             "yes" if resent else "no",
             "-" if generation is None else generation,
+            route,
         )
         prefix, millis = self._time(when)
         if not self._json:
@@ -161,7 +162,7 @@ class AccessWriter:
             f'{{"time": "{prefix}.{millis:03d}Z", "level": "info", "logger": "tokenproxy.access", '
             f'"message": {text(message)}, "method": {text(method)}, "path": {text(path)}, "status": {status}, '
             f'"duration_ms": {round(duration * 1000.0, 3)!r}, "resent": {"true" if resent else "false"}, '
-            f'"generation": {"null" if generation is None else generation}}}\n'
+            f'"generation": {"null" if generation is None else generation}, "route": {text(route)}}}\n'
         )
 
     def _dropped_line(self, count: int) -> str:

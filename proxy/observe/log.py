@@ -137,27 +137,28 @@ if hasattr(os, "register_at_fork"):
 
 
 def access_line(
-    method: str, target: str, status: int, duration: float, resent: bool, generation: int | None
+    method: str, target: str, status: int, duration: float, resent: bool, generation: int | None, route: str = "default"
 ) -> None:
-    """Log one finished request: its path without the query (never its headers or body).
+    """Log one finished request: its path without the query (never its headers or body), naming the route it took.
 
     Queued to the writer thread when there is one.
     """
     writer = _writer
     if writer is not None:
-        writer.put((time.time(), method, target.partition("?")[0], status, duration, resent, generation))
+        writer.put((time.time(), method, target.partition("?")[0], status, duration, resent, generation, route))
         return
     if not _access.isEnabledFor(logging.INFO):
         return
     path = target.partition("?")[0]
     _access.info(
-        '"%s %s" %d %.1fms resent=%s gen=%s',
+        '"%s %s" %d %.1fms resent=%s gen=%s route=%s',
         method,
         path,
         status,
         duration * 1000.0,
         "yes" if resent else "no",
         "-" if generation is None else generation,
+        route,
         extra={
             "method": method,
             "path": path,
@@ -165,6 +166,7 @@ def access_line(
             "duration_ms": round(duration * 1000.0, 3),
             "resent": resent,
             "generation": generation,
+            "route": route,
         },
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,16 +106,57 @@ class NullMetrics:
 NULL_METRICS = NullMetrics()
 
 
-class Metrics(Collector):
-    """The proxy's metrics. Record from the event loop; read by scraping `render()`."""
+class _Labelled:
+    """A recorder for one route or one credential: what it records carries that name as a label.
 
-    def __init__(self, token_gauges: Callable[[], TokenGauges | None] = lambda: None) -> None:
+    Built once per route (or credential) when the config is put in force, so
+    the labels are bounded by the config; everything else goes to `metrics`.
+    """
+
+    def __init__(self, metrics: Metrics, route: str = "", credential: str = "") -> None:
+        self._metrics = metrics
+        self._requests = metrics.requests_of(route) if route else metrics.requests_of("default")
+        self._credential = credential
+        self.upstream_answered = metrics.upstream_answered
+        self.resent = metrics.resent
+        self.rejection_passed_through = metrics.rejection_passed_through
+        self.queue_rejected = metrics.queue_rejected
+        self.lease_event = metrics.lease_event
+        self.store_error = metrics.store_error
+        self.store_mode = metrics.store_mode
+        self.token_source = metrics.token_source
+
+    def request_done(self, status: int) -> None:
+        """Count one answered client request of this route."""
+        self._requests[min(max(status // 100, 1), 5) - 1] += 1
+
+    def refresh_done(self, grant: str, result: str, seconds: float) -> None:
+        """Count one refresh of this credential (`ok` or an error code) and its duration."""
+        self._metrics.credential_refresh_done(self._credential, grant, result, seconds)
+
+
+class Metrics(Collector):
+    """The proxy's metrics. Record from the event loop; read by scraping `render()`.
+
+    Requests carry a `route` label and token metrics a `credential` label:
+    record through `for_route(name)` and `for_credential(name)`, whose names
+    come from the config only. `credential_gauges` gives each credential's
+    token gauges by name.
+    """
+
+    def __init__(
+        self,
+        token_gauges: Callable[[], TokenGauges | None] = lambda: None,
+        credential_gauges: Callable[[], Mapping[str, TokenGauges]] | None = None,
+    ) -> None:
         self._token_gauges = token_gauges
-        self._requests = [0] * len(_STATUS_CLASSES)
+        self._credential_gauges = credential_gauges
+        self._requests: dict[str, list[int]] = {}  # by route name: a count per status class
         self._upstream_latency = Histogram()
         self._resends = 0
         self._passed_through = 0
         self._refreshes: Counter[tuple[str, str]] = Counter()
+        self._credential_refreshes: Counter[tuple[str, str, str]] = Counter()
         self._refresh_duration = Histogram()
         self._queue_rejections: Counter[str] = Counter()
         self._lease_events: Counter[str] = Counter()
@@ -130,8 +171,26 @@ class Metrics(Collector):
         PlatformCollector(registry=self.registry)
 
     def request_done(self, status: int) -> None:
-        """Count one answered client request."""
-        self._requests[min(max(status // 100, 1), 5) - 1] += 1
+        """Count one answered client request (of the route `default`)."""
+        counts = self.requests_of("default")
+        counts[min(max(status // 100, 1), 5) - 1] += 1
+
+    def requests_of(self, route: str) -> list[int]:
+        """The request counts (one per status class) of a route, made when first asked for."""
+        return self._requests.setdefault(route, [0] * len(_STATUS_CLASSES))
+
+    def for_route(self, route: str) -> _Labelled:
+        """The recorder of one configured route: its requests are counted with `route="NAME"`."""
+        return _Labelled(self, route=route)
+
+    def for_credential(self, credential: str) -> _Labelled:
+        """The recorder of one configured credential: its refreshes are counted with `credential="NAME"`."""
+        return _Labelled(self, credential=credential)
+
+    def credential_refresh_done(self, credential: str, grant: str, result: str, seconds: float) -> None:
+        """Count one refresh of a credential (`ok` or an error code) and its duration."""
+        self._credential_refreshes[(credential, grant, result)] += 1
+        self._refresh_duration.observe(seconds)
 
     def upstream_answered(self, seconds: float) -> None:
         """Record the time to an upstream's response headers."""
@@ -202,10 +261,13 @@ class Metrics(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         """Every metric, as prometheus-client families (called on scrape)."""
         requests = CounterMetricFamily(
-            "tokenproxy_requests", "Client requests answered, by status class.", labels=["status_class"]
+            "tokenproxy_requests",
+            "Client requests answered, by route and status class.",
+            labels=["route", "status_class"],
         )
-        for name, value in zip(_STATUS_CLASSES, self._requests, strict=True):
-            requests.add_metric([name], value)
+        for route, counts in self._requests.items():
+            for name, value in zip(_STATUS_CLASSES, counts, strict=True):
+                requests.add_metric([route, name], value)
         yield requests
         yield self._upstream_latency.family(
             "tokenproxy_upstream_latency_seconds", "Time from sending a request upstream to its response headers."
@@ -221,6 +283,14 @@ class Metrics(Collector):
         )
         for (grant, result), value in sorted(self._refreshes.items()):
             refreshes.add_metric([grant, result], value)
+        if self._credential_refreshes:
+            refreshes = CounterMetricFamily(
+                "tokenproxy_refreshes",
+                "Token refreshes, by credential, grant and result.",
+                labels=["credential", "grant", "result"],
+            )
+            for (credential, grant, result), value in sorted(self._credential_refreshes.items()):
+                refreshes.add_metric([credential, grant, result], value)
         yield refreshes
         yield self._refresh_duration.family("tokenproxy_refresh_duration_seconds", "Time a token refresh took.")
         rejections = CounterMetricFamily(
@@ -230,6 +300,9 @@ class Metrics(Collector):
             rejections.add_metric([reason], self._queue_rejections[reason])
         yield rejections
         yield from self._store_families()
+        if self._credential_gauges is not None:
+            yield from self._credential_families(self._credential_gauges())
+            return
         gauges = self._token_gauges()
         if gauges is None:
             return
@@ -248,6 +321,29 @@ class Metrics(Collector):
                 "Successful refreshes so far (the token's generation).",
                 value=gauges.generation,
             )
+
+    def _credential_families(self, gauges: Mapping[str, TokenGauges]) -> Iterator[GaugeMetricFamily]:
+        """Each credential's token gauges, labelled with its name."""
+        waiting = GaugeMetricFamily(
+            "tokenproxy_waiting_requests", "Requests waiting for a token right now.", labels=["credential"]
+        )
+        expires = GaugeMetricFamily(
+            "tokenproxy_token_expires_in_seconds", "Seconds until the current access token expires.",
+            labels=["credential"],
+        )
+        generation = GaugeMetricFamily(
+            "tokenproxy_token_generation", "Successful refreshes so far (the token's generation).",
+            labels=["credential"],
+        )
+        for name, gauge in gauges.items():
+            waiting.add_metric([name], gauge.waiting)
+            if gauge.expires_in is not None:
+                expires.add_metric([name], gauge.expires_in)
+            if gauge.generation is not None:
+                generation.add_metric([name], gauge.generation)
+        yield waiting
+        yield expires
+        yield generation
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +14,7 @@ from ..auth.discovery import ServerMetadata, discover
 from ..auth.protocol import Grant, GrantContext, RequestShape
 from ..auth.registry import GRANTS
 from ..config import Config, TokenConfig
+from ..config.schema import credentials_of, for_credential
 from ..core.causes import safe_url
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..tokens.coordination import Coordination, InProcessCoordination
@@ -55,6 +57,34 @@ async def with_discovery(config: Config, session: aiohttp.ClientSession) -> tupl
     return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings)), metadata
 
 
+async def resolve_credentials(config: Config, session_for: Callable[[Config, str], aiohttp.ClientSession]) -> Config:
+    """`config` with each credential's registered client filled in and its issuer's metadata fetched
+    (`with_discovery`, one credential after the other, each with its own token endpoint session)."""
+    for name in credentials_of(config):
+        resolved, _ = await with_discovery(for_credential(config, name), session_for(config, name))
+        config = _with_credential(config, name, resolved.token)
+    return config
+
+
+def registered_clients(config: Config) -> Config:
+    """`config` with each credential's registered client filled in (`with_registered_client`)."""
+    for name in credentials_of(config):
+        config = _with_credential(config, name, with_registered_client(for_credential(config, name)).token)
+    return config
+
+
+def _with_credential(config: Config, name: str, token: TokenConfig) -> Config:
+    """`config` with the credential `name` replaced by `token`."""
+    if config.routes:
+        return dataclasses.replace(config, credentials={**config.credentials, name: token})
+    return dataclasses.replace(config, token=token)
+
+
+def has_issuer(config: Config) -> bool:
+    """True when a credential names its token endpoint by an issuer (found by discovery)."""
+    return any(token.issuer for token in credentials_of(config).values())
+
+
 def with_registered_client(config: Config) -> Config:
     """The config with the public client `tokenproxy login` registered (kept in the state file) when it names
     no client_id; unchanged otherwise. Reads the state file: at start and on reload only."""
@@ -79,8 +109,8 @@ def request_of(token: TokenConfig) -> RequestShape:
 
 
 def build_store(token: TokenConfig) -> Store:
-    """The state file store, or one that keeps nothing when `state_file` is empty."""
-    return FileStore(Path(token.state_file)) if token.state_file else NullStore()
+    """The state file store (this credential's entry in it), or one that keeps nothing when `state_file` is empty."""
+    return FileStore(Path(token.state_file), credential_of(token)) if token.state_file else NullStore()
 
 
 def build_redis_coordination(config: Config, local: Store, metrics: Recorder) -> Coordination | None:
@@ -132,11 +162,15 @@ def build_policy(config: Config) -> RefreshPolicy:
 
 
 def make_token_manager(
-    config: Config, session: aiohttp.ClientSession, clock: Clock = time.time, metrics: Recorder = NULL_METRICS
+    config: Config,
+    session: aiohttp.ClientSession,
+    clock: Clock = time.time,
+    metrics: Recorder = NULL_METRICS,
+    store: Store | None = None,
 ) -> TokenManager:
-    """A TokenManager for the configured credential, resumed from its state file."""
+    """A TokenManager for the configured credential, resumed from its state file (`store`, else its own)."""
     tok = config.token
-    store = build_store(tok)
+    store = build_store(tok) if store is None else store
     manager = TokenManager(
         build_grant(tok, session),
         store,

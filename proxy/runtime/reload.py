@@ -10,9 +10,13 @@ from aiohttp import web
 
 from ..auth.discovery import DiscoveryError
 from ..config import Config, restart_only_changes
-from ..tokens.change import Reconfigured, TokenChange
-from .app import ENTRY, FORWARDER, TOKEN_SESSION, TOKENS, build_route
-from .credentials import build_grant, build_policy, credential_of, request_of, with_discovery, with_registered_client
+from ..config.schema import values_of
+from ..core.errors import ProxyError
+from .app import ENTRY, FORWARDER, METRICS, ROUTING
+from .credentials import has_issuer, registered_clients, resolve_credentials
+from .routing import token_note
+
+__all__ = ["Note", "Reloader", "apply_reload", "route_restart_changes", "token_note"]
 
 logger = logging.getLogger("tokenproxy")
 
@@ -35,34 +39,31 @@ def apply_reload(app: web.Application, in_force: Config, new: Config) -> list[No
     """
     notes = [
         Note(logging.WARNING, f"{key} changed; it takes effect after a restart")
-        for key in restart_only_changes(in_force, new)
+        for key in restart_only_changes(in_force, new) + route_restart_changes(in_force, new)
     ]
-    tok = new.token
-    outcome = app[TOKENS].reconfigure(
-        build_grant(tok, app[TOKEN_SESSION]),
-        build_policy(new),
-        refresh_token=tok.refresh_token or None,
-        credential=credential_of(tok),
-        request=request_of(tok),
-        fetch_now=new.server.fetch_on_start or tok.grant == "static",
-    )
-    notes.append(Note(logging.INFO, token_note(outcome)))
-    route = build_route(new, app[TOKENS])
-    app[FORWARDER].reconfigure(upstream=route.upstream, replay_memory=new.retry.replay_memory)
-    app[ENTRY].route = route  # requests under way keep the route they started with
+    routing = app[ROUTING]
+    notes += [Note(logging.INFO, text) for text in routing.reconfigure_credentials(new)]
+    router = routing.build_routes(new, app[METRICS].for_route)
+    app[FORWARDER].reconfigure(upstream=router.routes[0].upstream, replay_memory=new.retry.replay_memory)
+    app[ENTRY].router = router  # requests under way keep the route they started with
     return notes
 
 
-def token_note(outcome: Reconfigured) -> str:
-    """What the log says a reload did to the current token, naming the keys (never their values) that changed."""
-    keys = f" ({', '.join(outcome.keys)})" if outcome.keys else ""
-    if outcome.change is TokenChange.KEPT:
-        return "current token kept"
-    if outcome.change is TokenChange.REQUEST:
-        return f"token request changed{keys}: a new token will be fetched"
-    if outcome.change is TokenChange.LOGIN:
-        return f"login changed{keys}: a new token will be fetched"
-    return f"credential changed{keys}: a new token will be fetched"
+def route_restart_changes(in_force: Config, new: Config) -> list[str]:
+    """The restart-only keys of a route (by name, one in both configs) whose values differ, as `route[N].key`."""
+    started = {route.name: route for route in in_force.routes}
+    changed = []
+    for index, route in enumerate(new.routes):
+        old = started.get(route.name)
+        if old is None:
+            continue
+        after = {key: value for key, _, value in values_of(route)}
+        changed += [
+            f"route[{index}].{key}"
+            for key, f, before in values_of(old)
+            if f.metadata.get("restart") and after.get(key) != before
+        ]
+    return changed
 
 
 class Reloader:
@@ -84,8 +85,8 @@ class Reloader:
     def put(self, new: Config) -> None:
         """Put `new` in force now, or once its issuer's metadata is fetched."""
         self._latest += 1
-        if not new.token.issuer:
-            self._apply(with_registered_client(new))
+        if not has_issuer(new):
+            self._apply(registered_clients(new))
             return
         task = asyncio.get_running_loop().create_task(self._discover(new, self._latest))
         self._tasks.add(task)
@@ -93,7 +94,7 @@ class Reloader:
 
     async def _discover(self, new: Config, number: int) -> None:
         try:
-            resolved, _ = await with_discovery(new, self._app[TOKEN_SESSION])
+            resolved = await resolve_credentials(new, self._app[ROUTING].session_for)
         except DiscoveryError as error:
             logger.error("config reload rejected, the old config stays in force: discovery: %s", error)
             return
@@ -101,7 +102,14 @@ class Reloader:
             self._apply(resolved)
 
     def _apply(self, new: Config) -> None:
-        for note in apply_reload(self._app, self._started, new):
+        try:
+            notes = apply_reload(self._app, self._started, new)
+        except (OSError, ProxyError) as error:
+            # A new credential's state file refused (UnsafeStateError) or its Redis not answering: the
+            # routes in force stay; credentials already reconfigured keep their new settings.
+            logger.error("config reload rejected, the routes in force stay: %s", error)
+            return
+        for note in notes:
             logger.log(note.level, "config reloaded: %s", note.text)
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ from ..http.listener import BatchAcceptSite
 from ..http.server import ProxyRunner, ServerLimits
 from ..observe.log import flush_access_log, setup_logging
 from ..upstream.model import Upstream
-from .app import ENTRY, METRICS, TOKENS, build_app
+from .app import ENTRY, METRICS, ROUTING, TOKENS, build_app
 from .reload import Reloader
 
 logger = logging.getLogger("tokenproxy")
@@ -62,13 +62,16 @@ def server_limits(config: Config) -> ServerLimits:
 def startup_warnings(config: Config) -> list[str]:
     """Things worth a warning at start: a token sent in clear text, TLS checks off."""
     warnings = []
-    upstream = Upstream.parse(config.upstream.url)
-    if upstream.scheme == "http" and not is_loopback(upstream.host):
-        warnings.append("upstream.url uses http:// to a non-loopback host: the token travels in clear text")
+    for index, route in enumerate(config.routes or (None,)):
+        up = config.upstream if route is None else route.upstream
+        key = "upstream" if route is None else f"route[{index}]"
+        upstream = Upstream.parse(up.url)
+        if upstream.scheme == "http" and not is_loopback(upstream.host):
+            warnings.append(f"{key}.url uses http:// to a non-loopback host: the token travels in clear text")
+        if not up.verify_tls:
+            warnings.append(f"{key}.verify_tls is false: the upstream's identity is not checked")
     if config.server.allow_any:
         warnings.append("server.allow_any is true: anyone who can reach the proxy can use its token")
-    if not config.upstream.verify_tls:
-        warnings.append("upstream.verify_tls is false: the upstream's identity is not checked")
     return warnings
 
 
@@ -237,9 +240,10 @@ async def _serve(config: Config, reload: Callable[[], Config] | None, link: sock
     try:
         # A static token costs nothing to take up front: the first burst of clients finds it
         # ready instead of queueing (and overflowing queue.max_waiting) for it.
-        if config.server.fetch_on_start or config.token.grant == "static":
-            token = await app[TOKENS].get()
-            logger.info("first token %s obtained before listening", token.fingerprint)
+        for name, credential in app[ROUTING].credentials.items():
+            if config.server.fetch_on_start or credential.token.grant == "static":
+                token = await credential.manager.get()
+                logger.info("first token %s obtained before listening (credential %s)", token.fingerprint, name)
         # A burst of new connections (a fleet of clients, a storm) waits in the accept queue
         # instead of having its SYNs dropped and retried a second later: as deep as we may hold.
         url = await start_listener(
@@ -252,8 +256,8 @@ async def _serve(config: Config, reload: Callable[[], Config] | None, link: sock
         logger.info(
             "tokenproxy listening on %s, forwarding to %s (grant %s, %s client, %s loop)",
             url,
-            config.upstream.url,
-            config.token.grant,
+            config.upstream.url if not config.routes else "routes " + ", ".join(r.name for r in config.routes),
+            config.token.grant if not config.routes else "per route",
             config.upstream.client,
             "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
         )
@@ -264,6 +268,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None, link: sock
                 build_admin_app(
                     lambda: app[TOKENS], app[METRICS].render,
                     ready_before_token=lambda: current.server.ready_before_token,
+                    routes=app[ROUTING].in_force,
                 ),
                 limits=server_limits(config),
                 access_log=None,

@@ -141,9 +141,12 @@ class FileStore:
     never removed, so every process locks the same file.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, credential: str | None = None) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
+        # Whose entry `load` reads: a credential id; None reads the file's only entry (`tokenproxy login`).
+        # Set on the event loop (a reload that changes the credential); read by the thread that loads.
+        self.credential = credential
 
     def open_directory(self, *, create: bool = False) -> int:
         """The state directory, opened (a link to a directory is followed) and checked; made 0700 with `create`."""
@@ -247,7 +250,8 @@ class FileStore:
             if fd is None:
                 return None
             try:
-                state, problem = _parse(_read_at_most(fd, _MAX_STATE_BYTES + 1))
+                entries, problem = _parse(_read_at_most(fd, _MAX_STATE_BYTES + 1))
+                state = _entry_of(entries, self.credential)
                 if problem is not None and set_aside:
                     self._set_aside(dir_fd, fd, problem)
             finally:
@@ -292,15 +296,24 @@ class FileStore:
         )
 
     def save(self, state: SavedState) -> None:
-        """Write `state` to a 0600 temp file, fsync it, and rename it over the old one.
+        """Write `state` as its credential's entry, every other credential's entry kept, to a 0600 temp
+        file, fsync it, and rename it over the old one.
 
+        A state of no credential (what `logout` saves: no tokens, the
+        registered client) takes the place of this store's credential's entry.
+        A read-modify-write of the whole file: callers hold the state lock
+        (file_lock.py), so no other process or credential writes meanwhile.
         Raises UnsafeStateError (an OSError) rather than write into a
         directory that another user could write to.
         """
-        payload = json.dumps(asdict(state)).encode("utf-8")
         dir_fd = self.open_directory(create=True)
         try:
-            tmp = _write_temp(dir_fd, payload)
+            entries = self._entries(dir_fd)
+            if not state.credential and self.credential:
+                entries.pop(self.credential, None)  # `logout`: this credential's tokens go, its registration stays
+            entries[state.credential] = state
+            payload = json.dumps({"credentials": {key: asdict(value) for key, value in entries.items()}})
+            tmp = _write_temp(dir_fd, payload.encode("utf-8"))
             try:
                 os.replace(tmp, self.path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except BaseException:
@@ -310,6 +323,16 @@ class FileStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def _entries(self, dir_fd: int) -> dict[str, SavedState]:
+        """Every credential's entry in the state file as it is now; none when it is missing or corrupt."""
+        fd = self._open_file(dir_fd)
+        if fd is None:
+            return {}
+        try:
+            return _parse(_read_at_most(fd, _MAX_STATE_BYTES + 1))[0]
+        finally:
+            os.close(fd)
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
@@ -325,14 +348,44 @@ def _read_at_most(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(raw: bytes) -> tuple[SavedState | None, str | None]:
-    """The state a file's bytes hold, or None and what is wrong with them (never their content)."""
+def _entry_of(entries: dict[str, SavedState], credential: str | None) -> SavedState | None:
+    """The entry of `credential`; with None, the only entry (None when there are several)."""
+    if credential is not None:
+        return entries.get(credential)
+    return next(iter(entries.values())) if len(entries) == 1 else None
+
+
+def _parse(raw: bytes) -> tuple[dict[str, SavedState], str | None]:
+    """Every credential's state a file's bytes hold, by credential id, and what is wrong with them (never
+    their content). A file of one state (written before several credentials shared a file) is the entry of
+    the credential it names."""
     if len(raw) > _MAX_STATE_BYTES:
-        return None, f"larger than {_MAX_STATE_BYTES} bytes"
+        return {}, f"larger than {_MAX_STATE_BYTES} bytes"
     try:
         data = json.loads(raw.decode("utf-8"))
     except ValueError:
-        return None, "not JSON"
+        return {}, "not JSON"
+    if not isinstance(data, dict):
+        return {}, "fields missing or of the wrong type"
+    if "credentials" not in data:
+        state = _state(data)
+        return ({}, "fields missing or of the wrong type") if state is None else ({state.credential: state}, None)
+    table = data["credentials"]
+    if not isinstance(table, dict):
+        return {}, "fields missing or of the wrong type"
+    entries = {}
+    for key, value in table.items():
+        state = _state(value)
+        if state is None or state.credential != key:
+            return {}, "fields missing or of the wrong type"
+        entries[key] = state
+    return entries, None
+
+
+def _state(data: object) -> SavedState | None:
+    """One credential's SavedState from its JSON object; None when fields are missing or of the wrong type."""
+    if not isinstance(data, dict):
+        return None
     try:
         return SavedState(
             credential=str(data["credential"]),
@@ -343,9 +396,9 @@ def _parse(raw: bytes) -> tuple[SavedState | None, str | None]:
             refresh_token=None if data["refresh_token"] is None else str(data["refresh_token"]),
             generation=int(data["generation"]),
             client_id=str(data.get("client_id") or ""),
-        ), None
+        )
     except (ValueError, KeyError, TypeError, OverflowError):
-        return None, "fields missing or of the wrong type"
+        return None
 
 
 def _write_temp(dir_fd: int, payload: bytes) -> str:
