@@ -9,7 +9,6 @@ the access tokens it issued.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import time
@@ -24,7 +23,7 @@ from proxy.runtime.credentials import credential_of
 from proxy.tokens.store import FileStore, SavedState
 from tests.fakes.auth_server import PUBLIC_CLIENT, FakeAuthServer
 from tests.fakes.token_server import FakeClock, FakeTokenServer
-from tests.helpers import ProxyFactory, assert_proxy_error, read_until, run_cli, start_cli, stop_process
+from tests.helpers import ProxyFactory, assert_proxy_error, read_until, run_cli, saved_entry, start_cli, stop_process
 
 # Bound for the proxy to take up a login (it looks at most once a second) or for a process to reach a point.
 BOUND = 20.0
@@ -130,8 +129,8 @@ async def login(config: str) -> None:
 
 
 def saved(state: Path) -> dict[str, Any]:
-    """The state file's content."""
-    return dict(json.loads(state.read_text()))
+    """The state the state file holds for the one credential."""
+    return saved_entry(state)
 
 
 async def test_login_pickup_run_before_any_login_serves_after_login(

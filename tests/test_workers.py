@@ -171,8 +171,13 @@ async def send(url: str, count: int, concurrency: int = 16) -> list[int]:
 
 def per_worker(metrics: str, name: str, labels: str) -> dict[str, float]:
     """The value of series `name{labels,worker=...}` for each worker, from a /metrics text."""
-    pattern = re.compile(rf'^{name}\{{{labels},worker="(\d+)"\}} (\S+)$', re.MULTILINE)
-    return {worker: float(value) for worker, value in pattern.findall(metrics)}
+    series = re.compile(rf"^{name}\{{([^}}]*)\}} (\S+)$", re.MULTILINE)
+    values: dict[str, float] = {}
+    for names, value in series.findall(metrics):
+        worker = re.search(r'(?:^|,)worker="(\d+)"', names)
+        if labels in names.split(",") and worker is not None:
+            values[worker.group(1)] = values.get(worker.group(1), 0.0) + float(value)
+    return values
 
 
 async def get_text(url: str) -> str:
