@@ -42,12 +42,14 @@ async def get_ok(client: aiohttp.ClientSession, url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("grant", "settings", "keys"),
+    ("grant", "settings", "note"),
     [
-        ("refresh_token", {"scope": "read write"}, "scope"),
-        ("client_credentials", {"audience": "https://api.example"}, "audience"),
-        ("client_credentials", {"client_auth": "post"}, "client_auth"),
-        ("client_credentials", {"scope": "read", "audience": "https://api.example"}, "scope, audience"),
+        # A refresh token's chain is one credential whatever it asks for; for the other grants what the request
+        # asks for is part of the credential (a token for another audience is another credential's).
+        ("refresh_token", {"scope": "read write"}, "token request changed (scope)"),
+        ("client_credentials", {"audience": "https://api.example"}, "credential changed (audience)"),
+        ("client_credentials", {"client_auth": "post"}, "credential changed (client_auth)"),
+        ("client_credentials", {"scope": "read", "audience": "https://api.example"}, "credential changed (scope, audience)"),
     ],
 )
 async def test_reload_request_change_fetches_new_token_and_drops_old(
@@ -57,7 +59,7 @@ async def test_reload_request_change_fetches_new_token_and_drops_old(
     client: aiohttp.ClientSession,
     grant: str,
     settings: dict[str, Any],
-    keys: str,
+    note: str,
 ) -> None:
     """Scope, audience or client authentication changed: the note says so, the next request gets a token asked for
     with the new values, and the old token is not sent again."""
@@ -65,7 +67,7 @@ async def test_reload_request_change_fetches_new_token_and_drops_old(
     await get_ok(client, f"{proxy.url}/echo/before")
     new = with_token(proxy.config, settings)
     notes = apply_reload(proxy.app, proxy.config, new)
-    assert notes == [Note(logging.INFO, f"token request changed ({keys}): a new token will be fetched")]
+    assert notes == [Note(logging.INFO, f"{note}: a new token will be fetched")]
     await get_ok(client, f"{proxy.url}/echo/after")
     await get_ok(client, f"{proxy.url}/echo/again")
     assert token_server.count == 2
@@ -184,7 +186,7 @@ async def test_reload_static_token_change_sends_new_token(
     proxy = await make_proxy(token={"grant": "static", "access_token": one})
     await get_ok(client, f"{proxy.url}/echo/before")
     notes = apply_reload(proxy.app, proxy.config, with_token(proxy.config, {"access_token": two}))
-    assert notes == [Note(logging.INFO, "token request changed (access_token): a new token will be fetched")]
+    assert notes == [Note(logging.INFO, "credential changed (access_token): a new token will be fetched")]
     await get_ok(client, f"{proxy.url}/echo/after")
     assert api.tokens_seen == [one, two]
 

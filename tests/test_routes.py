@@ -252,6 +252,52 @@ async def test_routes_state_file_holds_every_credential_under_its_identity(
     assert entries[ids["rc"]]["access_token"] == right.tokens.issued_access[-1]
 
 
+async def test_routes_one_client_two_audiences_are_two_credentials(
+    routed: Routed, aiohttp_server: Any, left: Side, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """One client_credentials client asked for two audiences (one per API): two tokens, each sent to its own API,
+    each kept in the state file under its own entry (never one audience's token sent to the other API)."""
+    other = await _side(aiohttp_server, left.tokens)
+    state = tmp_path / "state.json"
+
+    def client_for(audience: str) -> dict[str, Any]:
+        return {"grant": "client_credentials", "token_url": f"{left.tokens.base_url}/oauth/token",
+                "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "audience": audience, "state_file": str(state)}
+
+    raw = {
+        "credentials": {"a": client_for("https://a.example"), "b": client_for("https://b.example")},
+        "route": [
+            {"name": "a", "host": "a.test", "url": left.api.base_url, "token": "a"},
+            {"name": "b", "host": "b.test", "url": other.api.base_url, "token": "b"},
+        ],
+    }
+    url, _, _ = await routed(raw)
+    assert (await get(client, f"{url}/echo/1", "a.test"))[0] == 200
+    assert (await get(client, f"{url}/echo/2", "b.test"))[0] == 200
+    assert sorted(call.form.get("audience", "") for call in left.tokens.calls) == [
+        "https://a.example", "https://b.example"]
+    by_audience = {call.form["audience"]: token for call, token in zip(left.tokens.calls, left.tokens.issued_access, strict=True)}
+    assert left.api.tokens_seen == [by_audience["https://a.example"]]
+    assert other.api.tokens_seen == [by_audience["https://b.example"]]
+    assert len(json.loads(state.read_text())["credentials"]) == 2
+
+
+async def test_routes_two_credentials_that_are_one_refused(tmp_path: Path) -> None:
+    """Two credential tables naming the same client, grant and request would share one token and state: exit 2."""
+    table = 'grant = "client_credentials"\ntoken_url = "https://t.example/token"\nclient_id = "c"\nclient_secret = "s"\n'
+    body = (
+        f"[credentials.one]\n{table}[credentials.two]\n{table}"
+        '[[route]]\nname = "a"\nhost = "a.test"\nurl = "https://a.example"\ntoken = "one"\n'
+        '[[route]]\nname = "b"\nhost = "b.test"\nurl = "https://b.example"\ntoken = "two"\n'
+    )
+    code, out, err = await run_cli("check", "-c", str(_config_file(tmp_path / "c.toml", body)))
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "config: credentials.two: is the same credential as credentials.one (same grant, endpoint, client and what "
+        "is asked for), so the two would share one token and one state: name one credential in both routes"
+    ]
+
+
 async def test_routes_old_single_state_file_upgraded_token_kept(
     routed: Routed, left: Side, right: Side, client: aiohttp.ClientSession, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ import pytest
 
 from proxy.runtime.workers import describe_exit, resolve_workers, workers_unsupported
 from tests.fakes.api_server import FakeApi
-from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
+from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
 from tests.helpers import read_until, start_cli, write_config
 
 pytestmark = [
@@ -333,6 +334,51 @@ async def test_workers_private_state_dir_when_no_state_file(
         assert len(token_server.calls) == 1
     assert group.proc.returncode == 0
     assert list(runtime.iterdir()) == []
+
+
+async def test_workers_routes_credentials_without_state_file_share_the_private_one(
+    tmp_path: Path, token_server: FakeTokenServer, api: FakeApi
+) -> None:
+    """Two routes' credentials with `state_file = ""` in four workers: the private state file holds both, so the
+    group fetches one token per credential, not one per worker and credential."""
+    config = tmp_path / "c.toml"
+    credentials = "".join(
+        f"""
+[credentials.{name}]
+grant = "client_credentials"
+token_url = "{token_server.base_url}/oauth/token"
+client_id = "{CLIENT_ID}"
+client_secret = "${{TEST_CLIENT_SECRET}}"
+scope = "{name}"
+state_file = ""
+"""
+        for name in ("one", "two")
+    )
+    routes = "".join(
+        f'\n[[route]]\nname = "{name}"\npath_prefix = "/{name}"\nstrip_prefix = true\nurl = "{api.base_url}"\n'
+        f'token = "{name}"\n'
+        for name in ("one", "two")
+    )
+    config.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+workers = {WORKERS}
+fetch_on_start = true
+[log]
+access_log = false
+{credentials}{routes}"""
+    )
+    config.chmod(0o600)
+    async with running_group(config) as group:
+        for name in ("one", "two"):
+            assert await send(f"{group.url}/{name}", 20) == [200] * 20
+        (private,) = (tmp_path / "run").iterdir()
+        saved = json.loads((private / "state.json").read_text())["credentials"]
+    assert len(saved) == 2
+    scopes = sorted(call.form.get("scope", "") for call in token_server.calls)
+    assert scopes == ["one", "two"], scopes
 
 
 async def test_workers_share_rotating_token_one_refresh_per_expiry(

@@ -23,3 +23,19 @@ GRANTS: dict[str, GrantType[Any]] = {
         static.GRANT,
     )
 }
+
+
+def identity_of(grant_name: str, settings: Any) -> tuple[str, ...]:
+    """What makes a credential this one and not another: the grant and what its registry entry names.
+
+    For a grant that spends no refresh token, what its request asks for
+    (scope, audience, params, the command, the static token's fingerprint)
+    too: a token for another audience is another credential's. A refresh
+    token's chain stays one credential whatever scope it is asked for, so
+    that a changed scope never sends the proxy back to a spent refresh token.
+    """
+    grant = GRANTS[grant_name]
+    parts = (grant_name, *grant.identity(settings))
+    if not grant.uses_refresh_token:
+        parts += tuple(f"{key}={value}" for key, value in grant.request(settings))
+    return parts

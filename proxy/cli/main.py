@@ -26,7 +26,7 @@ from ..config import (
     load_config,
     secrets_of,
 )
-from ..config.schema import credentials_of, for_credential
+from ..config.schema import credentials_of, for_credential, with_state_file_where_none
 from ..core.causes import cause_in_words
 from ..core.errors import ProxyError
 from ..core.token import sendable
@@ -187,15 +187,26 @@ def run(
 ) -> None:
     """Run the proxy until Ctrl-C or SIGTERM."""
     from ..runtime.serve import ListenError, event_loop_factory, serve
+    from ..runtime.workers import PRIVATE_STATE_KEY
 
+    sets = dict(item.split("=", 1) for item in worker_set)
+    # A worker's private state file: for every credential the config keeps no state file for.
+    private_state = sets.pop(PRIVATE_STATE_KEY, "").replace("$$", "$")
     overrides: dict[str, Any] = {
         "server.listen": listen,
         "upstream.url": upstream,
         "log.level": log_level,
         "server.workers": workers,
-        **dict(item.split("=", 1) for item in worker_set),
+        **sets,
     }
+
+    def load(path: Path | None) -> Config:
+        loaded = load_config(path, overrides)
+        return with_state_file_where_none(loaded, private_state) if private_state else loaded
+
     config = _load(config_path, overrides)
+    if private_state:
+        config = with_state_file_where_none(config, private_state)
     _require_endpoint(config)
     setup_logging(config.log.level, config.log.format, secrets_of(config), access_log=config.log.access_log)
     if worker_link is None:
@@ -209,7 +220,7 @@ def run(
 
     def reload() -> Config:
         # SIGHUP: the same file and command-line overrides, read again.
-        return load_config(find_config_path(config_path, os.environ), overrides)
+        return load(find_config_path(config_path, os.environ))
 
     link = None if worker_link is None else socket.socket(fileno=worker_link)
     if link is None:

@@ -202,6 +202,20 @@ def credentials_of(config: Config) -> dict[str, TokenConfig]:
     return {DEFAULT_ROUTE: config.token}
 
 
+def with_state_file_where_none(config: Config, path: str) -> Config:
+    """`config` with `path` as the state file of every credential that has none (`state_file = ""`).
+
+    For the workers of a group: they share their tokens through one private
+    state file (keyed by credential) where the config keeps none.
+    """
+    token = config.token if config.token.state_file else dataclasses.replace(config.token, state_file=path)
+    credentials = {
+        name: tok if tok.state_file else dataclasses.replace(tok, state_file=path)
+        for name, tok in config.credentials.items()
+    }
+    return dataclasses.replace(config, token=token, credentials=credentials)
+
+
 def for_credential(config: Config, name: str) -> Config:
     """`config` as one credential sees it: its `[token]` is that credential's table (a route's upstream
     is given to it with `for_route`)."""

@@ -15,7 +15,7 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..auth.registry import GRANTS
+from ..auth.registry import GRANTS, identity_of
 from ..auth.settings import url_problems
 from .schema import (
     EVENT_LOOPS,
@@ -364,12 +364,19 @@ def route_problems(config: Config) -> list[str]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", route.name):
             problems.append(f"route[{index}].name: must be letters, digits, '_', '-' or '.', got {route.name!r}")
         problems += _one_route_problems(index, route, several, set(config.credentials))
+    identities: dict[tuple[str, ...], str] = {}
     for name, tok in config.credentials.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             problems.append(f"credentials.{name}: a credential's name must be letters, digits, '_', '-' or '.'")
         inline = next((i for i, r in enumerate(config.routes) if r.name == name and r.token == name), None)
         where = f"credentials.{name}" if inline is None else f"route[{inline}].token"
         problems += _renamed(_token_problems(tok), "token", where)
+        other = identities.setdefault(identity_of(tok.grant, tok.settings), where) if tok.grant in GRANTS else where
+        if other != where:
+            problems.append(
+                f"{where}: is the same credential as {other} (same grant, endpoint, client and what is asked for), "
+                "so the two would share one token and one state: name one credential in both routes"
+            )
     return problems
 
 

@@ -12,7 +12,7 @@ import aiohttp
 
 from ..auth.discovery import ServerMetadata, discover
 from ..auth.protocol import Grant, GrantContext, RequestShape
-from ..auth.registry import GRANTS
+from ..auth.registry import GRANTS, identity_of
 from ..config import Config, TokenConfig
 from ..config.schema import credentials_of, for_credential
 from ..core.causes import safe_url
@@ -100,7 +100,7 @@ def with_registered_client(config: Config) -> Config:
 
 def credential_of(token: TokenConfig) -> str:
     """What identifies the credential a token belongs to: the grant and what its registry entry names."""
-    return credential_id(token.grant, *GRANTS[token.grant].identity(token.settings))
+    return credential_id(*identity_of(token.grant, token.settings))
 
 
 def request_of(token: TokenConfig) -> RequestShape:

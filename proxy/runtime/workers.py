@@ -43,6 +43,10 @@ STABLE_AFTER = 10.0
 KILL_AFTER = 10.0
 
 # Starts a worker: the argv for a worker holding the link `fd`, with these config overrides.
+# The hidden `--worker-set` key carrying a worker's private state file (not a config key: cli/main.py takes it
+# out and gives the file to every credential that has no state file of its own).
+PRIVATE_STATE_KEY = "worker.private_state_file"
+
 WorkerCommand = Callable[[int, Mapping[str, str]], list[str]]
 
 
@@ -138,8 +142,7 @@ class Supervisor:
     def _overrides(self, index: int) -> dict[str, str]:
         """The config keys that make a `tokenproxy run` one worker of this group."""
         overrides = {"server.workers": "1", "server.listen": self._listen}
-        if not self._config.token.state_file:
-            overrides["token.state_file"] = str(self._dir / "state.json")
+        overrides[PRIVATE_STATE_KEY] = str(self._dir / "state.json")
         if self._config.server.admin_listen:
             overrides["server.admin_listen"] = f"unix:{self._admin_socket(index)}"
         # Values are read like the config file's: `$` would start an ${ENV} reference.
