@@ -605,9 +605,10 @@ async def test_routes_logout_one_credential_uses_it_several_refused(tmp_path: Pa
     )
     code, out, err = await run_cli("logout", "-c", str(one))
     assert (code, out, err) == (0, f"Not logged in: {state} holds no tokens. Nothing was done.\n", "")
+    other_client = credential_table.replace('client_id = "c"', 'client_id = "c2"')
     two = _config_file(
         tmp_path / "two.toml",
-        f'[credentials.gh]\n{credential_table}[credentials.gl]\n{credential_table}'
+        f'[credentials.gh]\n{credential_table}[credentials.gl]\n{other_client}'
         '[[route]]\nname = "a"\nhost = "a.test"\nurl = "https://a.example"\ntoken = "gh"\n'
         '[[route]]\nname = "b"\nhost = "b.test"\nurl = "https://b.example"\ntoken = "gl"\n',
     )
