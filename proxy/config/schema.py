@@ -57,7 +57,8 @@ class ServerConfig:
     loop: str = field(default="uvloop", metadata=RESTART)
     workers: int = field(default=1, metadata=RESTART)  # processes serving the port; 0 = one per CPU
     ca_dir: str = field(default="~/.local/state/tokenproxy/ca", metadata=RESTART)  # the local CA (`tokenproxy ca`)
-    connect_passthrough: tuple[str, ...] = ()  # CONNECT hosts (fnmatch patterns) tunnelled blind, without a token
+    # CONNECT hosts (fnmatch patterns) tunnelled blind, without a token
+    connect_passthrough: tuple[str, ...] = field(default=(), metadata=RESTART)
 
 
 @dataclass(frozen=True)

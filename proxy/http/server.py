@@ -174,14 +174,17 @@ class _Handler(RequestHandler):
         "_heads_seen",
         "_server",
         "_tls",
+        "tunnel",
     )
 
-    def __init__(self, server: ProxyServer, **kwargs: Any) -> None:
+    def __init__(self, server: ProxyServer, *, counted: bool = True, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self._server = server
         self._head_timer: asyncio.TimerHandle | None = None  # armed while a request's headers arrive
         self._heads_seen = False  # whether any request head has been complete on this connection
-        self._counted = True  # this connection holds one of server.max_connections
+        self._counted = counted  # this connection holds one of server.max_connections
+        # Inside an intercepted CONNECT tunnel: its `host:port` (lower-case), which every request must name.
+        self.tunnel: str | None = None
         self._tls: ssl.SSLContext | None = None
         # The request whose body is timed (from its handler's start until the body is complete),
         # the loop time its last body bytes arrived, and the timer, armed while the proxy reads.
@@ -193,6 +196,10 @@ class _Handler(RequestHandler):
         """Note the connection's TLS context once (aiohttp asks the transport again for every request)."""
         self._tls = transport.get_extra_info("sslcontext")
         super().connection_made(transport)
+
+    def count(self) -> None:
+        """This handler now holds its connection's place in server.max_connections (given back when lost)."""
+        self._counted = True
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -433,6 +440,8 @@ class ProxyServer(web.Server):
         self.open_connections = 0  # admitted and not yet lost
         self.refusing: set[asyncio.Transport] = set()
         self._full_logged = False
+        # The protocol a new connection starts with when it is not a request handler at once (CONNECT: connect.py).
+        self.first_protocol: Callable[[ProxyServer], asyncio.Protocol] | None = None
         # Built once: the answers written when there is no request to answer.
         self.timeout_answer = raw_answer(
             RequestTimeout(f"the request headers did not arrive within {limits.header_timeout:g}s")
@@ -458,7 +467,13 @@ class ProxyServer(web.Server):
                 )
             return _Refusal(self)
         self.open_connections += 1
+        if self.first_protocol is not None:
+            return self.first_protocol(self)
         return _Handler(self, loop=self._loop, **self._kwargs)
+
+    def make_handler(self, *, counted: bool = True) -> _Handler:
+        """A request handler for a connection admitted already (counted: it gives the place back when lost)."""
+        return _Handler(self, counted=counted, loop=self._loop, **self._kwargs)
 
     def connection_closed(self) -> None:
         """One admitted connection is gone."""
@@ -488,23 +503,28 @@ class ProxyRunner(web.AppRunner):
         *,
         limits: ServerLimits,
         handler: Callable[[], Handler] | None = None,
+        first_protocol: Callable[[], Callable[[ProxyServer], asyncio.Protocol]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **limits.handler_kwargs(), **kwargs)
         self._limits = limits
         self._handler = handler
+        self._first_protocol = first_protocol
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         if self._handler is not None:
             # One handler for every request, with plain BaseRequests: the
             # Application still owns the lifecycle, but its router is skipped.
-            return ProxyServer(
+            server = ProxyServer(
                 self._handler(),
                 handler_cancellation=plain.handler_cancellation,
                 limits=self._limits,
                 **plain._kwargs,
             )
+            if self._first_protocol is not None:
+                server.first_protocol = self._first_protocol()
+            return server
         return ProxyServer(
             plain.request_handler,
             request_factory=plain.request_factory,

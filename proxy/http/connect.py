@@ -1,0 +1,318 @@
+"""CONNECT on the proxy port: TLS interception for the hosts the routes name, 403 (or a blind tunnel) for others.
+
+Owns: the protocol every new connection of the proxy port starts with. It
+looks at the first bytes only: a request that is not `CONNECT` is handed at
+once to aiohttp's request handler (one object per connection, nothing per
+request). A `CONNECT host:port HTTP/1.1` that opens its connection is
+answered here:
+
+- a host a route names: `200 Connection Established`, then a TLS handshake
+  with a leaf certificate for that host from the local CA (`proxy.tls`), the
+  SNI checked; the requests inside are served by a request handler of the
+  same server, so exactly as on the proxy port. Entry checks that they name
+  the CONNECT host and routes them by it;
+- a host `server.connect_passthrough` matches: a blind tunnel (bytes copied
+  both ways with flow control, no token, no interception);
+- any other host: 403 `forbidden`; nothing is forwarded anywhere.
+
+A CONNECT later on a kept-alive connection reaches aiohttp, and the
+forwarder answers 400. Knows nothing of the config file: `Tunnels` is built
+by the composition root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import re
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from multidict import CIMultiDict
+
+from ..core.errors import BadRequest, Forbidden, ProxyError
+from ..tls.ca import CAError, LocalCA
+from .render import raw_answer
+from .route import Route
+from .server import REFUSAL_LINGER, HeadersTooLarge, RequestTimeout, TargetTooLong
+
+if TYPE_CHECKING:
+    from .entry import Entry
+    from .server import ProxyServer
+
+logger = logging.getLogger("tokenproxy.server")
+
+_CONNECT = b"CONNECT "
+_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+# `CONNECT host:port HTTP/1.x`: a DNS name, an IPv4 address or a bracketed IPv6 address, and a port.
+_REQUEST_LINE = re.compile(rb"CONNECT ([A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5}) HTTP/1\.[01]")
+_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([\t\x20-\x7e\x80-\xff]*)")
+
+
+class NoLocalCA(ProxyError):
+    """A route names the CONNECT host, but there is no usable local CA to intercept it with."""
+
+    status = 503
+    code = "no_local_ca"
+
+
+class Tunnels:
+    """What the proxy port does with a CONNECT: the local CA (or why there is none), the passthrough patterns.
+
+    Reads the routes from `entry.router` at each CONNECT (a reload replaces
+    it whole). The handshakes under way are its tasks, each bounded by
+    `server.header_timeout`.
+    """
+
+    def __init__(
+        self,
+        entry: Entry,
+        ca: LocalCA | None,
+        *,
+        ca_problem: str = "",
+        passthrough: Sequence[str] = (),
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.entry = entry
+        self.ca = ca
+        self.ca_problem = ca_problem
+        self.passthrough = tuple(passthrough)
+        self.connect_timeout = connect_timeout
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def load(
+        cls, entry: Entry, ca_dir: Path, *, passthrough: Sequence[str] = (), connect_timeout: float = 10.0
+    ) -> Tunnels:
+        """Tunnels with the CA in `ca_dir`; without one (or an unusable one), a warning when a route names a host,
+        and CONNECTs to routed hosts answer 503."""
+        try:
+            ca: LocalCA | None = LocalCA.load(ca_dir)
+            problem = ""
+        except CAError as error:
+            ca, problem = None, str(error)
+            if any(route.host for route in entry.router.routes):
+                logger.warning("HTTPS_PROXY tunnels to the routes' hosts are refused (503): %s", problem)
+        return cls(entry, ca, ca_problem=problem, passthrough=passthrough, connect_timeout=connect_timeout)
+
+    def protocol(self, server: ProxyServer) -> asyncio.Protocol:
+        """The protocol a new connection of the proxy port starts with."""
+        return _FirstBytes(server, self)
+
+    def routed(self, name: str, port: str) -> Route | None:
+        """The first route whose `host` names this CONNECT target (with any port, or this one)."""
+        authority = f"{name}:{port}"
+        for route in self.entry.router.routes:
+            if route.host and route.host in (name, authority):
+                return route
+        return None
+
+    def passes(self, name: str, port: str) -> bool:
+        """Whether `server.connect_passthrough` lets a blind tunnel to this target (port 443 unless the pattern
+        names one)."""
+        for pattern in self.passthrough:
+            host_pattern, _, port_pattern = pattern.lower().partition(":")
+            if fnmatch.fnmatchcase(name, host_pattern) and fnmatch.fnmatchcase(port, port_pattern or "443"):
+                return True
+        return False
+
+
+class _FirstBytes(asyncio.Protocol):
+    """A new connection until its first bytes say what it is: a request for aiohttp, or a CONNECT for us."""
+
+    __slots__ = ("_buffer", "_counted", "_linger", "_server", "_timer", "_transport", "_tunnels")
+
+    def __init__(self, server: ProxyServer, tunnels: Tunnels) -> None:
+        self._server = server
+        self._tunnels = tunnels
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._counted = True  # holds one of server.max_connections until it passes it on or is lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._linger is not None:
+            return  # refused: whatever else the client sends is discarded
+        if self._buffer:
+            data = self._buffer + data
+        size = min(len(data), len(_CONNECT))
+        if data[:size] != _CONNECT[:size]:
+            self._hand_over(transport, data)
+            return
+        if self._timer is None:
+            limits = self._server.limits
+            self._timer = asyncio.get_running_loop().call_later(limits.header_timeout, self._timed_out)
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > self._head_limit():
+                self._refuse(HeadersTooLarge("the CONNECT request's head is larger than the header limits allow"))
+            else:
+                self._buffer = data
+            return
+        self._buffer = b""
+        self._timer.cancel()
+        transport.pause_reading()
+        self._connect(transport, data[:end], data[end + 4 :])
+
+    def _head_limit(self) -> int:
+        limits = self._server.limits
+        return limits.max_request_line + 32 + limits.max_headers * (limits.max_header_size + 2)
+
+    def _hand_over(self, transport: asyncio.Transport, first: bytes) -> None:
+        """The connection is aiohttp's from now on: its request handler gets the transport and these bytes."""
+        handler = self._server.make_handler()
+        self._counted = False  # the handler's now
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(first)
+
+    def _connect(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
+        limits = self._server.limits
+        line, _, fields = head.partition(b"\r\n")
+        if len(line) > limits.max_request_line + 32:
+            self._refuse(TargetTooLong(f"the request line is longer than {limits.max_request_line} bytes"))
+            return
+        match = _REQUEST_LINE.fullmatch(line)
+        if match is None or not 0 < int(match[2]) < 65536:
+            self._refuse(BadRequest("malformed request: CONNECT needs a target host:port and HTTP/1.1"))
+            return
+        headers: CIMultiDict[str] = CIMultiDict()
+        for field in fields.split(b"\r\n") if fields else ():
+            parsed = _HEADER.fullmatch(field)
+            if parsed is None or len(field) > limits.max_header_size:
+                self._refuse(BadRequest("malformed request: a request header is not valid"))
+                return
+            headers.add(parsed[1].decode("ascii"), parsed[2].decode("latin-1").strip(" \t"))
+        if len(headers) > limits.max_headers:
+            self._refuse(HeadersTooLarge(f"the request has more than {limits.max_headers} headers"))
+            return
+        name, port = match[1].decode("ascii").lower().rstrip("."), match[2].decode("ascii").lstrip("0") or "0"
+        tunnels = self._tunnels
+        route = tunnels.routed(name, port)
+        if route is None:
+            if tunnels.passes(name, port):
+                self._refuse(Forbidden("passthrough tunnels are not available yet"))  # replaced below
+                return
+            self._refuse(Forbidden(f"CONNECT to {name}:{port} is not allowed: no route names this host"))
+            return
+        if route.access.active:
+            peer = transport.get_extra_info("peername")
+            refusal = route.access.check(str(peer[0]) if isinstance(peer, tuple) else None, headers)
+            if refusal is not None:
+                self._refuse(refusal)
+                return
+        if tunnels.ca is None:
+            self._refuse(NoLocalCA(f"cannot intercept the tunnel to {name}: {tunnels.ca_problem}"))
+            return
+        if rest:
+            self._refuse(BadRequest("bytes were sent after CONNECT before its answer: wait for the 200"))
+            return
+        try:
+            context = tunnels.ca.context_for(name.strip("[]"))
+        except (ValueError, ssl.SSLError) as error:  # pragma: no cover - a name the pattern let through
+            logger.warning("cannot make a certificate for %s (%s)", name, type(error).__name__)
+            self._refuse(BadRequest(f"cannot intercept a tunnel to {name}"))
+            return
+        task = asyncio.get_running_loop().create_task(self._intercept(transport, context, f"{name}:{port}"))
+        tunnels.tasks.add(task)
+        task.add_done_callback(tunnels.tasks.discard)
+
+    async def _intercept(self, transport: asyncio.Transport, context: ssl.SSLContext, authority: str) -> None:
+        """Answer 200, complete the TLS handshake as `authority`, and give the tunnel to a request handler."""
+        server = self._server
+        handler = server.make_handler(counted=False)
+        handler.tunnel = authority
+        transport.write(_ESTABLISHED)
+        loop = asyncio.get_running_loop()
+        try:
+            inner = await loop.start_tls(
+                transport, handler, context, server_side=True, ssl_handshake_timeout=server.limits.header_timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as error:
+            logger.info(
+                "closed a CONNECT tunnel from %s to %s: the TLS handshake failed (%s)",
+                _peer(transport),
+                authority,
+                _handshake_failure(error),
+            )
+            transport.abort()
+            self._release()
+            return
+        except BaseException:
+            transport.abort()
+            self._release()
+            raise
+        if inner is None:  # pragma: no cover - the transport closed during the handshake
+            self._release()
+            return
+        handler.count()
+        self._counted = False
+        handler.connection_made(inner)
+
+    def _refuse(self, error: ProxyError) -> None:
+        """Answer `error` and close: after the answer, what the client sends is read and discarded briefly."""
+        transport = self._transport
+        if transport is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if not isinstance(error, RequestTimeout):  # a timeout is logged where it happens
+            logger.info("refused a CONNECT from %s: %s (%d)", _peer(transport), error.detail, error.status)
+        answer = raw_answer(error)
+        if error.status == 407:
+            answer = answer.replace(b"\r\n\r\n", b'\r\nProxy-Authenticate: Bearer realm="tokenproxy"\r\n\r\n', 1)
+        transport.write(answer)
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None or self._linger is not None:
+            return
+        logger.info(
+            "closed a connection from %s: its request headers were not complete within %gs (server.header_timeout)",
+            _peer(transport),
+            self._server.limits.header_timeout,
+        )
+        limit = self._server.limits.header_timeout
+        self._refuse(RequestTimeout(f"the request headers did not arrive within {limit:g}s"))
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        for timer in (self._timer, self._linger):
+            if timer is not None:
+                timer.cancel()
+        self._transport = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._server.connection_closed()
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "a client"
+
+
+def _handshake_failure(error: BaseException) -> str:
+    """Why a handshake failed, in words that never quote the client's bytes."""
+    if isinstance(error, ssl.SSLError):
+        return error.reason or type(error).__name__
+    if isinstance(error, TimeoutError):
+        return "it did not complete within server.header_timeout"
+    return type(error).__name__
