@@ -80,14 +80,16 @@ def _credential(side: Side, state: Path) -> dict[str, Any]:
 
 @pytest.fixture
 async def setup(aiohttp_server: Any, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
-    """The proxy (with a local CA, unless parametrized with False) in front of two TLS APIs; stopped at the end."""
+    """The proxy (with a local CA) in front of two TLS APIs; stopped at the end. Parametrized indirectly with a dict:
+    `ca: False` for none, `server` for more `[server]` keys."""
+    param = getattr(request, "param", {})
     upstream_ca = TestCa(tmp_path)
     left, right = await _side(aiohttp_server, upstream_ca), await _side(aiohttp_server, upstream_ca)
     ca_dir = tmp_path / "ca"
-    ca_file = create_ca(ca_dir) if getattr(request, "param", True) else ca_dir / "ca.crt"
+    ca_file = create_ca(ca_dir) if param.get("ca", True) else ca_dir / "ca.crt"
     state = tmp_path / "state.json"
     raw = {
-        "server": {"listen": "127.0.0.1:0", "ca_dir": str(ca_dir)},
+        "server": {"listen": "127.0.0.1:0", "ca_dir": str(ca_dir), **param.get("server", {})},
         "queue": {"wait_timeout": 10.0},
         "credentials": {"lc": _credential(left, state), "rc": _credential(right, state)},
         "route": [
@@ -328,7 +330,7 @@ async def test_connect_client_not_trusting_the_ca_gets_a_tls_error_nothing_sent(
     assert setup.left.api.requests == 0 and len(setup.left.tokens.calls) == 0
 
 
-@pytest.mark.parametrize("setup", [False], indirect=True, ids=["no-ca"])
+@pytest.mark.parametrize("setup", [{"ca": False}], indirect=True, ids=["no-ca"])
 async def test_connect_without_a_local_ca_503_saying_ca_init(
     setup: Setup, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -380,3 +382,83 @@ async def test_no_token_to_an_unrouted_host_by_absolute_form_or_host_header(setu
         await close_raw(writer)
     assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert (setup.left.api.requests, setup.right.api.requests) == (0, 0)
+
+
+PASSTHROUGH = {"server": {"connect_passthrough": ["127.0.0.1:*", "*.elsewhere.test"]}}
+
+
+@pytest.mark.asyncio(loop_factories=BOTH_LOOPS)
+@pytest.mark.parametrize("setup", [PASSTHROUGH], indirect=True, ids=["passthrough"])
+async def test_passthrough_tunnel_copies_bytes_both_ways_to_a_tcp_server(setup: Setup) -> None:
+    received = bytearray()
+    closed = asyncio.Event()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                received.extend(data)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+            closed.set()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await open_raw(setup.url)
+        try:
+            writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
+            assert head == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+            payload = os.urandom(3 * 1024 * 1024)
+            writer.write(payload)
+            back = await asyncio.wait_for(reader.readexactly(len(payload)), BOUND)
+            assert back == payload
+        finally:
+            await close_raw(writer)
+        await asyncio.wait_for(closed.wait(), BOUND)  # the client's end closed the tunnel's far end too
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert bytes(received) == payload
+    assert (setup.left.api.requests, setup.right.api.requests) == (0, 0)
+
+
+@pytest.mark.parametrize("setup", [PASSTHROUGH], indirect=True, ids=["passthrough"])
+async def test_passthrough_tunnel_to_an_https_server_adds_no_authorization(
+    setup: Setup, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def record(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        seen.append(dict(request.headers))
+        return aiohttp.web.json_response({"ok": True})
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/", record)
+    (tmp_path / "other").mkdir()
+    other_ca = TestCa(tmp_path / "other")
+    other = await aiohttp_server(app, host="127.0.0.1", ssl=other_ca.server_context(require_client=False))
+    trust = ssl.create_default_context(cafile=str(other_ca.ca_file))
+    async with aiohttp.ClientSession() as client, client.get(
+        f"https://127.0.0.1:{other.port}/", proxy=setup.url, ssl=trust
+    ) as resp:
+        assert resp.status == 200
+        # The far server's own certificate: the tunnel is blind.
+        assert await resp.json() == {"ok": True}
+    assert len(seen) == 1
+    assert "Authorization" not in seen[0] and "Proxy-Authorization" not in seen[0]
+    assert (len(setup.left.tokens.calls), len(setup.right.tokens.calls)) == (0, 0)
+
+
+@pytest.mark.parametrize("setup", [PASSTHROUGH], indirect=True, ids=["passthrough"])
+async def test_passthrough_patterns_default_to_port_443_and_unreachable_targets_get_502(setup: Setup) -> None:
+    # *.elsewhere.test names no port: only 443 passes; another port is refused like any unrouted host.
+    answer = await connect_raw(setup.url, b"git.elsewhere.test:22")
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    answer = await connect_raw(setup.url, b"x.elsewhere.test:443")  # passes, but does not resolve
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert json.loads(body)["error"] == "upstream_unreachable"
+    assert json.loads(body)["detail"].startswith("cannot connect to x.elsewhere.test:443 (")

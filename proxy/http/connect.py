@@ -27,9 +27,9 @@ import fnmatch
 import logging
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from multidict import CIMultiDict
 
@@ -57,6 +57,13 @@ class NoLocalCA(ProxyError):
 
     status = 503
     code = "no_local_ca"
+
+
+class TunnelUnreachable(ProxyError):
+    """A passthrough tunnel's target could not be connected to."""
+
+    status = 502
+    code = "upstream_unreachable"
 
 
 class Tunnels:
@@ -101,6 +108,17 @@ class Tunnels:
     def protocol(self, server: ProxyServer) -> asyncio.Protocol:
         """The protocol a new connection of the proxy port starts with."""
         return _FirstBytes(server, self)
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a tunnel's opening (handshake or connect) as a task of its own, cancelled by `close`."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def close(self) -> None:
+        """Cancel the tunnels being opened (shutdown); the ones open are the server's connections."""
+        for task in list(self.tasks):
+            task.cancel()
 
     def routed(self, name: str, port: str) -> Route | None:
         """The first route whose `host` names this CONNECT target (with any port, or this one)."""
@@ -199,7 +217,7 @@ class _FirstBytes(asyncio.Protocol):
         route = tunnels.routed(name, port)
         if route is None:
             if tunnels.passes(name, port):
-                self._refuse(Forbidden("passthrough tunnels are not available yet"))  # replaced below
+                tunnels.start(self._passthrough(transport, name, port, rest))
                 return
             self._refuse(Forbidden(f"CONNECT to {name}:{port} is not allowed: no route names this host"))
             return
@@ -221,9 +239,32 @@ class _FirstBytes(asyncio.Protocol):
             logger.warning("cannot make a certificate for %s (%s)", name, type(error).__name__)
             self._refuse(BadRequest(f"cannot intercept a tunnel to {name}"))
             return
-        task = asyncio.get_running_loop().create_task(self._intercept(transport, context, f"{name}:{port}"))
-        tunnels.tasks.add(task)
-        task.add_done_callback(tunnels.tasks.discard)
+        tunnels.start(self._intercept(transport, context, f"{name}:{port}"))
+
+    async def _passthrough(self, transport: asyncio.Transport, name: str, port: str, rest: bytes) -> None:
+        """Connect to `name:port`, answer 200, and copy bytes both ways until either side ends: no token, ever."""
+        loop = asyncio.get_running_loop()
+        host = name.strip("[]")
+        try:
+            async with asyncio.timeout(self._tunnels.connect_timeout):
+                remote, _ = await loop.create_connection(lambda: _Pipe(transport, None), host, int(port))
+        except (OSError, TimeoutError) as error:
+            why = "timed out" if isinstance(error, TimeoutError) else error.strerror or type(error).__name__
+            self._refuse(TunnelUnreachable(f"cannot connect to {name}:{port} ({why})"))
+            return
+        except BaseException:
+            transport.abort()
+            raise
+        if self._transport is None:  # the client left while we connected
+            remote.close()
+            return
+        logger.info("passthrough tunnel from %s to %s:%s (server.connect_passthrough)", _peer(transport), name, port)
+        self._counted = False  # the client's pipe gives it back
+        transport.set_protocol(_Pipe(remote, self._server.connection_closed))
+        transport.write(_ESTABLISHED)
+        if rest:
+            remote.write(rest)
+        transport.resume_reading()
 
     async def _intercept(self, transport: asyncio.Transport, context: ssl.SSLContext, authority: str) -> None:
         """Answer 200, complete the TLS handshake as `authority`, and give the tunnel to a request handler."""
@@ -302,6 +343,41 @@ class _FirstBytes(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._server.connection_closed()
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a passthrough tunnel: what arrives is written to the other side, with flow control.
+
+    When either side ends, both are closed. `release` (on the client's side) gives back its place in
+    server.max_connections when the client's connection is lost.
+    """
+
+    __slots__ = ("_peer", "_release")
+
+    def __init__(self, peer: asyncio.Transport, release: Callable[[], None] | None) -> None:
+        self._peer = peer
+        self._release = release
+
+    def data_received(self, data: bytes) -> None:
+        self._peer.write(data)
+
+    def pause_writing(self) -> None:
+        self._peer.pause_reading()  # this side cannot take more: stop reading the side that feeds it
+
+    def resume_writing(self) -> None:
+        self._peer.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False  # this side is done: close it (and, in connection_lost, the other)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self._peer.close()
+        else:
+            self._peer.abort()
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

@@ -34,7 +34,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from aiohttp import StreamReader, web
 from aiohttp.abc import AbstractStreamWriter
@@ -411,6 +411,16 @@ class _Refusal(asyncio.Protocol):
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+class FirstProtocol(Protocol):
+    """What makes the protocol a new connection starts with (connect.py's Tunnels), and ends its own work."""
+
+    def protocol(self, server: ProxyServer) -> asyncio.Protocol:
+        """The protocol for one new, admitted connection."""
+
+    def close(self) -> None:
+        """Stop what it started that is not a connection of the server yet (TLS handshakes, tunnel connects)."""
+
+
 class ProxyServer(web.Server):
     """aiohttp's low-level server with a connection limit; makes `_Handler`s.
 
@@ -440,8 +450,8 @@ class ProxyServer(web.Server):
         self.open_connections = 0  # admitted and not yet lost
         self.refusing: set[asyncio.Transport] = set()
         self._full_logged = False
-        # The protocol a new connection starts with when it is not a request handler at once (CONNECT: connect.py).
-        self.first_protocol: Callable[[ProxyServer], asyncio.Protocol] | None = None
+        # What a new connection starts with when it is not a request handler at once (CONNECT: connect.py).
+        self.first_protocol: FirstProtocol | None = None
         # Built once: the answers written when there is no request to answer.
         self.timeout_answer = raw_answer(
             RequestTimeout(f"the request headers did not arrive within {limits.header_timeout:g}s")
@@ -468,7 +478,7 @@ class ProxyServer(web.Server):
             return _Refusal(self)
         self.open_connections += 1
         if self.first_protocol is not None:
-            return self.first_protocol(self)
+            return self.first_protocol.protocol(self)
         return _Handler(self, loop=self._loop, **self._kwargs)
 
     def make_handler(self, *, counted: bool = True) -> _Handler:
@@ -486,6 +496,8 @@ class ProxyServer(web.Server):
         for transport in list(self.refusing):
             transport.abort()
         self.refusing.clear()
+        if self.first_protocol is not None:
+            self.first_protocol.close()
         super().pre_shutdown()
 
 
@@ -503,7 +515,7 @@ class ProxyRunner(web.AppRunner):
         *,
         limits: ServerLimits,
         handler: Callable[[], Handler] | None = None,
-        first_protocol: Callable[[], Callable[[ProxyServer], asyncio.Protocol]] | None = None,
+        first_protocol: Callable[[], FirstProtocol] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **limits.handler_kwargs(), **kwargs)

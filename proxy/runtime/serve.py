@@ -39,7 +39,7 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     return ProxyRunner(
         app,
         handler=lambda: app[ENTRY].handle,
-        first_protocol=lambda: tunnels_of(app, config).protocol,
+        first_protocol=lambda: tunnels_of(app, config),
         limits=server_limits(config),
         handler_cancellation=True,
         auto_decompress=False,
