@@ -27,6 +27,7 @@ from ..tokens.store import UnsafeStateError, check_directory, check_file
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+BUNDLE = "bundle.pem"  # the system's roots plus the local CA, for tools given one CA file
 
 # A leaf lives this long; one process mints it once per host (a restart mints anew).
 LEAF_DAYS = 30
@@ -107,12 +108,12 @@ def create_ca(directory: Path, *, days: int = 365, force: bool = False) -> Path:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     # The key first, then the certificate: a CA is usable only once both are whole.
-    _write_atomically(key_path, key_pem, 0o600)
-    _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(key_path, key_pem, 0o600)
+    write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
     """Write `data` to a new file beside `path` with `mode`, flush it to disk, and rename it over `path`."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
@@ -127,6 +128,36 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
+
+
+def system_roots(avoid: Path) -> Path | None:
+    """The system's root certificates as one PEM file (OpenSSL's default, else certifi's), never `avoid`."""
+    paths = ssl.get_default_verify_paths()
+    candidates = [paths.cafile, paths.openssl_cafile]
+    try:
+        import certifi  # optional: used where installed
+
+        candidates.append(certifi.where())
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and Path(candidate).resolve() != avoid.resolve():
+            return Path(candidate)
+    return None
+
+
+def trust_bundle(directory: Path, cert_path: Path) -> Path:
+    """`directory/bundle.pem` (0644): the system's roots plus the local CA, rewritten when missing or stale."""
+    bundle = directory / BUNDLE
+    roots = system_roots(bundle)
+    wanted = (roots.read_bytes().rstrip(b"\n") + b"\n" if roots is not None else b"") + cert_path.read_bytes()
+    try:
+        current = bundle.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current != wanted:
+        write_atomically(bundle, wanted, 0o644)
+    return bundle
 
 
 def ca_paths(directory: Path) -> tuple[Path, Path]:
