@@ -87,6 +87,8 @@ async def setup(aiohttp_server: Any, tmp_path: Path, request: pytest.FixtureRequ
     left, right = await _side(aiohttp_server, upstream_ca), await _side(aiohttp_server, upstream_ca)
     ca_dir = tmp_path / "ca"
     ca_file = create_ca(ca_dir) if param.get("ca", True) else ca_dir / "ca.crt"
+    if "key_mode" in param:
+        (ca_dir / "ca.key").chmod(param["key_mode"])
     state = tmp_path / "state.json"
     raw = {
         "server": {"listen": "127.0.0.1:0", "ca_dir": str(ca_dir), **param.get("server", {})},
@@ -462,3 +464,35 @@ async def test_passthrough_patterns_default_to_port_443_and_unreachable_targets_
     assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert json.loads(body)["error"] == "upstream_unreachable"
     assert json.loads(body)["detail"].startswith("cannot connect to x.elsewhere.test:443 (")
+
+
+@pytest.mark.parametrize("setup", [{"key_mode": 0o644}, {"key_mode": 0o666}], indirect=True, ids=["readable", "writable"])
+async def test_connect_with_a_ca_key_others_can_read_or_write_is_not_used(setup: Setup, tmp_path: Path) -> None:
+    answer = await connect_raw(setup.url, b"left.test:443")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    key = tmp_path / "ca" / "ca.key"
+    detail = json.loads(body)["detail"]
+    assert detail.startswith(f"cannot intercept the tunnel to left.test: CA key {key} is ")
+    assert detail.endswith(("chmod 600 " + str(key), "chmod 600 it if you trust what it holds"))
+
+
+CLIENT_TOKEN = "client-token-0123456789"
+
+
+@pytest.mark.parametrize("setup", [{"server": {"client_token": CLIENT_TOKEN}}], indirect=True, ids=["client-token"])
+async def test_connect_checks_the_client_token_on_the_connect(setup: Setup) -> None:
+    answer = await connect_raw(setup.url, b"left.test:443")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
+    assert b'\r\nProxy-Authenticate: Bearer realm="tokenproxy"' in head
+    assert json.loads(body)["error"] == "forbidden"
+    code, out, err = await curl(
+        "--cacert", str(setup.ca_file), "-x", setup.url,
+        "--proxy-header", f"Proxy-Authorization: Bearer {CLIENT_TOKEN}", "https://left.test/echo/in",
+    )
+    assert (code, err) == (0, "")
+    echo = json.loads(out)
+    assert bearer_of(echo) == f"Bearer {setup.left.tokens.issued_access[-1]}"
+    assert not any(name.lower() == "proxy-authorization" for name, _ in echo["headers"])
+    assert setup.left.api.requests == 1
