@@ -186,6 +186,10 @@ class _FirstBytes(asyncio.Protocol):
 
     def _hand_over(self, transport: asyncio.Transport, first: bytes) -> None:
         """The connection is aiohttp's from now on: its request handler gets the transport and these bytes."""
+        if self._timer is not None:  # armed by a first byte that looked like CONNECT ("C" of "COPY")
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None  # nothing of this protocol acts on the connection any more
         handler = self._server.make_handler()
         self._counted = False  # the handler's now
         transport.set_protocol(handler)
@@ -277,7 +281,7 @@ class _FirstBytes(asyncio.Protocol):
             inner = await loop.start_tls(
                 transport, handler, context, server_side=True, ssl_handshake_timeout=server.limits.header_timeout
             )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as error:
+        except Exception as error:  # noqa: BLE001 - any failure of the handshake: the tunnel is closed, logged
             logger.info(
                 "closed a CONNECT tunnel from %s to %s: the TLS handshake failed (%s)",
                 _peer(transport),
@@ -287,7 +291,7 @@ class _FirstBytes(asyncio.Protocol):
             transport.abort()
             self._release()
             return
-        except BaseException:
+        except asyncio.CancelledError:
             transport.abort()
             self._release()
             raise
