@@ -496,3 +496,51 @@ async def test_connect_checks_the_client_token_on_the_connect(setup: Setup) -> N
     assert bearer_of(echo) == f"Bearer {setup.left.tokens.issued_access[-1]}"
     assert not any(name.lower() == "proxy-authorization" for name, _ in echo["headers"])
     assert setup.left.api.requests == 1
+
+
+@pytest.mark.parametrize(
+    "setup", [{"server": {"header_timeout": 0.2, "keepalive_timeout": 1.0}}], indirect=True, ids=["short-timeouts"]
+)
+async def test_a_request_whose_first_byte_looks_like_connect_is_served_and_left_alone(setup: Setup) -> None:
+    reader, writer = await open_raw(setup.url)
+    try:
+        writer.write(b"C")  # COPY: its first byte could begin a CONNECT
+        await writer.drain()
+        for _ in range(3):  # the proxy runs on this loop: let it read the lone byte (no waiting on time)
+            await asyncio.sleep(0)
+        writer.write(b"OPY /method HTTP/1.1\r\nHost: left.test\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+        assert await reader.readexactly(length) == b"COPY"
+        # Idle afterwards: closed by keepalive_timeout, with no stray 408 from a header timer of the CONNECT check.
+        assert await read_to_eof(reader) == b""
+    finally:
+        await close_raw(writer)
+
+
+@pytest.mark.parametrize("setup", [{"server": {"max_connections": 2}}], indirect=True, ids=["cap-2"])
+async def test_tunnels_give_back_their_place_in_max_connections(setup: Setup) -> None:
+    for _ in range(3):
+        code, _, err = await curl("--cacert", str(setup.ca_file), "-x", setup.url, "https://left.test/echo/t")
+        assert (code, err) == (0, "")
+    assert (await connect_raw(setup.url, b"elsewhere.test:443")).startswith(b"HTTP/1.1 403 ")
+    code, _, _ = await curl("-x", setup.url, "https://right.test/echo")  # the CA not trusted: handshake fails
+    assert code == 60
+
+    async def both_served() -> bool:
+        connections = [await open_raw(setup.url) for _ in range(2)]
+        try:
+            for _, writer in connections:
+                writer.write(b"GET /echo/cap HTTP/1.1\r\nHost: left.test\r\nConnection: close\r\n\r\n")
+            answers = [await read_to_eof(reader) for reader, _ in connections]
+        finally:
+            for _, writer in connections:
+                await close_raw(writer)
+        return all(answer.startswith(b"HTTP/1.1 200 OK\r\n") for answer in answers)
+
+    # The closed tunnels' places come back as their connections are lost: poll, with a deadline.
+    deadline = asyncio.get_running_loop().time() + BOUND
+    while not await both_served():
+        assert asyncio.get_running_loop().time() < deadline, "a closed tunnel still holds its place"
+        await asyncio.sleep(0.05)
