@@ -544,3 +544,12 @@ async def test_tunnels_give_back_their_place_in_max_connections(setup: Setup) ->
     while not await both_served():
         assert asyncio.get_running_loop().time() < deadline, "a closed tunnel still holds its place"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("setup", [{"server": {"keepalive_timeout": 0.3}}], indirect=True, ids=["short-keepalive"])
+async def test_a_connection_that_never_sends_a_byte_is_closed_after_keepalive_timeout(setup: Setup) -> None:
+    reader, writer = await open_raw(setup.url)
+    try:
+        assert await read_to_eof(reader) == b""  # closed by the proxy, within the bound
+    finally:
+        await close_raw(writer)

@@ -154,11 +154,22 @@ class _FirstBytes(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        # A connection that never sends a byte is closed after keepalive_timeout, as aiohttp's handler does.
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._server.limits.keepalive_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self._transport is not None and self._linger is None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
         if transport is None or self._linger is not None:
             return  # refused: whatever else the client sends is discarded
+        if not self._buffer and self._timer is not None:  # the first bytes: the idle timer's job is done
+            self._timer.cancel()
+            self._timer = None
         if self._buffer:
             data = self._buffer + data
         size = min(len(data), len(_CONNECT))
