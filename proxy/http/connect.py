@@ -284,13 +284,14 @@ class _FirstBytes(asyncio.Protocol):
     async def _intercept(self, transport: asyncio.Transport, context: ssl.SSLContext, authority: str) -> None:
         """Answer 200, complete the TLS handshake as `authority`, and give the tunnel to a request handler."""
         server = self._server
-        handler = server.make_handler(counted=False)
-        handler.tunnel = authority
+        # The loops deliver the first decrypted bytes (or the loss) as soon as the handshake ends, before this
+        # coroutine resumes: a holder takes them until the request handler is connected.
+        holder = _Holder()
         transport.write(_ESTABLISHED)
         loop = asyncio.get_running_loop()
         try:
             inner = await loop.start_tls(
-                transport, handler, context, server_side=True, ssl_handshake_timeout=server.limits.header_timeout
+                transport, holder, context, server_side=True, ssl_handshake_timeout=server.limits.header_timeout
             )
         except Exception as error:  # noqa: BLE001 - any failure of the handshake: the tunnel is closed, logged
             logger.info(
@@ -306,12 +307,20 @@ class _FirstBytes(asyncio.Protocol):
             transport.abort()
             self._release()
             raise
-        if inner is None:  # pragma: no cover - the transport closed during the handshake
+        if inner is None or holder.lost:  # the client left as the handshake ended
+            if inner is not None:
+                inner.abort()
             self._release()
             return
-        handler.count()
-        self._counted = False
+        handler = server.make_handler()
+        handler.tunnel = authority
+        self._counted = False  # the handler's now
+        inner.set_protocol(handler)
         handler.connection_made(inner)
+        if holder.data:
+            handler.data_received(bytes(holder.data))
+        if holder.eof:
+            handler.eof_received()
 
     def _refuse(self, error: ProxyError) -> None:
         """Answer `error` and close: after the answer, what the client sends is read and discarded briefly."""
@@ -358,6 +367,25 @@ class _FirstBytes(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._server.connection_closed()
+
+
+class _Holder(asyncio.Protocol):
+    """The protocol of a tunnel's TLS transport from its handshake until its request handler takes over."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()  # at most one read's worth: the handler is connected on the next turn
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the handler decides
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
 
 
 class _Pipe(asyncio.Protocol):

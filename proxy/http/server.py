@@ -177,12 +177,12 @@ class _Handler(RequestHandler):
         "tunnel",
     )
 
-    def __init__(self, server: ProxyServer, *, counted: bool = True, **kwargs: Any) -> None:
+    def __init__(self, server: ProxyServer, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self._server = server
         self._head_timer: asyncio.TimerHandle | None = None  # armed while a request's headers arrive
         self._heads_seen = False  # whether any request head has been complete on this connection
-        self._counted = counted  # this connection holds one of server.max_connections
+        self._counted = True  # this connection holds one of server.max_connections
         # Inside an intercepted CONNECT tunnel: its `host:port` (lower-case), which every request must name.
         self.tunnel: str | None = None
         self._tls: ssl.SSLContext | None = None
@@ -196,10 +196,6 @@ class _Handler(RequestHandler):
         """Note the connection's TLS context once (aiohttp asks the transport again for every request)."""
         self._tls = transport.get_extra_info("sslcontext")
         super().connection_made(transport)
-
-    def count(self) -> None:
-        """This handler now holds its connection's place in server.max_connections (given back when lost)."""
-        self._counted = True
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -481,9 +477,9 @@ class ProxyServer(web.Server):
             return self.first_protocol.protocol(self)
         return _Handler(self, loop=self._loop, **self._kwargs)
 
-    def make_handler(self, *, counted: bool = True) -> _Handler:
-        """A request handler for a connection admitted already (counted: it gives the place back when lost)."""
-        return _Handler(self, counted=counted, loop=self._loop, **self._kwargs)
+    def make_handler(self) -> _Handler:
+        """A request handler for a connection admitted already (it gives the place back when lost)."""
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_closed(self) -> None:
         """One admitted connection is gone."""
