@@ -554,13 +554,14 @@ async def test_upstream_hanging_gives_504_timeout(
     assert api.hang_entered.is_set()
 
 
-async def test_connect_method_gives_400_bad_request(make_proxy: Any, api: FakeApi) -> None:
-    """CONNECT is refused with 400 bad_request; nothing reaches the API."""
+async def test_connect_to_a_host_no_route_names_gives_403_forbidden(make_proxy: Any, api: FakeApi) -> None:
+    """CONNECT to a host no route names is refused with 403 forbidden; nothing reaches the API."""
     proxy = await make_proxy()
     resp = await raw_exchange(
         proxy.url, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n"
     )
-    assert_proxy_error(resp.status, resp.all, resp.body, 400, "bad_request")
+    assert_proxy_error(resp.status, resp.all, resp.body, 403, "forbidden")
+    assert json.loads(resp.body)["detail"] == "CONNECT to example.com:443 is not allowed: no route names this host"
     assert api.requests == 0
 
 

@@ -34,6 +34,7 @@ from ..observe.log import setup_logging
 from ..tokens.store import FileStore, UnsafeStateError
 from .config_cmd import config_commands
 from .login import login_commands, not_logged_in
+from .tls_cmd import tls_commands
 
 
 def _fail_config(error: ConfigError) -> NoReturn:
@@ -153,6 +154,8 @@ def main() -> None:
 
 main.add_command(config_commands(_config_option, _load, _CONFIG_EPILOG))
 for _command in login_commands(_config_option, _load, _CONFIG_EPILOG):
+    main.add_command(_command)
+for _command in tls_commands(_config_option, _load, _CONFIG_EPILOG):
     main.add_command(_command)
 
 

@@ -56,6 +56,9 @@ class ServerConfig:
     max_request_line: int = field(default=8190, metadata=RESTART)
     loop: str = field(default="uvloop", metadata=RESTART)
     workers: int = field(default=1, metadata=RESTART)  # processes serving the port; 0 = one per CPU
+    ca_dir: str = field(default="~/.local/state/tokenproxy/ca", metadata=RESTART)  # the local CA (`tokenproxy ca`)
+    # CONNECT hosts (fnmatch patterns) tunnelled blind, without a token
+    connect_passthrough: tuple[str, ...] = field(default=(), metadata=RESTART)
 
 
 @dataclass(frozen=True)

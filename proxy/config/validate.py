@@ -94,6 +94,7 @@ def _server_problems(server: ServerConfig) -> list[str]:
     if server.loop not in EVENT_LOOPS:
         problems.append(f"server.loop: must be one of {', '.join(EVENT_LOOPS)}, got {server.loop!r}")
     problems.extend(_workers_problems(server))
+    problems.extend(_passthrough_problems(server))
     if server.shutdown_timeout < 0:
         problems.append(f"server.shutdown_timeout: must not be negative, got {server.shutdown_timeout!r}")
     for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
@@ -102,6 +103,20 @@ def _server_problems(server: ServerConfig) -> list[str]:
     for name, least in (("max_connections", 1), ("max_headers", 1), ("max_header_size", 64), ("max_request_line", 64)):
         if getattr(server, name) < least:
             problems.append(f"server.{name}: must be at least {least}, got {getattr(server, name)!r}")
+    return problems
+
+
+def _passthrough_problems(server: ServerConfig) -> list[str]:
+    """`server.connect_passthrough`: host name patterns (`*.example.org`, `git.example.com:22`), nothing else."""
+    problems = []
+    if not server.ca_dir:
+        problems.append("server.ca_dir: must name a directory, got ''")
+    for index, pattern in enumerate(server.connect_passthrough):
+        if not re.fullmatch(r"[A-Za-z0-9*?.\[\]-]+(:[0-9*]+)?", pattern or "-"):
+            problems.append(
+                f"server.connect_passthrough[{index}]: must be a host name pattern like \"*.example.org\" "
+                f"(optionally :PORT), got {pattern!r}"
+            )
     return problems
 
 

@@ -31,6 +31,10 @@ from .render import error_response
 from .route import Route
 from .server import BODY_TIMED_OUT, RequestTimeout
 
+# A CONNECT after the first request of its connection (a first one never reaches aiohttp: connect.py).
+# curl, requests and httpx all open a new connection for a CONNECT.
+CONNECT_LATER = "CONNECT must open its connection: send it on a new connection"
+
 logger = logging.getLogger("tokenproxy.forward")
 
 # Our own answers that count as queue rejections in the metrics.
@@ -224,7 +228,7 @@ class Forwarder:
 
     async def _journey(self, request: web.BaseRequest, route: Route, state: _Journey) -> web.StreamResponse:
         if request.method == hdrs.METH_CONNECT:
-            raise BadRequest("CONNECT is not supported: tokenproxy is a reverse proxy")
+            raise BadRequest(CONNECT_LATER)
         target = request.raw_path
         if not target.isascii():
             raise BadRequest("the request target must be ASCII; percent-encode other bytes")

@@ -34,7 +34,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from aiohttp import StreamReader, web
 from aiohttp.abc import AbstractStreamWriter
@@ -174,6 +174,7 @@ class _Handler(RequestHandler):
         "_heads_seen",
         "_server",
         "_tls",
+        "tunnel",
     )
 
     def __init__(self, server: ProxyServer, **kwargs: Any) -> None:
@@ -182,6 +183,8 @@ class _Handler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None  # armed while a request's headers arrive
         self._heads_seen = False  # whether any request head has been complete on this connection
         self._counted = True  # this connection holds one of server.max_connections
+        # Inside an intercepted CONNECT tunnel: its `host:port` (lower-case), which every request must name.
+        self.tunnel: str | None = None
         self._tls: ssl.SSLContext | None = None
         # The request whose body is timed (from its handler's start until the body is complete),
         # the loop time its last body bytes arrived, and the timer, armed while the proxy reads.
@@ -404,6 +407,16 @@ class _Refusal(asyncio.Protocol):
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+class FirstProtocol(Protocol):
+    """What makes the protocol a new connection starts with (connect.py's Tunnels), and ends its own work."""
+
+    def protocol(self, server: ProxyServer) -> asyncio.Protocol:
+        """The protocol for one new, admitted connection."""
+
+    def close(self) -> None:
+        """Stop what it started that is not a connection of the server yet (TLS handshakes, tunnel connects)."""
+
+
 class ProxyServer(web.Server):
     """aiohttp's low-level server with a connection limit; makes `_Handler`s.
 
@@ -433,6 +446,8 @@ class ProxyServer(web.Server):
         self.open_connections = 0  # admitted and not yet lost
         self.refusing: set[asyncio.Transport] = set()
         self._full_logged = False
+        # What a new connection starts with when it is not a request handler at once (CONNECT: connect.py).
+        self.first_protocol: FirstProtocol | None = None
         # Built once: the answers written when there is no request to answer.
         self.timeout_answer = raw_answer(
             RequestTimeout(f"the request headers did not arrive within {limits.header_timeout:g}s")
@@ -458,6 +473,12 @@ class ProxyServer(web.Server):
                 )
             return _Refusal(self)
         self.open_connections += 1
+        if self.first_protocol is not None:
+            return self.first_protocol.protocol(self)
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+    def make_handler(self) -> _Handler:
+        """A request handler for a connection admitted already (it gives the place back when lost)."""
         return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_closed(self) -> None:
@@ -471,6 +492,8 @@ class ProxyServer(web.Server):
         for transport in list(self.refusing):
             transport.abort()
         self.refusing.clear()
+        if self.first_protocol is not None:
+            self.first_protocol.close()
         super().pre_shutdown()
 
 
@@ -488,23 +511,28 @@ class ProxyRunner(web.AppRunner):
         *,
         limits: ServerLimits,
         handler: Callable[[], Handler] | None = None,
+        first_protocol: Callable[[], FirstProtocol] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **limits.handler_kwargs(), **kwargs)
         self._limits = limits
         self._handler = handler
+        self._first_protocol = first_protocol
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         if self._handler is not None:
             # One handler for every request, with plain BaseRequests: the
             # Application still owns the lifecycle, but its router is skipped.
-            return ProxyServer(
+            server = ProxyServer(
                 self._handler(),
                 handler_cancellation=plain.handler_cancellation,
                 limits=self._limits,
                 **plain._kwargs,
             )
+            if self._first_protocol is not None:
+                server.first_protocol = self._first_protocol()
+            return server
         return ProxyServer(
             plain.request_handler,
             request_factory=plain.request_factory,

@@ -10,12 +10,14 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from aiohttp import web
 
 from ..config import Config, ConfigError, is_loopback, parse_listen, secrets_of
 from ..core.causes import cause_in_words
 from ..http.admin import build_admin_app
+from ..http.connect import Tunnels
 from ..http.listener import BatchAcceptSite
 from ..http.server import ProxyRunner, ServerLimits
 from ..observe.log import flush_access_log, setup_logging
@@ -37,11 +39,22 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     return ProxyRunner(
         app,
         handler=lambda: app[ENTRY].handle,
+        first_protocol=lambda: tunnels_of(app, config),
         limits=server_limits(config),
         handler_cancellation=True,
         auto_decompress=False,
         access_log=None,
         shutdown_timeout=config.server.shutdown_timeout,
+    )
+
+
+def tunnels_of(app: web.Application, config: Config) -> Tunnels:
+    """What the proxy port does with CONNECT (the local CA of `server.ca_dir`), once the app's entry exists."""
+    return Tunnels.load(
+        app[ENTRY],
+        Path(config.server.ca_dir).expanduser(),
+        passthrough=config.server.connect_passthrough,
+        connect_timeout=config.upstream.connect_timeout,
     )
 
 
