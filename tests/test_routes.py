@@ -660,3 +660,21 @@ async def test_routes_cli_run_fetches_each_credential_at_start_and_sighup_adds_a
     finally:
         log = "".join(seen) + await stop_process(proc)
     assert right.tokens.issued_access[0] not in log
+
+
+async def test_routes_token_log_lines_name_their_credential(
+    routed: Routed, left: Side, right: Side, client: aiohttp.ClientSession, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With several credentials, each token manager's line names its credential, in the text and as a JSON key."""
+    caplog.set_level(logging.INFO, logger="tokenproxy.tokens")
+    url, _, _ = await routed(two_routes(left, right, tmp_path / "state.json"))
+    assert (await get(client, f"{url}/echo/a", "left.test"))[0] == 200
+    assert (await get(client, f"{url}/echo/b", "right.test"))[0] == 200
+    refreshes = [r for r in caplog.records if r.name == "tokenproxy.tokens" and "refresh ok" in r.getMessage()]
+    assert sorted(r.getMessage().partition(" grant=")[0] for r in refreshes) == [
+        "credential lc: refresh ok",
+        "credential rc: refresh ok",
+    ]
+    assert sorted(getattr(r, "credential", None) for r in refreshes) == ["lc", "rc"]
+    assert all(getattr(r, "grant", None) == "refresh_token" for r in refreshes)  # the line's other fields are kept

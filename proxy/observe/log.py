@@ -83,6 +83,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class CredentialLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The log of one credential's token manager: once a config has several credentials, each line names its own.
+
+    `credential` is set by whoever knows how many there are (the routing);
+    empty, lines read as they do for the single credential. The JSON line
+    carries it as its `credential` key either way once set.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+        self.credential = ""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        """Name the credential in the message and in the line's fields."""
+        if not self.credential:
+            return msg, kwargs
+        extra = kwargs.get("extra")
+        kwargs["extra"] = {**extra, "credential": self.credential} if extra else {"credential": self.credential}
+        return f"credential {self.credential}: {msg}", kwargs
+
+
 def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = (), *, access_log: bool = True) -> None:
     """Configure the root handler for the proxy's process (CLI only), and the access log's writer thread.
 

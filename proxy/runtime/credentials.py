@@ -167,8 +167,12 @@ def make_token_manager(
     clock: Clock = time.time,
     metrics: Recorder = NULL_METRICS,
     store: Store | None = None,
+    name: str = "",
 ) -> TokenManager:
-    """A TokenManager for the configured credential, resumed from its state file (`store`, else its own)."""
+    """A TokenManager for the configured credential, resumed from its state file (`store`, else its own).
+
+    `name`, when given, is named in its log lines (a config with several credentials).
+    """
     tok = config.token
     store = build_store(tok) if store is None else store
     manager = TokenManager(
@@ -182,5 +186,6 @@ def make_token_manager(
         metrics=metrics,
         coordination=build_redis_coordination(config, store, metrics) or build_coordination(tok, store),
     )
+    manager.name_in_logs(name)
     manager.resume()
     return manager

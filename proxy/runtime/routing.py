@@ -125,8 +125,9 @@ class Routing:
         """Make a token manager for each credential of a config whose discovery is done (blocking: reads the
         state file; Redis is pinged). Raises what `make_token_manager` raises; `close()` then closes what
         was made."""
-        for name, token in credentials_of(config).items():
-            self._add(config, name, token)
+        wanted = credentials_of(config)
+        for name, token in wanted.items():
+            self._add(config, name, token, several=len(wanted) > 1)
 
     def session_for(self, config: Config, name: str) -> aiohttp.ClientSession:
         """The token endpoint session of the credential `name`: its own, or a new one (closed with the rest)."""
@@ -138,11 +139,12 @@ class Routing:
             session = self._sessions[name] = token_session(for_credential(config, name))
         return session
 
-    def _add(self, config: Config, name: str, token: TokenConfig) -> Credential:
+    def _add(self, config: Config, name: str, token: TokenConfig, *, several: bool) -> Credential:
         view = for_credential(config, name)
         session = self.session_for(config, name)
         store = build_store(view.token)
-        manager = make_token_manager(view, session, self._clock, self._credential_metrics(name), store)
+        metrics = self._credential_metrics(name)
+        manager = make_token_manager(view, session, self._clock, metrics, store, name if several else "")
         credential = Credential(name, token, manager, session, store)
         self.credentials[name] = credential
         return credential
@@ -160,7 +162,7 @@ class Routing:
         for name, token in wanted.items():
             credential = self.credentials.get(name)
             if credential is None:
-                self._add(config, name, token)
+                self._add(config, name, token, several=several)
                 notes.append(f"credential {name} added")
                 continue
             outcome = credential.manager.reconfigure(
@@ -180,6 +182,8 @@ class Routing:
             self.retired.append(self.credentials.pop(name))
             notes.append(f"credential {name} removed")
         self.credentials = {name: self.credentials[name] for name in wanted}
+        for name, credential in self.credentials.items():
+            credential.manager.name_in_logs(name if len(wanted) > 1 else "")
         return notes
 
     def build_routes(self, config: Config, recorders: RouteRecorders | None = None) -> Router:

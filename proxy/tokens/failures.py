@@ -12,14 +12,11 @@ how a token is fetched or of the requests waiting for one.
 
 from __future__ import annotations
 
-import logging
 import math
 
 from ..core.errors import FailureKind, GrantError, LoginRequired, ProxyError, TokenUnavailable
 from ..core.renewal import backoff_delay
-from ..observe.log import refresh_fields
-
-logger = logging.getLogger("tokenproxy.tokens")
+from ..observe.log import CredentialLog, refresh_fields
 
 # While login_required, how often (seconds) a request may have the saved state looked at again for a new login.
 LOOK_INTERVAL = 1.0
@@ -33,7 +30,8 @@ class FailureState:
     ended (`succeeded`, `failed`).
     """
 
-    def __init__(self, backoff_initial: float, backoff_max: float) -> None:
+    def __init__(self, backoff_initial: float, backoff_max: float, log: CredentialLog) -> None:
+        self._log = log
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._failures = 0
@@ -91,11 +89,11 @@ class FailureState:
         is under way (one that is, started before the failure state said no).
         """
         if self._final is not None:
-            logger.debug("no refresh: the last one failed for good (%s); reload the config", self._final.detail)
+            self._log.debug("no refresh: the last one failed for good (%s); reload the config", self._final.detail)
             raise self._final.again()
         if not refreshing and now < self._backoff_until:
             last = self._last_error.detail if self._last_error else "the last refresh failed"
-            logger.debug(
+            self._log.debug(
                 "no refresh: backing off for %.1fs after %d failed refreshes (%s)",
                 self._backoff_until - now,
                 self._failures,
@@ -127,7 +125,7 @@ class FailureState:
             )
             self._final = error
             self._next_look = now + LOOK_INTERVAL
-            logger.error(
+            self._log.error(
                 "refresh failed for good grant=%s reason=%s",
                 grant,
                 exc.reason,
@@ -138,7 +136,7 @@ class FailureState:
             delay = backoff_delay(self._failures, self._backoff_initial, self._backoff_max)
             self._backoff_until = now + delay
             error = TokenUnavailable(exc.reason, retry_after=math.ceil(delay))
-            logger.warning(
+            self._log.warning(
                 "refresh failed grant=%s reason=%s failures=%d retry_in=%.1fs rotated=%s",
                 grant,
                 exc.reason,

@@ -28,7 +28,7 @@ from ..auth.protocol import RequestShape
 from ..core.errors import GrantError, LoginRequired, ShuttingDown, StoreUnavailable, TokenUnavailable
 from ..core.renewal import Renewal, decide_renewal
 from ..core.token import Token, expiry_of, fingerprint, lifetime_floor, lifetime_warning, make_token, sendable
-from ..observe.log import refresh_fields
+from ..observe.log import CredentialLog, refresh_fields
 from ..observe.metrics import NULL_METRICS, Recorder
 from .change import Reconfigured, TokenChange, decide_change
 from .coordination import Coordination, CoordinationUnavailable, InProcessCoordination, RefreshRight, RefreshRightLost
@@ -37,7 +37,7 @@ from .failures import FailureState
 from .flight import Outcome, SingleFlight
 from .store import SavedState, Store
 
-logger = logging.getLogger("tokenproxy.tokens")
+_logger = logging.getLogger("tokenproxy.tokens")
 
 Clock = Callable[[], float]
 
@@ -95,6 +95,7 @@ class TokenManager:
         coordination: Coordination | None = None,
     ) -> None:
         self._metrics = metrics
+        self._log = CredentialLog(_logger)
         self._grant = grant
         self._store = store
         self._coordination = coordination if coordination is not None else InProcessCoordination(store)
@@ -119,9 +120,13 @@ class TokenManager:
         # if the saved state holds one.
         self._looking = False
         self._flight = SingleFlight(self._refresh)
-        self._failures = FailureState(policy.backoff_initial, policy.backoff_max)
+        self._failures = FailureState(policy.backoff_initial, policy.backoff_max, self._log)
 
     # -- start-up, reload and shut-down -----------------------------------------
+
+    def name_in_logs(self, name: str) -> None:
+        """Name the credential in this manager's log lines from now on (several credentials), or not (`""`)."""
+        self._log.credential = name
 
     def resume(self) -> None:
         """Adopt the saved state if it belongs to this credential and login.
@@ -134,15 +139,15 @@ class TokenManager:
             return
         self._take_chain(state)
         if not state.access_token and not state.refresh_token:
-            logger.info("the state file holds no tokens (logged out): run `tokenproxy login`")
+            self._log.info("the state file holds no tokens (logged out): run `tokenproxy login`")
             return
         if not state.access_token:
             # Saved from an answer that rotated the refresh token but gave no usable access token.
-            logger.info("resumed the refresh token from the state file; no access token yet")
+            self._log.info("resumed the refresh token from the state file; no access token yet")
             return
         self._token = self._token_of(state)
         self._obtained = self._token.usable_at(self._clock())
-        logger.info(
+        self._log.info(
             "resumed token %s generation %d from state file, expires in %.0fs",
             self._token.fingerprint,
             state.generation,
@@ -197,7 +202,7 @@ class TokenManager:
                 policy.refresh_before,
                 lifetime_floor(policy.min_refresh_interval),
             )
-        self._failures = FailureState(policy.backoff_initial, policy.backoff_max)
+        self._failures = FailureState(policy.backoff_initial, policy.backoff_max, self._log)
         if change is not TokenChange.KEPT and fetch_now and not self._flight.running and not self._flight.closed:
             self._flight.start()
         return outcome
@@ -225,8 +230,8 @@ class TokenManager:
             if token.generation <= self._rejected and self._flight.running:
                 return await self._await_refresh()
             if now >= token.refresh_at and not self._flight.running and self._may_refresh(now):
-                if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug(
+                if self._log.isEnabledFor(logging.DEBUG):
+                    self._log.debug(
                         "refresh starts grant=%s: token %s generation %d expires in %.0fs (token.refresh_before %gs)",
                         self._grant.name,
                         token.fingerprint,
@@ -258,8 +263,8 @@ class TokenManager:
         decision = decide_renewal(
             seen.generation, self._token, self._clock(), self._policy.min_refresh_interval, challenge_error
         )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug(
                 "%s", renewal_reason(decision, seen, self._token, challenge_error, self._policy.min_refresh_interval)
             )
         if decision is Renewal.REFRESH:
@@ -277,8 +282,8 @@ class TokenManager:
         """Start a refresh for a rejected token without waiting for it (the body could not be replayed)."""
         now = self._clock()
         decision = decide_renewal(seen.generation, self._token, now, self._policy.min_refresh_interval, challenge_error)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug(
                 "%s", renewal_reason(decision, seen, self._token, challenge_error, self._policy.min_refresh_interval)
             )
         if decision is not Renewal.REFRESH:
@@ -339,8 +344,8 @@ class TokenManager:
                 flight.start()
         else:
             failures.refuse(self._clock(), refreshing=flight.running)
-        if not flight.running and logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
+        if not flight.running and self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug(
                 "refresh starts grant=%s: %s", self._grant.name, why_wait(self._token, self._rejected, self._clock())
             )
         policy = self._policy
@@ -414,7 +419,7 @@ class TokenManager:
                     if not self._logged_in_again(peer):
                         return final.again()
                     assert peer is not None
-                    logger.info("found a new login (generation %d) in the saved state: login_required is over",
+                    self._log.info("found a new login (generation %d) in the saved state: login_required is over",
                                 peer.generation)
                     self._failures.logged_in()
                 result = await self._fetch_and_publish(right, peer, login, reshaped, timer)
@@ -423,7 +428,7 @@ class TokenManager:
             result = exc
         except CoordinationUnavailable as exc:
             if looking and (final := self._failures.final) is not None and self._failures.login_required:
-                logger.warning("could not look for a new login in the saved state (%s)", exc.reason)
+                self._log.warning("could not look for a new login in the saved state (%s)", exc.reason)
                 return final.again()
             result = self._failures.failed(
                 GrantError(exc.reason),
@@ -450,7 +455,7 @@ class TokenManager:
             self._take_chain(peer)
             if newer and not peer.access_token and not peer.refresh_token:
                 # `tokenproxy logout`: the token held here goes too; the grant says what is left (login_required).
-                logger.warning("the state file says the credential was logged out (tokenproxy logout); "
+                self._log.warning("the state file says the credential was logged out (tokenproxy logout); "
                                "requests get 503 login_required until `tokenproxy login`")
                 self._token = None
             if (
@@ -473,9 +478,9 @@ class TokenManager:
             error, rotated = exc, exc.refresh_token
         except GrantError as exc:
             error = exc
-        except Exception as exc:
-            logger.error(
-                "refresh failed unexpectedly (%s)", type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG)
+        except Exception as exc:  # noqa: BLE001 (logged, with its traceback at debug)
+            self._log.error(
+                "refresh failed unexpectedly (%s)", type(exc).__name__, exc_info=self._log.isEnabledFor(logging.DEBUG)
             )
             error = GrantError(f"internal error ({type(exc).__name__})")
         if login != self._login:
@@ -489,11 +494,11 @@ class TokenManager:
                 token = self._token_from(response, started)
             except GrantError as exc:
                 error = exc
-            except Exception as exc:  # a defect in reading the answer must still be a logged, backed-off failure
-                logger.error(
+            except Exception as exc:  # noqa: BLE001 a defect in reading the answer must still be a logged, backed-off failure
+                self._log.error(
                     "reading the token answer failed unexpectedly (%s)",
                     type(exc).__name__,
-                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                    exc_info=self._log.isEnabledFor(logging.DEBUG),
                 )
                 error = GrantError(f"internal error reading the answer ({type(exc).__name__})")
         if rotated:
@@ -525,7 +530,7 @@ class TokenManager:
         floor = lifetime_floor(self._policy.min_refresh_interval)
         warning = lifetime_warning(expires_at, started, floor)
         if warning is not None:
-            logger.warning("refresh grant=%s: %s", self._grant.name, warning)
+            self._log.warning("refresh grant=%s: %s", self._grant.name, warning)
         return make_token(
             response.access_token, expires_at, started, self._generation + 1, self._policy.refresh_before, floor
         )
@@ -547,9 +552,9 @@ class TokenManager:
         try:
             await right.save(state)
         except OSError as exc:
-            logger.error("could not write the state file (%s); the new token is kept in memory only", exc.strerror)
+            self._log.error("could not write the state file (%s); the new token is kept in memory only", exc.strerror)
         except RefreshRightLost:
-            logger.error("lost the right to refresh before saving; the new token is kept in memory only")
+            self._log.error("lost the right to refresh before saving; the new token is kept in memory only")
 
     async def _publish(self, right: RefreshRight, token: Token, *, rotated: bool, timer: float) -> Token:
         # Saved before it is published, so a rotated refresh token survives a crash.
@@ -561,7 +566,7 @@ class TokenManager:
         self._metrics.token_source("own")
         duration = time.perf_counter() - timer
         expires_in = token.expires_at - self._clock()
-        logger.info(
+        self._log.info(
             "refresh ok grant=%s token=%s generation=%d expires_in=%.0fs rotated=%s duration=%.1fms",
             self._grant.name,
             token.fingerprint,
@@ -588,7 +593,7 @@ class TokenManager:
         self._failures.succeeded()
         self._metrics.token_source("adopted")
         expires_in = token.expires_at - self._clock()
-        logger.info(
+        self._log.info(
             "adopted token %s generation %d that another process fetched, expires_in=%.0fs",
             token.fingerprint,
             token.generation,
