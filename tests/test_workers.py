@@ -437,3 +437,25 @@ def test_workers_exit_described_in_words() -> None:
     """A worker's end reads as its status or the signal's name."""
     assert describe_exit(1) == "exited with status 1"
     assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+
+
+async def test_workers_log_lines_name_their_worker(tmp_path: Path, token_server: FakeTokenServer, api: FakeApi) -> None:
+    """Each worker's lines say which worker wrote them (`[worker N]`), its access lines too; the parent's do not."""
+    config = group_config(tmp_path, token_server, api)
+    config.write_text(config.read_text().replace("access_log = false", "access_log = true"))
+    async with running_group(config) as group:
+        assert await send(group.url, 8) == [200] * 8
+
+        def access_lines() -> list[str]:
+            return [line for line in group.log().splitlines() if "tokenproxy.access:" in line]
+
+        async def all_written() -> bool:
+            return len(access_lines()) == 8
+
+        await eventually(all_written, "the 8 access lines written")
+        access = re.compile(r' INFO \[worker [0-3]\] tokenproxy\.access: "GET /echo" 200 ')
+        assert all(access.search(line) for line in access_lines()), access_lines()
+        started = [line for line in group.log().splitlines() if "listening on" in line]
+        named = {m.group(1) for line in started if (m := re.search(r"\[worker (\d)\] tokenproxy", line))}
+        assert named == {"0", "1", "2", "3"}, started
+        assert any("workers listening on" in line and "[worker" not in line for line in started)  # the parent's own

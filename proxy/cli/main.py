@@ -30,7 +30,7 @@ from ..config.schema import credentials_of, for_credential, with_state_file_wher
 from ..core.causes import cause_in_words
 from ..core.errors import ProxyError
 from ..core.token import sendable
-from ..observe.log import setup_logging
+from ..observe.log import mark_worker, setup_logging
 from ..tokens.store import FileStore, UnsafeStateError
 from .config_cmd import config_commands
 from .login import login_commands, not_logged_in
@@ -190,9 +190,11 @@ def run(
 ) -> None:
     """Run the proxy until Ctrl-C or SIGTERM."""
     from ..runtime.serve import ListenError, event_loop_factory, serve
-    from ..runtime.workers import PRIVATE_STATE_KEY
+    from ..runtime.workers import PRIVATE_STATE_KEY, WORKER_INDEX_KEY
 
     sets = dict(item.split("=", 1) for item in worker_set)
+    if WORKER_INDEX_KEY in sets:
+        mark_worker(int(sets.pop(WORKER_INDEX_KEY)))
     # A worker's private state file: for every credential the config keeps no state file for.
     private_state = sets.pop(PRIVATE_STATE_KEY, "").replace("$$", "$")
     overrides: dict[str, Any] = {

@@ -60,8 +60,13 @@ class AccessWriter:
         json_lines: bool,
         clean: Callable[[str], str],
         max_pending: int = MAX_PENDING,
+        worker: int | None = None,
     ) -> None:
         self._stream = stream
+        # A worker of a group names itself in every line: `[worker N] ` in text, a `worker` key in JSON.
+        self._worker = worker
+        self._worker_text = "" if worker is None else f"[worker {worker}] "
+        self._worker_json = "" if worker is None else f', "worker": {worker}'
         self._lock = lock
         self._json = json_lines
         self._clean = clean  # redaction of the path: no token-shaped text or configured secret is written
@@ -155,22 +160,29 @@ class AccessWriter:
         )
         prefix, millis = self._time(when)
         if not self._json:
-            return f"{prefix},{millis:03d} INFO tokenproxy.access: {message}\n"
+            return f"{prefix},{millis:03d} INFO {self._worker_text}tokenproxy.access: {message}\n"
         # What json.dumps would write for these keys, built without its per-call set-up.
         text = _json_string
         return (
             f'{{"time": "{prefix}.{millis:03d}Z", "level": "info", "logger": "tokenproxy.access", '
             f'"message": {text(message)}, "method": {text(method)}, "path": {text(path)}, "status": {status}, '
             f'"duration_ms": {round(duration * 1000.0, 3)!r}, "resent": {"true" if resent else "false"}, '
-            f'"generation": {"null" if generation is None else generation}, "route": {text(route)}}}\n'
+            f'"generation": {"null" if generation is None else generation}, "route": {text(route)}'
+            f"{self._worker_json}}}\n"
         )
 
     def _dropped_line(self, count: int) -> str:
         message = f"{count} access lines were dropped: the log output was slower than the requests"
         prefix, millis = self._time(time.time())
         if not self._json:
-            return f"{prefix},{millis:03d} WARNING tokenproxy.access: {message}\n"
-        fields = {"time": f"{prefix}.{millis:03d}Z", "level": "warning", "logger": "tokenproxy.access"}
+            return f"{prefix},{millis:03d} WARNING {self._worker_text}tokenproxy.access: {message}\n"
+        fields: dict[str, object] = {
+            "time": f"{prefix}.{millis:03d}Z",
+            "level": "warning",
+            "logger": "tokenproxy.access",
+        }
+        if self._worker is not None:
+            fields["worker"] = self._worker
         return json.dumps({**fields, "message": message, "dropped": count}) + "\n"
 
 

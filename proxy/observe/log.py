@@ -65,9 +65,13 @@ class RedactingFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any `extra` fields."""
+    """One JSON object per line: time, level, logger, message, the worker (in a group) and any `extra` fields."""
 
     _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -77,6 +81,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            out["worker"] = self._worker
         for key, value in vars(record).items():
             if key not in self._STANDARD and not key.startswith("_"):
                 out[key] = value
@@ -112,9 +118,10 @@ def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = (), *, access
     global _writer  # the process's logging set-up is process-wide; only this function replaces it
     handler = FlushingHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(_worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        worker = "" if _worker is None else f"[worker {_worker}] "
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s"))
     redacting = RedactingFilter(secrets)
     handler.addFilter(redacting)
     root = logging.getLogger()
@@ -131,12 +138,23 @@ def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = (), *, access
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)
     if _access.isEnabledFor(logging.INFO):
         assert handler.lock is not None
-        _writer = AccessWriter(sys.stderr, handler.lock, json_lines=fmt == "json", clean=redacting.clean)
+        _writer = AccessWriter(
+            sys.stderr, handler.lock, json_lines=fmt == "json", clean=redacting.clean, worker=_worker
+        )
         handler.access = _writer
         atexit.register(_writer.close)
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
+# Set in a worker of a group (its index) before its logging is set up: every line it writes names it.
+_worker: int | None = None
+
+
+def mark_worker(index: int) -> None:
+    """This process is worker `index` of a group: the lines it logs from the next `setup_logging` on say so."""
+    global _worker  # one process, one index, set once at its start
+    _worker = index
+
 # Set by setup_logging in the proxy's process: access lines are queued to it instead of logged here.
 _writer: AccessWriter | None = None
 

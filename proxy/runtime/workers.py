@@ -46,6 +46,8 @@ KILL_AFTER = 10.0
 # The hidden `--worker-set` key carrying a worker's private state file (not a config key: cli/main.py takes it
 # out and gives the file to every credential that has no state file of its own).
 PRIVATE_STATE_KEY = "worker.private_state_file"
+# The hidden `--worker-set` key carrying a worker's index, which its log lines show.
+WORKER_INDEX_KEY = "worker.index"
 
 WorkerCommand = Callable[[int, Mapping[str, str]], list[str]]
 
@@ -143,6 +145,7 @@ class Supervisor:
         """The config keys that make a `tokenproxy run` one worker of this group."""
         overrides = {"server.workers": "1", "server.listen": self._listen}
         overrides[PRIVATE_STATE_KEY] = str(self._dir / "state.json")
+        overrides[WORKER_INDEX_KEY] = str(index)
         if self._config.server.admin_listen:
             overrides["server.admin_listen"] = f"unix:{self._admin_socket(index)}"
         # Values are read like the config file's: `$` would start an ${ENV} reference.
