@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -173,3 +174,36 @@ async def test_env_without_a_local_ca_says_ca_init(running: Running) -> None:
     code, out, err = await run_cli("env", "-c", str(running.config))
     assert (code, out) == (1, "")
     assert err == f"env: no local CA in {running.ca_dir}: run `tokenproxy ca init`\n"
+
+
+async def test_exec_curl_through_a_group_of_workers_one_token_call_per_credential(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """`run --workers 2`: tunnels opened to the group reach both routed TLS upstreams; the workers share each
+    credential's token (one token call each), and SIGTERM stops the group."""
+    upstream_ca = TestCa(tmp_path)
+    sides = [await _side(aiohttp_server, upstream_ca), await _side(aiohttp_server, upstream_ca)]
+    ca_dir = tmp_path / "ca"
+    create_ca(ca_dir)
+    port = free_port()
+    config = _config(tmp_path / "c.toml", port, ca_dir, sides, upstream_ca.ca_file)
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    proc = await start_cli("run", "-c", str(config), "--workers", "2", env={"XDG_RUNTIME_DIR": str(runtime)})
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, r"2 workers listening on http://127\.0\.0\.1:\d+", seen)
+        for _ in range(4):
+            for name, (tokens, api) in zip(("left", "right"), sides, strict=True):
+                code, out, err = await run_cli(
+                    "exec", "-c", str(config), "--", "curl", "-sS", f"https://{name}.test/echo/x"
+                )
+                assert (code, err) == (0, "")
+                assert ["Authorization", f"Bearer {tokens.issued_access[-1]}"] in json.loads(out)["headers"]
+        assert [api.requests for _, api in sides] == [4, 4]
+        assert [tokens.count for tokens, _ in sides] == [1, 1]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        await stop_process(proc)
