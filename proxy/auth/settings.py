@@ -31,6 +31,7 @@ class SecretShape(enum.Enum):
     WHOLE = "whole"  # the value is a credential
     HEADER_VALUES = "header_values"  # a table of request headers: every value but those of PLAIN_HEADERS
     TEMPLATE_STRINGS = "template_strings"  # a JSON template: its string values but those framing the placeholder
+    URL_PASSWORD = "url_password"  # a URL: the password in its userinfo, when it has one, makes the URL a secret
 
 
 def secret(shape: SecretShape = SecretShape.WHOLE) -> dict[str, SecretShape]:
@@ -85,12 +86,25 @@ def body_secrets(body: str) -> list[str]:
     return [text for text in template_strings(template) if text.strip() and REFRESH_PLACEHOLDER not in text]
 
 
+def url_password(value: Any) -> str:
+    """The password in a URL's userinfo (`redis://user:PASSWORD@host`), or "" when it has none."""
+    if not isinstance(value, str) or "@" not in value:
+        return ""
+    try:
+        return urlsplit(value).password or ""
+    except ValueError:
+        return ""
+
+
 def secret_values(shape: SecretShape, value: Any) -> list[str]:
     """The credentials inside a secret field's value, as the redaction filter must mask them."""
     if shape is SecretShape.HEADER_VALUES:
         return header_secrets(value)
     if shape is SecretShape.TEMPLATE_STRINGS:
         return body_secrets(value)
+    if shape is SecretShape.URL_PASSWORD:
+        password = url_password(value)
+        return [value, password] if password else []
     return [value] if isinstance(value, str) and value else []
 
 

@@ -132,7 +132,7 @@ class StoreConfig:
 
     backend: str = field(default="file", metadata=RESTART)
     # redis:// or rediss://; a password (and ACL user) in it makes the whole URL a secret.
-    url: str = field(default="", metadata={**secret(), **RESTART})
+    url: str = field(default="", metadata={**secret(SecretShape.URL_PASSWORD), **RESTART})
     ca_file: str = field(default="", metadata=RESTART)
     key_prefix: str = field(default="tokenproxy:", metadata=RESTART)
     # Outlives token.timeout (default 10 s) plus the save, so a holder whose renewals fail still

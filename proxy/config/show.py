@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from importlib import resources
 from typing import Any
 
-from ..auth.settings import PLAIN_HEADERS, SecretShape, secret_shape, secret_values
+from ..auth.settings import PLAIN_HEADERS, SecretShape, secret_shape, secret_values, url_password
 from .schema import Config
 
 # What a secret that is set shows instead of its value.
@@ -95,6 +95,12 @@ def _masked(shape: SecretShape, value: Any) -> Any:
         except (ValueError, RecursionError):
             return SET if value else value  # not JSON: nothing says where a credential in it would be
         return SET if secret_values(shape, value) else value
+    if shape is SecretShape.URL_PASSWORD:
+        if not url_password(value):
+            return value
+        scheme, _, rest = value.partition("://")
+        userinfo, _, host = rest.rpartition("@")
+        return f"{scheme}://{userinfo.partition(':')[0]}:{SET}@{host}"
     return SET if value else value
 
 

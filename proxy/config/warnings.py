@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ..auth.registry import GRANTS
-from ..auth.settings import PLAIN_HEADERS, REFRESH_PLACEHOLDER, SecretShape, body_secrets, template_strings
+from ..auth.settings import (
+    PLAIN_HEADERS,
+    REFRESH_PLACEHOLDER,
+    SecretShape,
+    body_secrets,
+    template_strings,
+    url_password,
+)
 from .load import interpolate
 from .schema import DEFAULT_GRANT, TokenConfig
 from .secrets import SECRET_KEYS
@@ -57,9 +64,8 @@ def _raw_value(raw: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _secret_values(raw: Mapping[str, Any]) -> list[tuple[str, SecretShape, Any]]:
-    """Every secret key of a parsed config file with its shape and raw value: the sections', and the `[token]`
-    keys of each `[credentials.NAME]` and `[route.token]` table, named where they sit."""
+def _credential_tables(raw: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Each `[credentials.NAME]` and inline `[route.token]` table of a parsed config file, named where it sits."""
     tables: list[tuple[str, Any]] = []
     credentials = raw.get("credentials")
     if isinstance(credentials, Mapping):
@@ -71,14 +77,19 @@ def _secret_values(raw: Mapping[str, Any]) -> list[tuple[str, SecretShape, Any]]
             for index, route in enumerate(routes)
             if isinstance(route, Mapping)
         ]
+    return [(where, table) for where, table in tables if isinstance(table, Mapping)]
+
+
+def _secret_values(raw: Mapping[str, Any]) -> list[tuple[str, SecretShape, Any]]:
+    """Every secret key of a parsed config file with its shape and raw value: the sections', and the `[token]`
+    keys of each `[credentials.NAME]` and `[route.token]` table, named where they sit."""
     found = [(key, shape, _raw_value(raw, key)) for key, shape in SECRET_KEYS.items()]
-    for where, table in tables:
-        if isinstance(table, Mapping):
-            found += [
-                (where + key[len("token") :], shape, _raw_value({"token": table}, key))
-                for key, shape in SECRET_KEYS.items()
-                if key.startswith("token.")
-            ]
+    for where, table in _credential_tables(raw):
+        found += [
+            (where + key[len("token") :], shape, _raw_value({"token": table}, key))
+            for key, shape in SECRET_KEYS.items()
+            if key.startswith("token.")
+        ]
     return found
 
 
@@ -101,6 +112,9 @@ def literal_secrets(raw: Mapping[str, Any]) -> list[str]:
                 ]
         elif shape is SecretShape.TEMPLATE_STRINGS:
             if _literal_body(value):
+                found.append(key)
+        elif shape is SecretShape.URL_PASSWORD:
+            if isinstance(value, str) and url_password(interpolate(value, {}, "", [])):
                 found.append(key)
         elif _literal(value):
             found.append(key)
@@ -125,19 +139,22 @@ def exposed_secrets_warning(path: str, mode: int, raw: Mapping[str, Any]) -> str
 
 
 def unused_grant_keys_warning(raw: Mapping[str, Any]) -> str | None:
-    """A warning naming the `[token]` keys that only another grant reads: they are ignored, not an error."""
-    token = raw.get("token")
-    if not isinstance(token, Mapping):
-        return None
-    grant = GRANTS.get(str(token.get("grant", DEFAULT_GRANT)))
-    if grant is None:
-        return None
-    used = {f.name for f in dataclasses.fields(TokenConfig)} | {f.name for f in dataclasses.fields(grant.settings)}
+    """A warning naming the keys of `[token]`, `[credentials.NAME]` or `[route.token]` that only another grant
+    reads: they are ignored, not an error. One line, each table's keys with the grant that ignores them."""
+    tables = [("token", raw["token"])] if isinstance(raw.get("token"), Mapping) else []
     other = {f.name for other in GRANTS.values() for f in dataclasses.fields(other.settings)}
-    unused = [f"token.{key}" for key in token if key not in used and key in other]
-    if not unused:
+    parts = []
+    for where, table in [*tables, *_credential_tables(raw)]:
+        grant = GRANTS.get(str(table.get("grant", DEFAULT_GRANT)))
+        if grant is None:
+            continue
+        used = {f.name for f in dataclasses.fields(TokenConfig)} | {f.name for f in dataclasses.fields(grant.settings)}
+        unused = [f"{where}.{key}" for key in table if key not in used and key in other]
+        if unused:
+            parts.append(f"{', '.join(unused)}: not used by grant {grant.name!r}")
+    if not parts:
         return None
-    return f"{', '.join(unused)}: not used by grant {grant.name!r}, ignored"
+    return "; ".join(parts) + ", ignored"
 
 
 def config_file_warnings(path: Path | None) -> list[str]:
