@@ -23,7 +23,18 @@ from proxy.runtime.credentials import credential_of
 from proxy.tokens.store import FileStore, SavedState
 from tests.fakes.auth_server import PUBLIC_CLIENT, FakeAuthServer
 from tests.fakes.token_server import FakeClock, FakeTokenServer
-from tests.helpers import ProxyFactory, assert_proxy_error, read_until, run_cli, saved_entry, start_cli, stop_process
+from tests.helpers import (
+    REDIS_SERVER,
+    ProxyFactory,
+    RedisServer,
+    assert_proxy_error,
+    free_port,
+    read_until,
+    run_cli,
+    saved_entry,
+    start_cli,
+    stop_process,
+)
 
 # Bound for the proxy to take up a login (it looks at most once a second) or for a process to reach a point.
 BOUND = 20.0
@@ -292,3 +303,47 @@ async def test_login_pickup_looks_at_most_once_a_second(
     assert (await ask())[0] == 200
     assert [call.form.get("grant_type") for call in token_server.calls] == ["refresh_token"]
     assert proxy.tokens.status().generation == 2
+
+
+async def test_login_pickup_redis_store_login_on_another_machine_reaches_a_running_replica(
+    auth_server: FakeAuthServer, tmp_path: Path, proxies: list[RunningProxy]
+) -> None:
+    """With `store.backend = "redis"`, a login run with a state file of its own (another machine) is saved into
+    Redis: a running replica takes it up without a restart; after the replica rotated the refresh token, `logout`
+    there revokes the live one (Redis's), not the spent one its own file holds."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server not found (`.ci/run` installs Debian's redis-server)")
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        store = f'[store]\nbackend = "redis"\nurl = "{redis.url}"\n'
+        replica = pickup_config(tmp_path / "replica.toml", auth_server, tmp_path / "replica.json", store)
+        laptop = pickup_config(tmp_path / "laptop.toml", auth_server, tmp_path / "laptop.json", store)
+        proxy = await start_proxy(replica)
+        proxies.append(proxy)
+        async with aiohttp.ClientSession() as client:
+            status, body = await proxy.get(client)
+            assert (status, body["error"]) == (503, "login_required")
+            await login(laptop)
+            assert await proxy.until(client, 200) == {"ok": True}
+            auth_server.refuse_access()  # the replica refreshes: Redis holds the rotated refresh token
+            assert await proxy.get(client) == (200, {"ok": True})
+        assert auth_server.refreshes == [auth_server.issued_refresh[0]]
+        code, out, err = await run_cli("logout", "-c", laptop)
+        assert (code, err) == (0, ""), out
+        assert auth_server.revoked[-1] == auth_server.issued_refresh[1]
+    finally:
+        redis.stop()
+
+
+async def test_login_redis_store_unreachable_refused_before_the_person_logs_in(
+    auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    """A Redis store nobody answers at: `login` exits 1 naming it before any flow starts (nothing to lose)."""
+    port = free_port()
+    store = f'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{port}/0"\n'
+    config = pickup_config(tmp_path / "c.toml", auth_server, tmp_path / "s.json", store)
+    code, out, err = await run_cli("login", "-c", config, "--flow", "device")
+    assert (code, out) == (1, "")
+    assert err == f"login: the token store Redis at 127.0.0.1:{port} could not be reached (store.url)\n"
+    assert auth_server.polls == 0

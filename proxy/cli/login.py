@@ -34,11 +34,13 @@ from ..auth.protocol import GrantContext, TokenResponse
 from ..config import Config, endpoint_missing, secrets_of
 from ..config.schema import for_route
 from ..core.causes import safe_url
-from ..core.errors import GrantError
+from ..core.errors import GrantError, StoreUnavailable
 from ..core.token import expiry_of, fingerprint
 from ..observe.log import setup_logging
+from ..observe.metrics import NULL_METRICS
 from ..tokens.coordination import CoordinationUnavailable
-from ..tokens.store import FileStore, SavedState, UnsafeStateError
+from ..tokens.redis_store import RedisCoordination, check_redis
+from ..tokens.store import FileStore, NullStore, SavedState, UnsafeStateError
 
 FLOWS = ("device", "code")
 _SPINNER = "|/-\\"
@@ -177,13 +179,50 @@ async def _login(config: Config, flow: str | None, browser: bool, timeout: float
 async def _keep(config: Config, credential: str, make: Callable[[SavedState | None], SavedState]) -> SavedState:
     """Save `make(what the state file holds now)` under the state file's lock, so that a proxy or script
     refreshing at the same moment never races the login or logout."""
-    from ..runtime.credentials import build_coordination
+    from ..runtime.credentials import build_coordination, build_redis_coordination
 
-    coordination = build_coordination(config.token, FileStore(Path(config.token.state_file), credential))
-    async with coordination.refresh_right(credential) as right:
-        state = make(await right.peer_state())
-        await right.save(state)
+    store = FileStore(Path(config.token.state_file), credential)
+    # With the Redis store, under its lease and into Redis (and this machine's state file): the replicas
+    # sharing the credential take the login up from there.
+    shared = build_redis_coordination(config, store, NULL_METRICS)
+    coordination = shared if shared is not None else build_coordination(config.token, store)
+    try:
+        async with coordination.refresh_right(credential) as right:
+            state = make(await right.peer_state())
+            await right.save(state)
+    finally:
+        if shared is not None:
+            await shared.aclose()
     return state
+
+
+async def _newest_state(config: Config) -> SavedState | None:
+    """The credential's newest state: Redis's with the Redis store (when it holds one), else the state file's."""
+    from ..runtime.credentials import credential_of, redis_settings
+
+    local = FileStore(Path(config.token.state_file)).load()
+    settings = redis_settings(config)
+    if settings is None:
+        return local
+    if local is not None:
+        credential = local.credential
+    else:  # nothing on this machine: the credential as `run` names it, after discovery
+        from ..runtime.clients import token_session
+        from ..runtime.credentials import with_discovery
+
+        session = token_session(config)
+        try:
+            credential = credential_of((await with_discovery(config, session))[0].token)
+        except DiscoveryError:
+            credential = credential_of(config.token)
+        finally:
+            await session.close()
+    coordination = RedisCoordination(settings, NullStore())
+    try:
+        shared = await coordination.shared_state(credential)
+    finally:
+        await coordination.aclose()
+    return shared if shared is not None else local
 
 
 async def _with_issuer_from_api(config: Config, session: Any, prompt: TerminalPrompt) -> Config:
@@ -255,6 +294,8 @@ def not_logged_in(config: Config) -> str | None:
     tok = config.token
     if tok.grant != "refresh_token" or not tok.state_file or tok.refresh_token:
         return None
+    if config.store.backend == "redis":
+        return None  # the login may be in Redis: the proxy finds it at its first refresh
     state = FileStore(Path(tok.state_file)).load()
     if state is not None and state.refresh_token:
         return None
@@ -290,6 +331,15 @@ def _usable_for_login(config: Config, command: str) -> None:
         FileStore(Path(tok.state_file)).check()
     except UnsafeStateError as error:
         _fail(command, str(error), 1)
+    from ..runtime.credentials import redis_settings
+
+    settings = redis_settings(config)
+    if settings is not None:
+        # Before the person spends time on a login whose tokens could not be shared.
+        try:
+            check_redis(settings)
+        except StoreUnavailable as error:
+            _fail(command, error.detail, 1)
 
 
 def login_commands(
@@ -343,8 +393,10 @@ def login_commands(
         config = one_credential(load(config_path), "logout")
         setup_logging("warning", "text", secrets_of(config))
         _usable_for_login(config, "logout")
-        store = FileStore(Path(config.token.state_file))
-        state = store.load()
+        try:
+            state = asyncio.run(_newest_state(config))
+        except StoreUnavailable as error:
+            _fail("logout", error.detail, 1)
         if state is None or not (state.refresh_token or state.access_token):
             click.echo(f"Not logged in: {config.token.state_file} holds no tokens. Nothing was done.")
             return

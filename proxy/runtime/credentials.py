@@ -113,16 +113,25 @@ def build_store(token: TokenConfig) -> Store:
     return FileStore(Path(token.state_file), credential_of(token)) if token.state_file else NullStore()
 
 
-def build_redis_coordination(config: Config, local: Store, metrics: Recorder) -> Coordination | None:
+def build_redis_coordination(config: Config, local: Store, metrics: Recorder) -> RedisCoordination | None:
     """With `store.backend = "redis"`, the Redis lease and state, once Redis answered; else None.
 
     Pings Redis first (blocking, bounded): StoreUnavailable naming its host
     when it cannot be reached or refuses the credentials.
     """
+    settings = redis_settings(config)
+    if settings is None:
+        return None
+    check_redis(settings)
+    return RedisCoordination(settings, local, metrics)
+
+
+def redis_settings(config: Config) -> RedisSettings | None:
+    """How the configured credential reaches Redis with `store.backend = "redis"`; None with the file store."""
     store = config.store
     if store.backend != "redis":
         return None
-    settings = RedisSettings(
+    return RedisSettings(
         url=store.url,
         key_prefix=store.key_prefix,
         lease_ttl=store.lease_ttl,
@@ -130,8 +139,6 @@ def build_redis_coordination(config: Config, local: Store, metrics: Recorder) ->
         rotating=GRANTS[config.token.grant].uses_refresh_token,
         ca_file=str(Path(store.ca_file).expanduser()) if store.ca_file else "",
     )
-    check_redis(settings)
-    return RedisCoordination(settings, local, metrics)
 
 
 def build_coordination(token: TokenConfig, store: Store) -> Coordination:

@@ -333,6 +333,18 @@ class RedisCoordination:
         base = self._settings.key_prefix + credential
         return f"{base}:{suffix}" if suffix else base
 
+    async def shared_state(self, credential: str) -> SavedState | None:
+        """What Redis holds for `credential` now, read without the lease (for a look, not a refresh).
+
+        StoreUnavailable naming the host when Redis does not answer.
+        """
+        try:
+            async with asyncio.timeout(IO_TIMEOUT):
+                return _decode(await self._redis.hget(self.key(credential), "state"), credential)
+        except (*_STORE_ERRORS, TimeoutError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else error_kind(exc)
+            raise StoreUnavailable(f"the token store Redis at {self._host} {_KIND_WORDS[kind]}") from None
+
     def held(self, credential: str) -> SavedState | None:
         """The newest state of `credential` this replica holds (what it saved, adopted or resumed)."""
         return self._held.get(credential)
