@@ -2,13 +2,17 @@
 
 Owns: plain asyncio connections to the upstream (at most
 `upstream.max_connections`, reused most-recent first, closed after
-`IDLE_TIMEOUT` unused), the request head written as prepared bytes, and the
-answer read by aiohttp's own C HTTP parser into the same StreamReader the
-session path reads. What ClientSession does per request and a proxy does not
-need (URL objects, cookies, tracing, middlewares, a task per request) is
-skipped. A request whose kept-alive connection turns out closed before any
-answer byte is sent again once on a new one, when it is idempotent and its
-body replayable, as aiohttp does. Every error leaves as ProxyError.
+`IDLE_TIMEOUT` unused), the request head written as prepared bytes (what
+every head shares built once per pool), and the answer parsed by llhttp
+through httptools' callbacks straight into a FastAnswer (fast_answer.py):
+no per-request parser, message or header objects. What httptools does not do
+for a client is done here: an answer to HEAD ends with its head, interim 1xx
+answers are skipped, a body that runs until the close ends with a clean
+close. What ClientSession does per request and a proxy does not need (URL
+objects, cookies, tracing, middlewares, a task per request) is skipped. A
+request whose kept-alive connection turns out closed before any answer byte
+is sent again once on a new one, when it is idempotent and its body
+replayable, as aiohttp does. Every error leaves as ProxyError.
 """
 
 from __future__ import annotations
@@ -16,21 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
-from aiohttp import ClientError, ClientPayloadError
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpResponseParser, RawResponseMessage
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import CIMultiDictProxy
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from ..core.causes import cause_in_words
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
-from .model import BODYLESS_METHODS, Outgoing, RawHeaders, Upstream
+from .fast_answer import FastAnswer
+from .model import BODYLESS_METHODS, Outgoing, Upstream
 
 # Pool events (a connection opened, closed and why) at debug, behind a level check at each event, never per request.
 logger = logging.getLogger("tokenproxy.upstream")
@@ -69,14 +70,30 @@ class _Details:
         return f"the upstream {self.origin} could not be reached: {cause}"
 
 
-# The answer's StreamReader pauses the socket above twice this many buffered bytes (aiohttp's own default).
-READ_LIMIT = 2**16
+# Limits on the upstream's answer head, as aiohttp's client parser set them: a status line or one header
+# (name and value) at most this long, at most this many headers, and so at most this many head bytes.
+MAX_LINE = 8190
+MAX_HEADERS = 128
+MAX_HEAD_BYTES = (MAX_HEADERS + 1) * (MAX_LINE + 4)
 
 # Seconds an unused kept-alive connection stays open (aiohttp's connector keeps them 15 s too).
 IDLE_TIMEOUT = 15.0
 
+# Request-line starts kept per base path: the common methods, never an unbounded set of made-up ones.
+_CACHED_METHODS = 16
+
 # Connections one request may be tried on: closing ones skipped, one resend after a silent close.
 _MAX_ATTEMPTS = 4
+
+# Where a connection's exchange is.
+_IDLE = 0  # no request under way: any byte from the upstream is a fault
+_HEAD = 1  # a request sent (or being sent), its answer's head not yet complete (1xx interim ones skipped)
+_BODY = 2  # the answer handed over, its body arriving
+_DONE = 3  # the whole answer is in: any further byte is a fault
+_BROKEN = 4  # failed: the error is delivered, the connection is closing
+
+# The answers whose head ends them: no body follows whatever their framing headers say (RFC 9112 §6.3).
+_NO_BODY = frozenset({204, 304})
 
 
 class _ClosedUnanswered(Exception):
@@ -87,22 +104,46 @@ class _NotSent(Exception):
     """The connection was already closing when the request was to be written: nothing was sent."""
 
 
-class _Connection(BaseProtocol):
-    """One connection to the upstream: writes requests, parses answers, times out a silent upstream."""
+class _Halt(Exception):
+    """Raised from a parser callback to stop llhttp: the callback has already dealt with the connection."""
+
+
+class _TooLarge(Exception):
+    """The answer's head is over the limits: taken as not valid HTTP."""
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to the upstream: writes requests, parses answers with llhttp, times out a silent upstream.
+
+    Its state is owned by the event loop's callbacks (data_received,
+    connection_lost, the timer) and the one exchange under way at a time;
+    `_phase` says which part of the exchange the bytes belong to.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: _Pool) -> None:
-        super().__init__(loop)
+        self._loop = loop
         self._pool = pool
+        self.transport: asyncio.Transport | None = None
         self.close_reason: str | None = None  # why it was closed on our side, for the debug line; first one wins
         self.counted = True  # holds one of the pool's places until it is lost
         self.reusable = True
         self.lost = False
         self.idle_since = 0.0
-        self._answer: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
-        self._payload: StreamReader | None = None
+        self._parser: HttpResponseParser | None = None  # one per connection; a fresh one after a HEAD
+        self._phase = _IDLE
+        self._head_request = False  # the request under way is a HEAD: its answer ends with its head
+        self._waiter: asyncio.Future[FastAnswer] | None = None
+        self._answer: FastAnswer | None = None
+        self._reason = b""
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._halted = False
         self._received = False
         self._writer: asyncio.Task[None] | None = None
         self._body_sent = False
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._timing = False  # an exchange is waiting on the upstream
         self._read_timeout = pool.read_timeout
@@ -115,42 +156,40 @@ class _Connection(BaseProtocol):
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport; small heads leave at once (no Nagle delay)."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def data_received(self, data: bytes) -> None:
-        """Feed the parser; hand over the answer's head once it is complete."""
-        parser = self._parser
-        if parser is None:
-            # Bytes while no request is under way: nothing on this connection can be trusted.
-            if data:
+        """Feed llhttp; the callbacks below hand the answer over and feed its body."""
+        phase = self._phase
+        if phase != _HEAD and phase != _BODY:
+            if phase == _IDLE:
                 self._drop("the upstream sent bytes while no request was under way")
-            return
-        if data:
-            payload = self._payload
-            if payload is not None and payload.is_eof():
+            elif phase == _DONE:
                 self._drop("the upstream sent bytes after the whole answer")
-                return
-            self._received = True
-            self._last_read = self._loop.time()
-        try:
-            messages, upgraded, tail = parser.feed_data(data)
-        except (HttpProcessingError, ValueError):
-            self._fail(UpstreamUnreachable(self._pool.details.malformed))
             return
-        for message, payload in messages:
-            if 100 <= message.code < 200 and message.code != 101:
-                continue  # informational (100 Continue, 103 Early Hints): the final answer follows
-            answer = self._answer
-            if answer is None or answer.done() or self._payload is not None:
-                self._drop("the upstream sent a second answer to one request")
+        self._received = True
+        self._last_read = self._loop.time()
+        if phase == _HEAD:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(UpstreamUnreachable(self._pool.details.malformed))
                 return
-            if message.should_close:
-                self.reusable = False
-                self.close_because("the upstream's answer said Connection: close")
-            self._payload = payload
-            answer.set_result((message, payload))
-            if not self._timing:
-                self._start_timer()  # answered while the upload goes on: the upstream is now timed
-        if upgraded or tail:
-            self.reusable = False
+        parser = self._parser
+        assert parser is not None
+        try:
+            parser.feed_data(data)
+        except HttpParserUpgrade:
+            pass  # after a 101 (not expected from an upstream): its head was the answer, the connection is not reused
+        except HttpParserError:
+            if not self._halted:
+                self._fail(UpstreamUnreachable(self._pool.details.malformed))
 
     def eof_received(self) -> bool | None:
         """The upstream closed its side: let the transport close, which ends a body read until close."""
@@ -161,26 +200,31 @@ class _Connection(BaseProtocol):
         self.lost = True
         self.reusable = False
         self._stop_timer()
-        parser, payload = self._parser, self._payload
-        if parser is not None and exc is not None and payload is not None and not payload.is_eof():
-            # Reset, not closed: a body that runs until the close broke off rather than ended.
-            self._fail(UpstreamUnreachable(self._pool.details.broke_off))
-        elif parser is not None:
-            try:
-                parser.feed_eof()  # completes a body that runs until the connection closes
-            except (HttpProcessingError, ValueError):
-                self._fail(UpstreamUnreachable(self._pool.details.broke_off))
-            if payload is not None and not payload.is_eof() and not self._reading_paused:
-                self._fail(UpstreamUnreachable(self._pool.details.broke_off))
-            if payload is None:
-                self._parser = None
-        answer = self._answer
-        if answer is not None and not answer.done():
-            if self._received:
-                answer.set_exception(UpstreamUnreachable(self._pool.details.broke_off))
+        phase = self._phase
+        if phase == _HEAD:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                if self._received:
+                    waiter.set_exception(UpstreamUnreachable(self._pool.details.broke_off))
+                else:
+                    waiter.set_exception(_ClosedUnanswered())
+            self._phase = _BROKEN
+        elif phase == _BODY:
+            answer = self._answer
+            assert answer is not None
+            if exc is None and answer.close_delimited:
+                self._phase = _DONE
+                answer.end()  # a body that runs until the connection closes, ended by a clean close
             else:
-                answer.set_exception(_ClosedUnanswered())
-        super().connection_lost(exc)
+                # Cut short; or reset, not closed, which breaks off even a body that runs until the close.
+                self._phase = _BROKEN
+                answer.fail(UpstreamUnreachable(self._pool.details.broke_off))
+        self.transport = None
+        drain = self._drain_waiter
+        if drain is not None:
+            self._drain_waiter = None
+            if not drain.done():
+                drain.set_exception(ConnectionResetError("the upstream connection was lost"))
         self._pool.forget(self)
         if logger.isEnabledFor(logging.DEBUG):
             why = self.close_reason
@@ -188,42 +232,162 @@ class _Connection(BaseProtocol):
                 why = "the upstream closed it" if exc is None else f"lost: {getattr(exc, 'strerror', None) or 'reset'}"
             logger.debug("upstream connection to %s closed: %s", self._pool.label, why)
 
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        """The reader caught up: time the upstream from now, not from before the pause."""
+    def pause_writing(self) -> None:
+        """The upstream is not taking the upload as fast as it comes: `_drain` waits."""
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        """The upstream caught up with the upload."""
+        self._writing_paused = False
+        drain = self._drain_waiter
+        if drain is not None:
+            self._drain_waiter = None
+            if not drain.done():
+                drain.set_result(None)
+
+    async def _drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("the upstream connection was lost")
+        if self._writing_paused:
+            drain = self._drain_waiter = self._loop.create_future()
+            await drain
+
+    # --- llhttp's callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        """A message begins: an interim one or the answer; after the answer, a second one is a fault."""
+        if self._phase != _HEAD:
+            self._halt("the upstream sent a second answer to one request")
+        self._reason = b""
+        self._raw = []
+
+    def on_status(self, reason: bytes) -> None:
+        """The reason phrase (or a piece of it)."""
+        self._reason += reason
+        if len(self._reason) > MAX_LINE:
+            raise _TooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header, whole (httptools joins the pieces)."""
+        raw = self._raw
+        if len(name) + len(value) > MAX_LINE or len(raw) >= MAX_HEADERS:
+            raise _TooLarge()
+        # llhttp drops the whitespace before a value but keeps the whitespace after it.
+        raw.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        """The answer's head is complete: hand it over (an interim 1xx one is skipped)."""
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if status < 200 and status != 101:
+            return  # 100 Continue, 103 Early Hints: the final answer follows; llhttp completes this one itself
+        length: int | None = None
+        chunked = False
+        close = False
+        for name, value in self._raw:
+            size = len(name)
+            if size == 14 and name.lower() == b"content-length":
+                length = int(value)  # llhttp has checked it is a number, and the only one
+            elif size == 17 and name.lower() == b"transfer-encoding":
+                chunked = value.lower().endswith(b"chunked")
+            elif size == 10 and name.lower() == b"connection":
+                close = b"close" in value.lower()
+        answer = FastAnswer(status, self._reason, tuple(self._raw), length, self)
+        self._answer = answer
+        keep_alive = parser.should_keep_alive()
+        if self._head_request or status in _NO_BODY or status == 101:
+            if self._head_request:
+                # llhttp would wait for the body the head announces: a fresh parser for the next exchange,
+                # and any byte after this head is a fault. llhttp reads a HEAD answer without framing as a
+                # body until close, so the answer's own words decide whether the connection stays.
+                self._parser = None
+                if length is None and not chunked:
+                    keep_alive = parser.get_http_version() == "1.1" and not close
+            self._phase = _DONE
+            answer.end()
+        else:
+            self._phase = _BODY
+            answer.close_delimited = length is None and not chunked
+        if status == 101 or not keep_alive:
+            self.reusable = False
+            self.close_because("the upstream's answer said Connection: close, or its body runs until the close")
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(answer)
+        if not self._timing:
+            self._start_timer()  # answered while the upload goes on: the upstream is now timed
+
+    def on_body(self, body: bytes) -> None:
+        """A piece of the body, handed on as llhttp gives it."""
+        if self._phase != _BODY:
+            self._halt("the upstream sent a body with its answer to a HEAD request")
+        answer = self._answer
+        assert answer is not None
+        answer.feed(body)
+
+    def on_message_complete(self) -> None:
+        """The message is complete: an interim one (skipped), or the answer's body."""
+        if self._phase == _BODY:
+            self._phase = _DONE
+            answer = self._answer
+            assert answer is not None
+            answer.end()
+
+    def _halt(self, reason: str) -> None:
+        self._halted = True
+        self._drop(reason)
+        raise _Halt()
+
+    # --- flow control of the answer (FastAnswer's _Source) ---------------------------------------
+
+    def pause_body(self) -> None:
+        """The reader is behind: stop reading from the upstream (and stop timing it)."""
+        self._reading_paused = True
+        transport = self.transport
+        if transport is not None:
+            transport.pause_reading()
+
+    def resume_body(self) -> None:
+        """The reader caught up: read again, and time the upstream from now, not from before the pause."""
+        self._reading_paused = False
         self._last_read = self._loop.time()
-        super().resume_reading(resume_parser)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def hand_back(self, answer: FastAnswer, *, whole: bool) -> None:
+        """The answer is done with: the connection goes back to the pool, reused when `whole` and clean."""
+        reusable = self.finish() and whole
+        if reusable and self._reading_paused:
+            self.resume_body()
+        self._pool.release(self, reusable=reusable)
 
     # --- one exchange -------------------------------------------------------------------------
 
-    async def exchange(self, head: bytes, request: Outgoing) -> tuple[RawResponseMessage, StreamReader]:
-        """Send one request and wait for its answer's head."""
+    async def exchange(self, head: bytes, request: Outgoing) -> FastAnswer:
+        """Send one request (its head, with the body when it is held whole) and wait for its answer's head."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise _NotSent()
+        if self._parser is None:
+            self._parser = _new_parser(self)
         loop = self._loop
-        self._parser = HttpResponseParser(
-            self,
-            loop,
-            READ_LIMIT,
-            payload_exception=ClientPayloadError,
-            response_with_body=request.method != "HEAD",
-            read_until_eof=True,
-            auto_decompress=False,
-        )
-        answer: asyncio.Future[tuple[RawResponseMessage, StreamReader]] = loop.create_future()
-        self._answer = answer
-        self._payload = None
+        waiter: asyncio.Future[FastAnswer] = loop.create_future()
+        self._waiter = waiter
+        self._phase = _HEAD
+        self._head_request = request.method == "HEAD"
+        self._head_bytes = 0
         self._received = False
         self._body_sent = False
         body = request.body
+        transport.write(head)
         if body.stream is None:
-            transport.write(head + body.data if body.data else head)
             self._body_sent = True
             self._start_timer()
         else:
-            transport.write(head)
             self._writer = loop.create_task(self._send_stream(body.stream, chunked=body.length is None))
-        return await answer
+        return await waiter
 
     async def _send_stream(self, stream: AsyncIterator[bytes], *, chunked: bool) -> None:
         """Send a body that is not held in memory, at the pace the upstream takes it."""
@@ -234,7 +398,7 @@ class _Connection(BaseProtocol):
                     return  # lost: connection_lost has told the reader
                 if chunk:
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                    await self._drain_helper()
+                    await self._drain()
             if self.transport is not None:
                 if chunked:
                     self.transport.write(b"0\r\n\r\n")
@@ -243,7 +407,9 @@ class _Connection(BaseProtocol):
         except RequestPayloadError:
             # The client's body broke off malformed: the upstream must not take it as complete.
             self._fail(BadRequest("the request body was malformed"))
-        except (ConnectionError, ClientError):
+        except ProxyError as error:
+            self._fail(error)  # the client's body failed in the proxy's own words (a limit, a timeout)
+        except ConnectionError:
             pass  # the upstream closed while taking the body; connection_lost has ended the exchange
         finally:
             aclose = getattr(stream, "aclose", None)
@@ -258,22 +424,28 @@ class _Connection(BaseProtocol):
             self.reusable = False
             self.close_because("the answer ended before the upload")
             writer.cancel()  # the answer is over; the rest of the upload goes nowhere
-        payload = self._payload
-        complete = payload is not None and payload.at_eof()
-        self._parser = None
-        self._payload = None
+        complete = self._phase == _DONE
+        if self._phase != _BROKEN:
+            self._phase = _IDLE
         self._answer = None
+        self._waiter = None
         return complete and self._body_sent and self.reusable and not self.lost
 
     # --- failures and timing ------------------------------------------------------------------
 
     def _fail(self, error: ProxyError) -> None:
         """Hand `error` to whoever waits on this exchange, and close the connection."""
-        answer, payload = self._answer, self._payload
-        if answer is not None and not answer.done():
-            answer.set_exception(error)
-        elif payload is not None and not payload.is_eof():
-            payload.set_exception(error)
+        phase = self._phase
+        if phase == _HEAD:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+            self._phase = _BROKEN
+        elif phase == _BODY:
+            answer = self._answer
+            assert answer is not None
+            answer.fail(error)
+            self._phase = _BROKEN
         self._drop(error.detail)
 
     def close_because(self, reason: str) -> None:
@@ -301,8 +473,7 @@ class _Connection(BaseProtocol):
         # One timer per connection, moved on lazily: an exchange and data_received only
         # note the time, so a busy connection costs one timer per read_timeout, not per request.
         self._timer = None
-        payload = self._payload
-        if not self._timing or (payload is not None and payload.is_eof()):
+        if not self._timing or self._phase not in (_HEAD, _BODY):
             return  # idle, or the whole answer is in: the next exchange re-arms it
         now = self._loop.time()
         if self._reading_paused:
@@ -312,6 +483,17 @@ class _Connection(BaseProtocol):
             self._timer = self._loop.call_at(due, self._on_timer)
             return
         self._fail(UpstreamTimeout(self._pool.details.read_timeout))
+
+
+def _new_parser(connection: _Connection) -> HttpResponseParser:
+    parser = HttpResponseParser(connection)
+    # The leniencies aiohttp's client parser has always had, so the same upstreams are understood:
+    # control characters in header values and the reason phrase reach the forwarder (which refuses
+    # to relay them, naming where), a bare LF ends a line, and spaces may follow a chunk size.
+    parser.set_dangerous_leniencies(
+        lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+    )
+    return parser
 
 
 class _Pool:
@@ -325,7 +507,11 @@ class _Pool:
         self.details = _Details(upstream, connect_timeout=connect_timeout, read_timeout=read_timeout)
         self._host = upstream.host
         self._port = upstream.port
-        self.host_line = f"Host: {upstream.authority}\r\n".encode("latin-1")  # built once: every head has it
+        # Built once: the end of every request line and the Host line that follows it.
+        self._line_end = f" HTTP/1.1\r\nHost: {upstream.authority}\r\n".encode("latin-1")
+        # "METHOD /base" per base path (routes may share an origin) and method; the event loop owns both caches.
+        self._line_starts: dict[str, dict[str, bytes]] = {}
+        self._authorization = ("", b"")  # the last Authorization value and its line as bytes: one per token
         self._tls = tls
         self._limit = limit
         self._connect_timeout = connect_timeout
@@ -418,6 +604,38 @@ class _Pool:
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._close_stale)
 
+    def head(self, request: Outgoing, authorization: str) -> bytes:
+        """The request's head as bytes, followed by its body when that is held whole."""
+        body = request.body
+        base = request.upstream.base_path
+        starts = self._line_starts.get(base)
+        if starts is None:
+            starts = self._line_starts[base] = {}
+        start = starts.get(request.method)
+        if start is None:
+            start = f"{request.method} {base}".encode("latin-1")
+            if len(starts) < _CACHED_METHODS:  # the method is the client's word: keep only a few
+                starts[request.method] = start
+        parts = [start, request.target.encode("latin-1"), self._line_end]
+        for name, value in request.headers:
+            parts += (name, b": ", value, b"\r\n")
+        text, line = self._authorization
+        if authorization is not text and authorization != text:
+            line = f"Authorization: {authorization}\r\n".encode("latin-1")
+            self._authorization = (authorization, line)
+        parts.append(line)
+        if body.length is not None:
+            parts.append(b"Content-Length: %d\r\n\r\n" % body.length)
+        elif body.stream is not None:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif request.method not in BODYLESS_METHODS:
+            parts.append(b"Content-Length: 0\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        if body.data:
+            parts.append(body.data)
+        return b"".join(parts)
+
     def forget(self, connection: _Connection) -> None:
         """A connection is gone or going: drop it from the idle stack and free its place (once)."""
         if not connection.counted:
@@ -479,101 +697,6 @@ class _Pool:
     def busy(self) -> bool:
         """True while any connection is open or being opened."""
         return self._open > 0
-
-
-class FastAnswer:
-    """An UpstreamAnswer read straight from the parser's StreamReader."""
-
-    __slots__ = ("_connection", "_done", "_message", "_payload", "_pool")
-
-    def __init__(self, message: RawResponseMessage, payload: StreamReader, connection: _Connection, pool: _Pool):
-        self._message = message
-        self._payload = payload
-        self._connection = connection
-        self._pool = pool
-        self._done = False
-
-    @property
-    def status(self) -> int:
-        """The status code."""
-        return self._message.code
-
-    @property
-    def reason(self) -> str:
-        """The reason phrase."""
-        return self._message.reason
-
-    @property
-    def raw_headers(self) -> RawHeaders:
-        """The headers as received."""
-        return self._message.raw_headers
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        """The headers by name."""
-        return self._message.headers
-
-    @property
-    def content_length(self) -> int | None:
-        """The announced body length (the parser has checked it is a number)."""
-        value = self._message.headers.get("Content-Length")
-        return int(value) if value is not None else None
-
-    def at_eof(self) -> bool:
-        """True once the whole body has been read."""
-        return self._payload.at_eof()
-
-    async def read(self, limit: int) -> bytes:
-        """Up to `limit` body bytes; b"" at the end."""
-        try:
-            return await self._payload.read(limit)
-        except (ClientError, HttpProcessingError, OSError):
-            raise UpstreamUnreachable(self._pool.details.broke_off) from None
-
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        """The body as it arrives."""
-        payload = self._payload
-        try:
-            while True:
-                chunk = await payload.readany()
-                if not chunk:
-                    return
-                yield chunk
-        except (ClientError, HttpProcessingError, OSError):
-            raise UpstreamUnreachable(self._pool.details.broke_off) from None
-
-    def release(self) -> None:
-        """Done: the connection goes back to the pool if the answer was read to its end."""
-        if not self._done:
-            self._done = True
-            self._pool.release(self._connection, reusable=self._connection.finish())
-
-    def close(self) -> None:
-        """Done early: the connection is closed."""
-        if not self._done:
-            self._done = True
-            self._connection.finish()
-            self._pool.release(self._connection, reusable=False)
-
-
-def _request_head(request: Outgoing, authorization: str, host_line: bytes) -> bytes:
-    body = request.body
-    parts = [
-        f"{request.method} {request.upstream.base_path}{request.target} HTTP/1.1\r\n".encode("latin-1"),
-        host_line,
-    ]
-    for name, value in request.headers:
-        parts += (name, b": ", value, b"\r\n")
-    if body.length is not None:
-        framing = f"Content-Length: {body.length}\r\n"
-    elif body.stream is not None:
-        framing = "Transfer-Encoding: chunked\r\n"
-    elif request.method not in BODYLESS_METHODS:
-        framing = "Content-Length: 0\r\n"
-    else:
-        framing = ""
-    parts.append(f"Authorization: {authorization}\r\n{framing}\r\n".encode("latin-1"))
-    return b"".join(parts)
 
 
 def _shut(transport: asyncio.BaseTransport | None) -> None:
@@ -647,12 +770,12 @@ class FastClient:
     async def send(self, request: Outgoing, authorization: str) -> FastAnswer:
         """Send `request`; its errors come back as ProxyError."""
         pool = self._pool_for(request.upstream)
-        head = _request_head(request, authorization, pool.host_line)
+        head = pool.head(request, authorization)
         resent = False
         for _ in range(_MAX_ATTEMPTS):
             connection, reused = await pool.acquire()
             try:
-                message, payload = await connection.exchange(head, request)
+                answer = await connection.exchange(head, request)
             except _NotSent:
                 # Closing before a byte was written: any request may go out on another connection.
                 connection.finish()
@@ -669,7 +792,7 @@ class FastClient:
                 connection.finish()
                 pool.release(connection, reusable=False)
                 raise
-            return FastAnswer(message, payload, connection, pool)
+            return answer
         raise UpstreamUnreachable(pool.details.kept_closing)
 
     async def close(self) -> None:
