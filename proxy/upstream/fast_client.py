@@ -24,6 +24,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import cast
 
 from aiohttp.web_protocol import RequestPayloadError
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -158,8 +159,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport; small heads leave at once (no Nagle delay)."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
