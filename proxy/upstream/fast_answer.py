@@ -11,7 +11,6 @@ knows the connection only as a `_Source` (pause, resume, hand back).
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
@@ -73,7 +72,7 @@ class FastAnswer:
         self.close_delimited = False  # the body ends when the upstream closes the connection
         self._headers: CIMultiDictProxy[str] | None = None
         self._source = source
-        self._chunks: deque[bytes] = deque()
+        self._chunks: list[bytes] = []  # few: the socket pauses above HIGH_WATER
         self._buffered = 0
         self._eof = False
         self._error: ProxyError | None = None
@@ -168,7 +167,7 @@ class FastAnswer:
         first = chunks[0]
         if len(first) >= limit or len(chunks) == 1:
             if len(first) <= limit:
-                chunks.popleft()
+                chunks.pop(0)
                 self._taken(len(first))
                 return first
             chunks[0] = first[limit:]
@@ -177,9 +176,9 @@ class FastAnswer:
         parts: list[bytes] = []
         wanted = limit
         while chunks and wanted:
-            chunk = chunks.popleft()
+            chunk = chunks.pop(0)
             if len(chunk) > wanted:
-                chunks.appendleft(chunk[wanted:])
+                chunks.insert(0, chunk[wanted:])
                 chunk = chunk[:wanted]
             parts.append(chunk)
             wanted -= len(chunk)
@@ -193,7 +192,7 @@ class FastAnswer:
             if self._error is not None:
                 raise self._error
             if chunks:
-                chunk = chunks.popleft()
+                chunk = chunks.pop(0)
                 self._taken(len(chunk))
                 yield chunk
             elif self._eof:

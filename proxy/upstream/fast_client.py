@@ -121,6 +121,39 @@ class _Connection(asyncio.Protocol):
     `_phase` says which part of the exchange the bytes belong to.
     """
 
+    __slots__ = (
+        "_answer",
+        "_body_sent",
+        "_chunked",
+        "_close",
+        "_drain_waiter",
+        "_halted",
+        "_head_bytes",
+        "_head_request",
+        "_last_read",
+        "_length",
+        "_loop",
+        "_parser",
+        "_phase",
+        "_pool",
+        "_raw",
+        "_read_timeout",
+        "_reading_paused",
+        "_reason",
+        "_received",
+        "_timer",
+        "_timing",
+        "_waiter",
+        "_writer",
+        "_writing_paused",
+        "close_reason",
+        "counted",
+        "idle_since",
+        "lost",
+        "reusable",
+        "transport",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: _Pool) -> None:
         self._loop = loop
         self._pool = pool
@@ -137,6 +170,9 @@ class _Connection(asyncio.Protocol):
         self._answer: FastAnswer | None = None
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
+        self._length: int | None = None  # the answer's Content-Length, Transfer-Encoding: chunked, Connection: close
+        self._chunked = False
+        self._close = False
         self._head_bytes = 0
         self._halted = False
         self._received = False
@@ -260,6 +296,9 @@ class _Connection(asyncio.Protocol):
             self._halt("the upstream sent a second answer to one request")
         self._reason = b""
         self._raw = []
+        self._length = None
+        self._chunked = False
+        self._close = False
 
     def on_status(self, reason: bytes) -> None:
         """The reason phrase (or a piece of it)."""
@@ -268,12 +307,19 @@ class _Connection(asyncio.Protocol):
             raise _TooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One header, whole (httptools joins the pieces)."""
-        raw = self._raw
-        if len(name) + len(value) > MAX_LINE or len(raw) >= MAX_HEADERS:
+        """One header, whole (httptools joins the pieces); the framing ones noted on the way."""
+        size = len(name)
+        if size + len(value) > MAX_LINE:
             raise _TooLarge()
         # llhttp drops the whitespace before a value but keeps the whitespace after it.
-        raw.append((name, value.rstrip(b" \t")))
+        value = value.rstrip(b" \t")
+        if size == 14 and name.lower() == b"content-length":
+            self._length = int(value)  # llhttp has checked it is a number, and the only one
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            self._chunked = value.lower().endswith(b"chunked")
+        elif size == 10 and name.lower() == b"connection":
+            self._close = b"close" in value.lower()
+        self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         """The answer's head is complete: hand it over (an interim 1xx one is skipped)."""
@@ -282,18 +328,12 @@ class _Connection(asyncio.Protocol):
         status = parser.get_status_code()
         if status < 200 and status != 101:
             return  # 100 Continue, 103 Early Hints: the final answer follows; llhttp completes this one itself
-        length: int | None = None
-        chunked = False
-        close = False
-        for name, value in self._raw:
-            size = len(name)
-            if size == 14 and name.lower() == b"content-length":
-                length = int(value)  # llhttp has checked it is a number, and the only one
-            elif size == 17 and name.lower() == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
-            elif size == 10 and name.lower() == b"connection":
-                close = b"close" in value.lower()
-        answer = FastAnswer(status, self._reason, tuple(self._raw), length, self)
+        raw = self._raw
+        if len(raw) > MAX_HEADERS:
+            raise _TooLarge()
+        length = self._length
+        chunked = self._chunked
+        answer = FastAnswer(status, self._reason, tuple(raw), length, self)
         self._answer = answer
         keep_alive = parser.should_keep_alive()
         if self._head_request or status in _NO_BODY or status == 101:
@@ -303,7 +343,7 @@ class _Connection(asyncio.Protocol):
                 # body until close, so the answer's own words decide whether the connection stays.
                 self._parser = None
                 if length is None and not chunked:
-                    keep_alive = parser.get_http_version() == "1.1" and not close
+                    keep_alive = parser.get_http_version() == "1.1" and not self._close
             self._phase = _DONE
             answer.end()
         else:
@@ -502,6 +542,7 @@ class _Pool:
     def __init__(
         self, upstream: Upstream, *, limit: int, connect_timeout: float, read_timeout: float, tls: ssl.SSLContext | None
     ) -> None:
+        self._loop = asyncio.get_running_loop()  # pools are made by FastClient.send, on the loop they serve
         self.read_timeout = read_timeout
         self.label = f"{upstream.host}:{upstream.port}"  # for log lines
         self.details = _Details(upstream, connect_timeout=connect_timeout, read_timeout=read_timeout)
@@ -599,10 +640,11 @@ class _Pool:
             return
         if self._hand(connection):
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        loop = self._loop
+        connection.idle_since = loop.time()
         self._idle.append(connection)
         if self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._close_stale)
+            self._sweep = loop.call_later(IDLE_TIMEOUT, self._close_stale)
 
     def head(self, request: Outgoing, authorization: str) -> bytes:
         """The request's head as bytes, followed by its body when that is held whole."""
