@@ -385,7 +385,7 @@ class _Connection(asyncio.Protocol):
         """The reader is behind: stop reading from the upstream (and stop timing it)."""
         self._reading_paused = True
         transport = self.transport
-        if transport is not None:
+        if transport is not None and not transport.is_closing():
             transport.pause_reading()
 
     def resume_body(self) -> None:
