@@ -65,14 +65,23 @@ class _Pool:
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
+    def take_idle(self) -> Connection | None:
+        """The newest usable kept-alive connection, when no request is waiting its turn before us."""
+        if not self._waiters:
+            idle = self._idle
+            while idle:
+                connection = idle.pop()
+                if connection.usable:
+                    return connection
+        return None
+
     async def acquire(self) -> tuple[Connection, bool]:
         """A connection to send on, and whether it was kept alive from an earlier request."""
         while True:
             if not self._waiters:
-                while self._idle:
-                    connection = self._idle.pop()
-                    if connection.usable:
-                        return connection, True
+                kept = self.take_idle()
+                if kept is not None:
+                    return kept, True
                 if self._open < self._limit:
                     self._open += 1
                     return await self._connect(), False
@@ -308,7 +317,10 @@ class FastClient:
         head = pool.head(request, authorization)
         resent = False
         for _ in range(_MAX_ATTEMPTS):
-            connection, reused = await pool.acquire()
+            connection = pool.take_idle()  # the usual case, without a coroutine
+            reused = connection is not None
+            if connection is None:
+                connection, reused = await pool.acquire()
             try:
                 answer = await connection.exchange(head, request)
             except NotSent:

@@ -402,8 +402,11 @@ class Connection(asyncio.Protocol):
 
     # --- one exchange -------------------------------------------------------------------------
 
-    async def exchange(self, head: bytes, request: Outgoing) -> FastAnswer:
-        """Send one request (its head, with the body when it is held whole) and wait for its answer's head."""
+    def exchange(self, head: bytes, request: Outgoing) -> asyncio.Future[FastAnswer]:
+        """Send one request (its head, with the body when it is held whole); the future of its answer's head.
+
+        Raises NotSent, before writing anything, when the connection is already closing.
+        """
         transport = self.transport
         if transport is None or transport.is_closing():
             raise NotSent()
@@ -424,7 +427,7 @@ class Connection(asyncio.Protocol):
             self._start_timer()
         else:
             self._writer = loop.create_task(self._send_stream(body.stream, chunked=body.length is None))
-        return await waiter
+        return waiter
 
     async def _send_stream(self, stream: AsyncIterator[bytes], *, chunked: bool) -> None:
         """Send a body that is not held in memory, at the pace the upstream takes it."""
