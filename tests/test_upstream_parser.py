@@ -187,6 +187,31 @@ async def test_http11_body_until_close_arrives_whole_next_request_on_a_new_conne
     assert upstream.connections[1].requests == 1
 
 
+async def test_chunked_answer_with_trailers_arrives_whole_connection_reused(
+    make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """A chunked answer ending in trailer fields: the client gets the whole body (the trailers are not
+    taken for headers), and the connection carries the next request."""
+
+    async def with_trailers(request: Request) -> bool:
+        if request.target != "/trailers":
+            return await echo_target(request)
+        await request.conn.send(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n"
+        )
+        return True
+
+    async with RawUpstream(with_trailers) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        async with client.get(f"{proxy.url}/trailers") as resp:
+            assert resp.status == 200
+            assert "X-Sum" not in resp.headers
+            assert await resp.read() == b"hello world"
+        assert await get(client, f"{proxy.url}/next") == (200, b"/next")
+    assert len(upstream.connections) == 1
+
+
 # --- interim answers --------------------------------------------------------------------------------
 
 

@@ -308,6 +308,8 @@ class Connection(asyncio.Protocol):
         size = len(name)
         if size + len(value) > MAX_LINE:
             raise _TooLarge()
+        if self._phase != _HEAD:
+            return  # a trailer after a chunked body: not relayed (as before, with aiohttp's parser)
         # llhttp drops the whitespace before a value but keeps the whitespace after it.
         value = value.rstrip(b" \t")
         if size == 14 and name.lower() == b"content-length":
