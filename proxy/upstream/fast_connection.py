@@ -1,0 +1,548 @@
+"""One connection of the fast upstream client: a request written, its answer parsed by llhttp as it arrives.
+
+Owns: `Connection`, the asyncio protocol on one socket to the upstream, with
+the state of the one exchange under way (the answer's head being parsed, its
+body being fed to a FastAnswer, the read timer, the upload's flow control),
+and what httptools leaves to a client: an answer to HEAD ends with its head,
+interim 1xx answers are skipped, a body without length or chunking ends
+with a clean close, any byte after the whole answer drops the connection.
+It knows its pool only as a `Home` (the pool, in fast_client.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Protocol, cast
+
+from aiohttp.web_protocol import RequestPayloadError
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from ..core.causes import cause_in_words
+from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from .fast_answer import FastAnswer
+from .model import Outgoing, Upstream
+
+# Connection events (closed, and why) at debug, behind a level check at each event, never per request.
+logger = logging.getLogger("tokenproxy.upstream")
+
+
+class Details:
+    """What the client is told when one origin fails, worded once per pool: the origin named, the cause in words."""
+
+    __slots__ = (
+        "broke_off",
+        "closed_unanswered",
+        "connect_timeout",
+        "kept_closing",
+        "malformed",
+        "origin",
+        "read_timeout",
+    )
+
+    def __init__(self, upstream: Upstream, *, connect_timeout: float, read_timeout: float) -> None:
+        self.origin = origin = upstream.origin
+        self.connect_timeout = (
+            f"the upstream {origin} could not be reached: timed out after {connect_timeout:g} s "
+            "(upstream.connect_timeout)"
+        )
+        self.read_timeout = (
+            f"the upstream {origin} did not answer: timed out after {read_timeout:g} s (upstream.read_timeout)"
+        )
+        self.broke_off = f"the upstream {origin} closed the connection before its answer was complete"
+        self.malformed = f"the upstream {origin} sent an answer that is not valid HTTP"
+        self.closed_unanswered = f"the upstream {origin} closed the connection without answering"
+        self.kept_closing = f"the upstream {origin} kept closing its connections before a request could be sent"
+
+    def unreachable(self, exc: BaseException, host: str) -> str:
+        """Why a connection could not be opened, in words."""
+        cause = cause_in_words(exc, host=host) or f"the connection failed ({type(exc).__name__})"
+        return f"the upstream {self.origin} could not be reached: {cause}"
+
+
+# Limits on the upstream's answer head, as aiohttp's client parser set them: a status line or one header
+# (name and value) at most this long, at most this many headers, and so at most this many head bytes.
+MAX_LINE = 8190
+MAX_HEADERS = 128
+MAX_HEAD_BYTES = (MAX_HEADERS + 1) * (MAX_LINE + 4)
+
+# Where a connection's exchange is.
+_IDLE = 0  # no request under way: any byte from the upstream is a fault
+_HEAD = 1  # a request sent (or being sent), its answer's head not yet complete (1xx interim ones skipped)
+_BODY = 2  # the answer handed over, its body arriving
+_DONE = 3  # the whole answer is in: any further byte is a fault
+_BROKEN = 4  # failed: the error is delivered, the connection is closing
+
+# The answers whose head ends them: no body follows whatever their framing headers say (RFC 9112 §6.3).
+_NO_BODY = frozenset({204, 304})
+
+
+class Home(Protocol):
+    """What a connection needs from the pool it belongs to."""
+
+    read_timeout: float
+    details: Details
+    label: str
+
+    def forget(self, connection: Connection) -> None:
+        """The connection is gone or going: free its place."""
+
+    def release(self, connection: Connection, *, reusable: bool) -> None:
+        """The exchange is over: keep the connection for the next request, or close it."""
+
+
+class ClosedUnanswered(Exception):
+    """The connection closed before any byte of the answer: the request may be sent again."""
+
+
+class NotSent(Exception):
+    """The connection was already closing when the request was to be written: nothing was sent."""
+
+
+class _Halt(Exception):
+    """Raised from a parser callback to stop llhttp: the callback has already dealt with the connection."""
+
+
+class _TooLarge(Exception):
+    """The answer's head is over the limits: taken as not valid HTTP."""
+
+
+class Connection(asyncio.Protocol):
+    """One connection to the upstream: writes requests, parses answers with llhttp, times out a silent upstream.
+
+    Its state is owned by the event loop's callbacks (data_received,
+    connection_lost, the timer) and the one exchange under way at a time;
+    `_phase` says which part of the exchange the bytes belong to.
+    """
+
+    __slots__ = (
+        "_answer",
+        "_body_sent",
+        "_chunked",
+        "_close",
+        "_drain_waiter",
+        "_halted",
+        "_head_bytes",
+        "_head_request",
+        "_last_read",
+        "_length",
+        "_loop",
+        "_parser",
+        "_phase",
+        "_pool",
+        "_raw",
+        "_read_timeout",
+        "_reading_paused",
+        "_reason",
+        "_received",
+        "_timer",
+        "_timing",
+        "_waiter",
+        "_writer",
+        "_writing_paused",
+        "close_reason",
+        "counted",
+        "idle_since",
+        "lost",
+        "reusable",
+        "transport",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Home) -> None:
+        self._loop = loop
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.close_reason: str | None = None  # why it was closed on our side, for the debug line; first one wins
+        self.counted = True  # holds one of the pool's places until it is lost
+        self.reusable = True
+        self.lost = False
+        self.idle_since = 0.0
+        self._parser: HttpResponseParser | None = None  # one per connection; a fresh one after a HEAD
+        self._phase = _IDLE
+        self._head_request = False  # the request under way is a HEAD: its answer ends with its head
+        self._waiter: asyncio.Future[FastAnswer] | None = None
+        self._answer: FastAnswer | None = None
+        self._reason = b""
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._length: int | None = None  # the answer's Content-Length, Transfer-Encoding: chunked, Connection: close
+        self._chunked = False
+        self._close = False
+        self._head_bytes = 0
+        self._halted = False
+        self._received = False
+        self._writer: asyncio.Task[None] | None = None
+        self._body_sent = False
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timing = False  # an exchange is waiting on the upstream
+        self._read_timeout = pool.read_timeout
+        self._last_read = 0.0
+
+    @property
+    def usable(self) -> bool:
+        """Open, and not already closing (the upstream's FIN may be in, its loss not yet reported)."""
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport; small heads leave at once (no Nagle delay)."""
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        """Feed llhttp; the callbacks below hand the answer over and feed its body."""
+        phase = self._phase
+        if phase != _HEAD and phase != _BODY:
+            if phase == _IDLE:
+                self._drop("the upstream sent bytes while no request was under way")
+            elif phase == _DONE:
+                self._drop("the upstream sent bytes after the whole answer")
+            return
+        self._received = True
+        self._last_read = self._loop.time()
+        if phase == _HEAD:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(UpstreamUnreachable(self._pool.details.malformed))
+                return
+        parser = self._parser
+        assert parser is not None
+        try:
+            parser.feed_data(data)
+        except HttpParserUpgrade:
+            pass  # after a 101 (not expected from an upstream): its head was the answer, the connection is not reused
+        except HttpParserError:
+            if not self._halted:
+                self._fail(UpstreamUnreachable(self._pool.details.malformed))
+
+    def eof_received(self) -> bool | None:
+        """The upstream closed its side: let the transport close, which ends a body read until close."""
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """End whatever is under way, then give the place back to the pool."""
+        self.lost = True
+        self.reusable = False
+        self._stop_timer()
+        phase = self._phase
+        if phase == _HEAD:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                if self._received:
+                    waiter.set_exception(UpstreamUnreachable(self._pool.details.broke_off))
+                else:
+                    waiter.set_exception(ClosedUnanswered())
+            self._phase = _BROKEN
+        elif phase == _BODY:
+            answer = self._answer
+            assert answer is not None
+            if exc is None and answer.close_delimited:
+                self._phase = _DONE
+                answer.end()  # a body that runs until the connection closes, ended by a clean close
+            else:
+                # Cut short; or reset, not closed, which breaks off even a body that runs until the close.
+                self._phase = _BROKEN
+                answer.fail(UpstreamUnreachable(self._pool.details.broke_off))
+        self.transport = None
+        drain = self._drain_waiter
+        if drain is not None:
+            self._drain_waiter = None
+            if not drain.done():
+                drain.set_exception(ConnectionResetError("the upstream connection was lost"))
+        self._pool.forget(self)
+        if logger.isEnabledFor(logging.DEBUG):
+            why = self.close_reason
+            if why is None:
+                why = "the upstream closed it" if exc is None else f"lost: {getattr(exc, 'strerror', None) or 'reset'}"
+            logger.debug("upstream connection to %s closed: %s", self._pool.label, why)
+
+    def pause_writing(self) -> None:
+        """The upstream is not taking the upload as fast as it comes: `_drain` waits."""
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        """The upstream caught up with the upload."""
+        self._writing_paused = False
+        drain = self._drain_waiter
+        if drain is not None:
+            self._drain_waiter = None
+            if not drain.done():
+                drain.set_result(None)
+
+    async def _drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("the upstream connection was lost")
+        if self._writing_paused:
+            drain = self._drain_waiter = self._loop.create_future()
+            await drain
+
+    # --- llhttp's callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        """A message begins: an interim one or the answer; after the answer, a second one is a fault."""
+        if self._phase != _HEAD:
+            self._halt("the upstream sent a second answer to one request")
+        self._reason = b""
+        self._raw = []
+        self._length = None
+        self._chunked = False
+        self._close = False
+
+    def on_status(self, reason: bytes) -> None:
+        """The reason phrase (or a piece of it)."""
+        self._reason += reason
+        if len(self._reason) > MAX_LINE:
+            raise _TooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header, whole (httptools joins the pieces); the framing ones noted on the way."""
+        size = len(name)
+        if size + len(value) > MAX_LINE:
+            raise _TooLarge()
+        if self._phase != _HEAD:
+            return  # a trailer after a chunked body: not relayed (as before, with aiohttp's parser)
+        # llhttp drops the whitespace before a value but keeps the whitespace after it.
+        value = value.rstrip(b" \t")
+        if size == 14 and name.lower() == b"content-length":
+            self._length = int(value)  # llhttp has checked it is a number, and the only one
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            self._chunked = value.lower().endswith(b"chunked")
+        elif size == 10 and name.lower() == b"connection":
+            self._close = b"close" in value.lower()
+        self._raw.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        """The answer's head is complete: hand it over (an interim 1xx one is skipped)."""
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if status < 200 and status != 101:
+            return  # 100 Continue, 103 Early Hints: the final answer follows; llhttp completes this one itself
+        raw = self._raw
+        if len(raw) > MAX_HEADERS:
+            raise _TooLarge()
+        length = self._length
+        chunked = self._chunked
+        answer = FastAnswer(status, self._reason, tuple(raw), length, self)
+        self._answer = answer
+        keep_alive = parser.should_keep_alive()
+        if self._head_request or status in _NO_BODY or status == 101:
+            if self._head_request:
+                # llhttp would wait for the body the head announces: a fresh parser for the next exchange,
+                # and any byte after this head is a fault. llhttp reads a HEAD answer without framing as a
+                # body until close, so the answer's own words decide whether the connection stays.
+                self._parser = None
+                if length is None and not chunked:
+                    keep_alive = parser.get_http_version() == "1.1" and not self._close
+            self._phase = _DONE
+            answer.end()
+        else:
+            self._phase = _BODY
+            answer.close_delimited = length is None and not chunked
+        if status == 101 or not keep_alive:
+            self.reusable = False
+            self.close_because("the upstream's answer said Connection: close, or its body runs until the close")
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(answer)
+        if not self._timing:
+            self._start_timer()  # answered while the upload goes on: the upstream is now timed
+
+    def on_body(self, body: bytes) -> None:
+        """A piece of the body, handed on as llhttp gives it."""
+        if self._phase != _BODY:
+            self._halt("the upstream sent a body with its answer to a HEAD request")
+        answer = self._answer
+        assert answer is not None
+        answer.feed(body)
+
+    def on_message_complete(self) -> None:
+        """The message is complete: an interim one (skipped), or the answer's body."""
+        if self._phase == _BODY:
+            self._phase = _DONE
+            answer = self._answer
+            assert answer is not None
+            answer.end()
+
+    def _halt(self, reason: str) -> None:
+        self._halted = True
+        self._drop(reason)
+        raise _Halt()
+
+    # --- flow control of the answer (FastAnswer's _Source) ---------------------------------------
+
+    def pause_body(self) -> None:
+        """The reader is behind: stop reading from the upstream (and stop timing it)."""
+        self._reading_paused = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_body(self) -> None:
+        """The reader caught up: read again, and time the upstream from now, not from before the pause."""
+        self._reading_paused = False
+        self._last_read = self._loop.time()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def hand_back(self, answer: FastAnswer, *, whole: bool) -> None:
+        """The answer is done with: the connection goes back to the pool, reused when `whole` and clean."""
+        reusable = self.finish() and whole
+        if reusable and self._reading_paused:
+            self.resume_body()
+        self._pool.release(self, reusable=reusable)
+
+    # --- one exchange -------------------------------------------------------------------------
+
+    def exchange(self, head: bytes, request: Outgoing) -> asyncio.Future[FastAnswer]:
+        """Send one request (its head, with the body when it is held whole); the future of its answer's head.
+
+        Raises NotSent, before writing anything, when the connection is already closing.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise NotSent()
+        if self._parser is None:
+            self._parser = _new_parser(self)
+        loop = self._loop
+        waiter: asyncio.Future[FastAnswer] = loop.create_future()
+        self._waiter = waiter
+        self._phase = _HEAD
+        self._head_request = request.method == "HEAD"
+        self._head_bytes = 0
+        self._received = False
+        self._body_sent = False
+        body = request.body
+        transport.write(head)
+        if body.stream is None:
+            self._body_sent = True
+            self._start_timer()
+        else:
+            self._writer = loop.create_task(self._send_stream(body.stream, chunked=body.length is None))
+        return waiter
+
+    async def _send_stream(self, stream: AsyncIterator[bytes], *, chunked: bool) -> None:
+        """Send a body that is not held in memory, at the pace the upstream takes it."""
+        try:
+            async for chunk in stream:
+                transport = self.transport
+                if transport is None:
+                    return  # lost: connection_lost has told the reader
+                if chunk:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    await self._drain()
+            if self.transport is not None:
+                if chunked:
+                    self.transport.write(b"0\r\n\r\n")
+                self._body_sent = True
+                self._start_timer()
+        except RequestPayloadError:
+            # The client's body broke off malformed: the upstream must not take it as complete.
+            self._fail(BadRequest("the request body was malformed"))
+        except ProxyError as error:
+            self._fail(error)  # the client's body failed in the proxy's own words (a limit, a timeout)
+        except ConnectionError:
+            pass  # the upstream closed while taking the body; connection_lost has ended the exchange
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def finish(self) -> bool:
+        """End the exchange; True when the connection can carry another request."""
+        self._timing = False
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done():
+            self.reusable = False
+            self.close_because("the answer ended before the upload")
+            writer.cancel()  # the answer is over; the rest of the upload goes nowhere
+        complete = self._phase == _DONE
+        if self._phase != _BROKEN:
+            self._phase = _IDLE
+        self._answer = None
+        self._waiter = None
+        return complete and self._body_sent and self.reusable and not self.lost
+
+    # --- failures and timing ------------------------------------------------------------------
+
+    def _fail(self, error: ProxyError) -> None:
+        """Hand `error` to whoever waits on this exchange, and close the connection."""
+        phase = self._phase
+        if phase == _HEAD:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+            self._phase = _BROKEN
+        elif phase == _BODY:
+            answer = self._answer
+            assert answer is not None
+            answer.fail(error)
+            self._phase = _BROKEN
+        self._drop(error.detail)
+
+    def close_because(self, reason: str) -> None:
+        """Note why this connection is (about to be) closed on our side, unless a reason is noted already."""
+        if self.close_reason is None:
+            self.close_reason = reason
+
+    def _drop(self, reason: str) -> None:
+        self.reusable = False
+        self.close_because(reason)
+        shut(self.transport)
+
+    def _start_timer(self) -> None:
+        self._timing = True
+        self._last_read = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        # One timer per connection, moved on lazily: an exchange and data_received only
+        # note the time, so a busy connection costs one timer per read_timeout, not per request.
+        self._timer = None
+        if not self._timing or self._phase not in (_HEAD, _BODY):
+            return  # idle, or the whole answer is in: the next exchange re-arms it
+        now = self._loop.time()
+        if self._reading_paused:
+            self._last_read = now  # our reader is slow, not the upstream
+        due = self._last_read + self._read_timeout
+        if now < due:
+            self._timer = self._loop.call_at(due, self._on_timer)
+            return
+        self._fail(UpstreamTimeout(self._pool.details.read_timeout))
+
+
+def _new_parser(connection: Connection) -> HttpResponseParser:
+    parser = HttpResponseParser(connection)
+    # The leniencies aiohttp's client parser has always had, so the same upstreams are understood:
+    # control characters in header values and the reason phrase reach the forwarder (which refuses
+    # to relay them, naming where), a bare LF ends a line, and spaces may follow a chunk size.
+    parser.set_dangerous_leniencies(
+        lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+    )
+    return parser
+
+
+def shut(transport: asyncio.BaseTransport | None) -> None:
+    """Close a transport; at once (reset) if it still holds unsent bytes the upstream is not taking."""
+    if transport is None or transport.is_closing():
+        return
+    if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
