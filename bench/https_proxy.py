@@ -310,9 +310,9 @@ def run_hey(hey: str, tunnelled: Tunnelled, upstream_port: int, connections: int
     errors = sum(int(count) for count, _ in _HEY_ERRORS.findall(errors_part))
     percentiles = {int(q): float(secs) * 1e6 for q, secs in _HEY_PCT.findall(done.stdout)}
     hey_cpu = (children.ru_utime + children.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
-    total_rps = float(rps.group(1))
+    finished = answered + errors  # hey's Requests/sec counts the requests that failed too
     return {
-        "rps": total_rps * ok / answered if answered else 0.0,
+        "rps": float(rps.group(1)) * ok / finished if finished else 0.0,
         "requests": answered,
         "non_2xx": answered - ok,
         "errors": errors,
