@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import load, memory, plot, report, storm, streaming
+from . import https_proxy, load, memory, plot, report, storm, streaming
 from .contenders import BY_NAME, CONTENDERS, Stage
 from .runner import Context, Settings
 from .tools import BENCH_DIR, ToolMissing, ensure_tools, machine, versions
@@ -33,6 +33,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "streaming": streaming.streaming,
     "storm": storm.refresh_storm,
     "memory": memory.memory,
+    "https_proxy": https_proxy.https_proxy,
 }
 
 NOTES = [

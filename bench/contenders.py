@@ -39,6 +39,7 @@ from pathlib import Path
 
 from . import nginx
 from .procs import HOST, Proc, free_port, start
+from .tls_material import UpstreamTls, make_upstream_tls
 from .tools import BENCH_DIR, Tools
 
 REPO = BENCH_DIR.parent
@@ -138,22 +139,13 @@ def tokenproxy_toml(
     the scenario, as `queue.max_waiting` is: its default would refuse the
     1024-connection level and the larger storms with 503.
     """
-    if grant == "static":
-        token = f'grant = "static"\naccess_token = "{nginx.STATIC_TOKEN}"\ndefault_lifetime = 86400.0'
-    else:
-        token = (
-            'grant = "client_credentials"\n'
-            f'token_url = "http://{HOST}:{token_port}/oauth/token"\n'
-            'client_id = "bench"\nclient_secret = "bench-secret"\n'
-            "min_refresh_interval = 0.0\n"
-            f"refresh_before = {refresh_before}"
-        )
-    server_extra = f"max_connections = {max_client_connections}\n" if _has_key("server", "max_connections") else ""
-    if _has_key("server", "loop"):
+    token = token_table(grant, token_port, refresh_before)
+    server_extra = f"max_connections = {max_client_connections}\n" if has_key("server", "max_connections") else ""
+    if has_key("server", "loop"):
         server_extra += f'loop = "{loop}"\n'
     if workers != 1:
         server_extra += f"workers = {workers}\n"
-    upstream_extra = f'client = "{upstream_client}"\n' if _has_key("upstream", "client") else ""
+    upstream_extra = f'client = "{upstream_client}"\n' if has_key("upstream", "client") else ""
     return f"""\
 [server]
 listen = "{HOST}:{port}"
@@ -176,8 +168,21 @@ access_log = {'true' if access_log else 'false'}
 """ + (f'\n[store]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "bench:"\n' if redis_url else "")
 
 
+def token_table(grant: str, token_port: int, refresh_before: float = 30.0) -> str:
+    """The keys of a bench credential (`[token]` or `[route.token]`): the static bearer, or the token server's."""
+    if grant == "static":
+        return f'grant = "static"\naccess_token = "{nginx.STATIC_TOKEN}"\ndefault_lifetime = 86400.0'
+    return (
+        'grant = "client_credentials"\n'
+        f'token_url = "http://{HOST}:{token_port}/oauth/token"\n'
+        'client_id = "bench"\nclient_secret = "bench-secret"\n'
+        "min_refresh_interval = 0.0\n"
+        f"refresh_before = {refresh_before}"
+    )
+
+
 @functools.cache
-def _has_key(section: str, key: str) -> bool:
+def has_key(section: str, key: str) -> bool:
     """Whether this checkout's tokenproxy config knows `section.key` (the config grows under us)."""
     try:
         from proxy import config
@@ -200,6 +205,7 @@ class Stage:
     _body_temp: Path = field(init=False)
     _procs: list[Proc] = field(default_factory=list, init=False)
     _redis_url: str = field(default="", init=False)  # set when a contender first needs Redis
+    _https: tuple[UpstreamTls, int] | None = field(default=None, init=False)  # the TLS upstream, once started
 
     def __enter__(self) -> Stage:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -285,6 +291,26 @@ class Stage:
             self._procs.append(start("redis-server", args, self.run_dir / "redis.log", port=port))
             self._redis_url = f"redis://{HOST}:{port}/0"
         return self._redis_url
+
+    def https_upstream(self) -> tuple[UpstreamTls, int]:
+        """The TLS upstream (nginx serving /tiny and /16k for the bench's bearer only) and its port.
+
+        Started on first use, with a test CA and a `localhost` leaf made in the
+        run folder, and stopped with the stage.
+        """
+        if self._https is None:
+            tls = make_upstream_tls(self.run_dir / "upstream-tls")
+            port = free_port()
+            conf = nginx.https_upstream_conf(
+                self.run_dir, self.run_dir / "www", port, self._body_temp, tls.cert_file, tls.key_file
+            )
+            self._procs.append(nginx.start_nginx(self.tools.nginx, "https-upstream", conf, self.run_dir, port))
+            self._https = (tls, port)
+        return self._https
+
+    def adopt(self, proc: Proc) -> None:
+        """Stop `proc` with the stage at the latest (its `Running` normally stops it first)."""
+        self._procs.append(proc)
 
     def start(self, contender: Contender, *, max_waiting: int = 1000, max_client_connections: int = 2048) -> Running:
         """Start `contender` on a free port and return once it listens."""

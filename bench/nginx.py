@@ -116,6 +116,36 @@ http {{
     )
 
 
+def https_upstream_conf(run_dir: Path, www: Path, port: int, body_temp: Path, cert: Path, key: Path) -> str:
+    """The upstream of the HTTPS_PROXY scenario: `/tiny` and `/16k` over TLS, only with a bench bearer.
+
+    A request without `Authorization: Bearer` and the static token or one of
+    the token server's (`old-1`, `new-<n>`) gets 401, so every 2xx the load
+    generator counts proves the proxy added the header.
+    """
+    guard = f'if ($http_authorization !~ "^Bearer ({STATIC_TOKEN}$|old-|new-)") {{ return 401 "no bearer\\n"; }}'
+    return (
+        _common(run_dir, "https-upstream")
+        + f"""
+http {{
+    {_temp_paths(run_dir, "https-upstream", body_temp)}
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port} ssl backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:bench:10m;
+        location = /tiny {{ {guard} default_type application/json; alias {www}/tiny.json; }}
+        location = /16k {{ {guard} alias {www}/16k.bin; }}
+    }}
+}}
+"""
+    )
+
+
 def proxy_conf(run_dir: Path, port: int, upstream_port: int, body_temp: Path) -> str:
     """nginx as the reverse proxy a user would write for a token that never changes.
 

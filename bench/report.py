@@ -49,6 +49,19 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
             row[f"added_p50_vs_{other}"] = _ratio(
                 _get(scen, "latency", tp, "added_p50_us"), _get(scen, "latency", other, "added_p50_us")
             )
+        https = _get(scen, "https_proxy") or {}
+        for level in https.get("levels", []):
+            row[f"https_rps_vs_mitmdump_x{level}"] = _ratio(
+                _get(https, "throughput", tp, str(level), "rps"),
+                _get(https, "throughput", "mitmdump", str(level), "rps"),
+            )
+        row["https_added_p50_vs_mitmdump"] = _ratio(
+            _get(https, "latency", tp, "added_p50_us"), _get(https, "latency", "mitmdump", "added_p50_us")
+        )
+        row["https_tunnel_cpu_vs_mitmdump"] = _ratio(
+            _get(https, "new_tunnel", tp, "cpu_ms_per_tunnel"),
+            _get(https, "new_tunnel", "mitmdump", "cpu_ms_per_tunnel"),
+        )
         for direction in ("download", "upload"):
             row[f"{direction}_vs_nginx"] = _ratio(
                 _get(scen, "streaming", direction, tp, "mb_s"), _get(scen, "streaming", direction, "nginx", "mb_s")
@@ -128,6 +141,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _storm(scen["storm"])
     if "memory" in scen:
         lines += _memory(scen["memory"], order)
+    if "https_proxy" in scen:
+        lines += _https_proxy(scen["https_proxy"], order, results.get("ratios", {}))
     for name, error in results.get("errors", {}).items():
         lines += [f"- scenario **{name}** failed: `{error}`"]
     return "\n".join(lines).rstrip() + "\n"
@@ -156,6 +171,7 @@ def _ratio_section(results: dict[str, Any]) -> list[str]:
         ("added p50 latency vs plain aiohttp's", "added_p50_vs_baseline"),
         ("download MB/s vs nginx", "download_vs_nginx"),
         ("upload MB/s vs nginx", "upload_vs_nginx"),
+        *_https_labels(results),
     ]
     rows = [[label] + [_x(table[name].get(key)) for name in names] for label, key in labels]
     return ["## Ratios (same run)", "", *_table(["ratio", *names], rows)]
@@ -302,3 +318,102 @@ def _memory(section: dict[str, Any], order: list[str]) -> list[str]:
     idle = first.get("idle_connections", 0)
     header = ["contender", "idle", f"{idle} idle keep-alive conns", "after the first requests", "after all", "growth"]
     return ["## 6. Memory (RSS)", "", *_table(header, rows)]
+
+
+HTTPS_TARGET = 5.0  # issue 16: at least 5x mitmdump's requests/s through intercepted tunnels
+
+
+def _https_labels(results: dict[str, Any]) -> list[tuple[str, str]]:
+    levels = _get(results, "scenarios", "https_proxy", "levels") or []
+    return [
+        *((f"HTTPS_PROXY req/s vs mitmdump ({n} conns; target ≥ {HTTPS_TARGET:.2f}x)", f"https_rps_vs_mitmdump_x{n}")
+          for n in levels),
+        ("HTTPS_PROXY added p50 vs mitmdump's", "https_added_p50_vs_mitmdump"),
+        ("HTTPS_PROXY CPU per new tunnel vs mitmdump's", "https_tunnel_cpu_vs_mitmdump"),
+    ]
+
+
+def _https_proxy(section: dict[str, Any], order: list[str], ratios_table: dict[str, Any]) -> list[str]:
+    levels = [str(n) for n in section.get("levels", [])]
+    top = levels[-1] if levels else ""
+    throughput, latency = section.get("throughput", {}), section.get("latency", {})
+    tunnels = section.get("new_tunnel", {})
+    rows = []
+    for name in _names(throughput, order):
+        cells = []
+        for level in levels:
+            r = throughput[name].get(level)
+            cells.append(NONE if r is None else f"{_n(r['rps'])} / {_ms(r['p99_us'])}{_https_trouble(r)}")
+        last = throughput[name].get(top, {})
+        rows.append(
+            [
+                name,
+                *cells,
+                _n(last.get("cpu_us_per_request"), 0, " µs"),
+                _n(last.get("load_tool_cpu_us_per_request"), 0, " µs"),
+            ]
+        )
+    header = ["contender", *(f"{n} conns: req/s / p99" for n in levels), f"CPU/req ({top})", f"hey CPU/req ({top})"]
+    lines = [
+        "## 7. HTTPS_PROXY mode: requests inside intercepted tunnels",
+        "",
+        "The client asks the proxy for a tunnel (`CONNECT localhost:PORT`) and speaks TLS inside it with the proxy, "
+        "which presents a certificate from its own CA (trusted by the client), adds the bearer and forwards over its "
+        "own TLS connection to an nginx serving https (a bench CA; it answers 401 without a bench bearer, so only "
+        "authorised requests count). tokenproxy: a `[[route]]` for `localhost` with `url = \"https://...\"` and "
+        "`ca_file`, its CA from `tokenproxy ca init`; mitmdump: regular mode, the same addon, upstream verified "
+        "against the bench CA. **direct**: the same clients straight to nginx over TLS. Requests/s: hey, keep-alive, "
+        "one tunnel per connection for the whole run (each run opens its tunnels afresh, handshakes included); "
+        "its p99 has 0.1 ms resolution; `hey CPU/req` is the load generator's own cost (it must stay far below "
+        "the proxy's). Body: `/tiny`.",
+        "",
+        *_table(header, rows),
+    ]
+    pairs = []
+    for tp, row in ratios_table.items():
+        figures = [f"{_x(row.get(f'https_rps_vs_mitmdump_x{n}'))} ({n})" for n in levels]
+        if any(not f.startswith(NONE) for f in figures):
+            pairs.append(f"- **{tp}** req/s vs mitmdump's: " + ", ".join(figures) + f" (target ≥ {HTTPS_TARGET:.0f}x).")
+    lines += [*pairs, ""] if pairs else []
+    rows = [
+        [
+            name,
+            _n(r["p50_us"], 0, " µs"),
+            _n(r["p90_us"], 0, " µs"),
+            _n(r["p99_us"], 0, " µs"),
+            _n(r.get("added_p50_us"), 0, " µs"),
+            _n(r.get("added_p99_us"), 0, " µs"),
+            _n(r.get("cpu_us_per_request"), 0, " µs"),
+            str(r.get("failures", NONE)),
+        ]
+        for name in _names(latency, order)
+        for r in [latency[name]]
+    ]
+    header = ["contender", "p50", "p90", "p99", "added p50", "added p99", "CPU/req", "failed"]
+    lines += ["One kept-alive tunnel, one request after another (Python's http.client, certificates verified):", ""]
+    lines += _table(header, rows)
+    rows = [
+        [
+            name,
+            _n(r["tunnels"]),
+            _n(r["median_ms"], 2, " ms"),
+            _n(r["p99_ms"], 2, " ms"),
+            _n(r.get("added_median_ms"), 2, " ms"),
+            _n(r.get("cpu_ms_per_tunnel"), 2, " ms"),
+            str(r["failures"]),
+        ]
+        for name in _names(tunnels, order)
+        for r in [tunnels[name]]
+    ]
+    header = ["contender", "tunnels", "median", "p99", "added median", "proxy CPU/tunnel", "failed"]
+    lines += [
+        "A new tunnel each time, one after another: CONNECT, TLS handshake (full, no resumption), one request, close "
+        "(direct: a new TLS connection):",
+        "",
+    ]
+    return lines + _table(header, rows)
+
+
+def _https_trouble(row: dict[str, Any]) -> str:
+    kinds = (("non_2xx", "non-2xx"), ("errors", "errors"))
+    return "".join(f", {row[key]} {label}" for key, label in kinds if row.get(key))

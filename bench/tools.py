@@ -42,6 +42,8 @@ class Tools:
     plotting: bool
     plotting_missing: str
     floor_missing: str = ""  # why the floor contender cannot run (httptools missing); "" when it can
+    hey: str | None = None  # the load generator of the HTTPS_PROXY scenario (wrk cannot CONNECT)
+    hey_missing: str = "not looked for"
 
 
 def _apt_install(packages: list[str]) -> str:
@@ -80,6 +82,22 @@ def ensure_wrk_nginx(install: bool) -> tuple[str, str]:
             raise ToolMissing(f"{' and '.join(still)} not installed: {reason or 'not found after apt-get'}")
     assert wanted["wrk"] is not None and wanted["nginx"] is not None
     return wanted["wrk"], wanted["nginx"]
+
+
+def ensure_hey(install: bool) -> tuple[str | None, str]:
+    """hey's path (Debian's `hey`, installed with apt-get if missing and allowed), or why there is none.
+
+    hey is the load generator of the HTTPS_PROXY scenario: Go's HTTP client
+    opens each connection with CONNECT through a proxy and keeps it alive.
+    """
+    found = _sbin_which("hey")
+    if found:
+        return found, ""
+    if not install:
+        return None, "hey is not installed (installing was turned off)"
+    reason = _apt_install(["hey"])
+    found = _sbin_which("hey")
+    return (found, "") if found else (None, reason or "hey not found after apt-get")
 
 
 def ensure_mitmdump(install: bool) -> tuple[str | None, str]:
@@ -151,7 +169,10 @@ def ensure_tools(install: bool = True) -> Tools:
     wrk, nginx = ensure_wrk_nginx(install)
     mitmdump, mitm_missing = ensure_mitmdump(install)
     plotting, plot_missing = ensure_matplotlib(install)
-    return Tools(wrk, nginx, mitmdump, mitm_missing, plotting, plot_missing, ensure_httptools(install))
+    hey, hey_missing = ensure_hey(install)
+    return Tools(
+        wrk, nginx, mitmdump, mitm_missing, plotting, plot_missing, ensure_httptools(install), hey, hey_missing
+    )
 
 
 def _first_line_matching(args: list[str], pattern: str) -> str:
@@ -190,6 +211,9 @@ def versions(tools: Tools) -> dict[str, str]:
         "wrk": _first_line_matching([tools.wrk, "-v"], r"wrk (\S+)"),
         "mitmproxy": "not installed",
     }
+    found["hey"] = "not installed"
+    if tools.hey:  # hey prints no version of its own; Debian's package has one
+        found["hey"] = _first_line_matching(["dpkg-query", "-W", "-f=${Version}", "hey"], r"^(\S+)")
     if tools.mitmdump:
         found["mitmproxy"] = _first_line_matching([tools.mitmdump, "--version"], r"Mitmproxy: (\S+)")
     for package in ("uvloop", "httptools"):

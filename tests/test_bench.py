@@ -22,8 +22,10 @@ CONTENDERS = ("direct", *PROXIES)
 
 
 def _skip_without_tools() -> None:
-    """Skip when wrk or nginx is missing and the bench could not install it (it needs root and apt-get)."""
-    missing = [t for t in ("wrk", "nginx") if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin")]
+    """Skip when wrk, nginx or hey is missing and the bench could not install it (it needs root and apt-get)."""
+    missing = [
+        t for t in ("wrk", "nginx", "hey") if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin")
+    ]
     if missing and (os.geteuid() != 0 or shutil.which("apt-get") is None):
         pytest.skip(f"{' and '.join(missing)} not installed, and installing needs root with apt-get")
 
@@ -98,7 +100,7 @@ def test_quick_bench_writes_the_report(quick_run: tuple[dict[str, Any], Path]) -
     """latest.md names the machine, the versions, the ratios and each scenario; latest.png exists or says why not."""
     results, out = quick_run
     text = (out / "latest.md").read_text()
-    for heading in ("Ratios", "Throughput", "Latency", "Scaling", "Streaming", "Refresh storm", "Memory"):
+    for heading in ("Ratios", "Throughput", "Latency", "Scaling", "Streaming", "Refresh storm", "Memory", "HTTPS_PROXY"):
         assert heading in text
     assert results["meta"]["machine"]["cores"] >= 1
     assert {"python", "aiohttp", "nginx", "wrk", "mitmproxy"} <= set(results["meta"]["versions"])
@@ -109,3 +111,35 @@ def test_quick_bench_writes_the_report(quick_run: tuple[dict[str, Any], Path]) -
     )
     png = out / "latest.png"
     assert png.exists() or any("No latest.png" in note for note in results["meta"]["notes"])
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_measures_the_https_proxy_mode(quick_run: tuple[dict[str, Any], Path]) -> None:
+    """Through intercepted tunnels every request was answered 200 by the https upstream (which answers 401
+    without the bearer), at each connection count, one after another on one tunnel, and on new tunnels; the
+    figures and the ratios to mitmdump are there."""
+    results, out = quick_run
+    skipped = results.get("skipped", {})
+    ran = [name for name in ("direct", "mitmdump", "tokenproxy-static", "tokenproxy-cc") if name not in skipped]
+    https = results["scenarios"]["https_proxy"]
+    assert https["levels"] == [1, 16, 64]
+    for name in ran:
+        for level, row in https["throughput"][name].items():
+            where = f"https_proxy {name} x{level}"
+            _assert_numbers(row, ("rps", "p50_us", "load_tool_cpu_us_per_request"), where)
+            assert row["rps"] > 0 and row["non_2xx"] == 0 and row["errors"] == 0, f"{where}: {row}"
+        latency, tunnels = https["latency"][name], https["new_tunnel"][name]
+        _assert_numbers(latency, ("p50_us", "p99_us", "added_p50_us"), f"https_proxy latency {name}")
+        _assert_numbers(tunnels, ("median_ms", "p99_ms", "added_median_ms"), f"https_proxy new tunnels {name}")
+        assert latency["failures"] == 0 and latency["requests"] > 0, latency
+        assert tunnels["failures"] == 0 and tunnels["tunnels"] > 0, tunnels
+        if name != "direct":
+            _assert_numbers(https["throughput"][name]["64"], ("cpu_us_per_request",), f"https_proxy {name}")
+            _assert_numbers(tunnels, ("cpu_ms_per_tunnel",), f"https_proxy new tunnels {name}")
+    if "mitmdump" in ran:
+        _assert_numbers(
+            results["ratios"]["tokenproxy-static"],
+            ("https_rps_vs_mitmdump_x1", "https_rps_vs_mitmdump_x64", "https_added_p50_vs_mitmdump"),
+            "https ratios",
+        )
+        assert "req/s vs mitmdump's" in (out / "latest.md").read_text()
