@@ -6,7 +6,6 @@ import tomllib
 from pathlib import Path
 
 from proxy.config import exposed_secrets_warning
-
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_ID, CLIENT_SECRET, FakeTokenServer
 from tests.helpers import run_cli
