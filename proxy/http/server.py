@@ -372,22 +372,30 @@ class ClientConnection(asyncio.Protocol):
             elif self._head_timer is None and self._current is None and not self._queue:
                 self._arm_head_timer()
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes, idle: bool | None = None) -> None:
         methods = self._methods
+        if idle is None:
+            idle = not self._in_head and self._parsing is None
+        fed = methods.prepare(data, idle)
         try:
-            self._parser.feed_data(methods.prepare(data, self._in_head))
+            self._parser.feed_data(fed)
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded(data, int(upgrade.args[0]))
+            self._upgraded(fed, int(upgrade.args[0]))
         except httptools.HttpParserInvalidMethodError as exc:
-            resumed = methods.recover(data)
+            # Perhaps a method token llhttp does not know (methods.py): resumed with a fresh parser, or refused.
+            resumed = methods.recover() if self._refusal is None else None
             if resumed is None:
                 self._parse_failed(exc)
                 return
             self._parser = httptools.HttpRequestParser(self)
-            self._in_head = False
-            self._feed(resumed)
+            self._parsing = None
+            self._in_head = bool(methods.pending)
+            if resumed:
+                self._feed(resumed, True)
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
+        else:
+            methods.fed(self._in_head and not self._url)
 
     def _upgraded(self, data: bytes, offset: int) -> None:
         """llhttp stopped after a CONNECT's head, or after a request asking to `Upgrade`: neither changes protocol."""
@@ -403,10 +411,9 @@ class ClientConnection(asyncio.Protocol):
             return
         # The Upgrade header is hop-by-hop: the request goes on as an ordinary one, and so does the connection.
         self._parser = httptools.HttpRequestParser(self)
-        self._methods.completed_all()
-        rest = data[offset:] if offset <= len(data) else b""
+        rest = data[offset:]
         if rest:
-            self._feed(rest)
+            self._feed(rest, True)
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         refusal, self._refusal = self._refusal, None
