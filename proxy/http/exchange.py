@@ -140,6 +140,15 @@ class BodyStream:
         self._link.body_taken(len(chunk))
         return chunk
 
+    async def skip(self) -> None:
+        """Drop what is buffered and wait until the rest has arrived (dropped as it comes)."""
+        self.drop()
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
     def drop(self) -> None:
         """Nobody will read the rest: what is buffered is freed and what comes is dropped."""
         self.discard = True

@@ -37,6 +37,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..core.errors import BadRequest, ProxyError
 from .exchange import BodyStream, Request, malformed_body
@@ -361,9 +362,6 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._input_done:
             return  # refused or closing: what the client still sends is discarded
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         self._feed(data)
         if self._in_head and not self._input_done:
             self._head_bytes += len(data)
@@ -525,12 +523,12 @@ class ClientConnection(asyncio.Protocol):
         if parsing is None or parsing.body is None:
             return
         stream = parsing.body
+        if self._body_timer is not None:
+            self._body_last = self._loop.time()
         if stream.discard:
             return
         stream.feed(body)
         self._unread += len(body)
-        if self._body_timer is not None:
-            self._body_last = self._loop.time()
         if self._unread > READ_BUFFER and not self._reading_paused:
             self._pause_reading()
 
@@ -589,9 +587,11 @@ class ClientConnection(asyncio.Protocol):
             self._idle_timer = self._loop.call_at(self._idle_since + self._limits.keepalive_timeout, self._idle_end)
 
     def _idle_end(self) -> None:
+        # One timer for the connection's idle spells: armed when it goes idle without one, it looks at the
+        # state when it fires, rather than being cancelled and made again for every request.
         self._idle_timer = None
         if self._transport is None or self._current is not None or self._queue or self._in_head:
-            return
+            return  # busy: the next idle spell arms it again
         deadline = self._idle_since + self._limits.keepalive_timeout
         if self._loop.time() < deadline:
             self._idle_timer = self._loop.call_at(deadline, self._idle_end)
@@ -663,9 +663,6 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(item, ProxyError):
                 self._answer_refusal(item)
                 return
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
             self._current = item
             body = item.body
             if body is not None and not body.complete:
@@ -685,10 +682,18 @@ class ClientConnection(asyncio.Protocol):
             finally:
                 self._current = None
                 self._stop_body_timer()
-            if body is not None and not body.at_eof():
-                body.drop()
-                if not body.complete:
-                    item.close = True  # the rest of an unread body: not worth reading to find the next request
+            if body is not None and not body.at_eof() and not item.close:
+                # The rest of a body nobody read (an upstream that answered early, a refusal): read and
+                # dropped, so the connection can carry the next request; a stall has body_timeout.
+                self._current = item
+                self._time_body()
+                try:
+                    await body.skip()
+                except RequestPayloadError:
+                    item.close = True
+                finally:
+                    self._current = None
+                    self._stop_body_timer()
             if item.close or self.shutting_down:
                 self.close()
                 return
