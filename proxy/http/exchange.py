@@ -22,12 +22,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ..core.errors import ProxyError
 from .render import error_head
 
-# Status lines for the usual statuses, built once; others are built from the status and its reason.
-_STATUS_LINES: dict[tuple[int, str], bytes] = {
-    (status, reason): b"HTTP/1.1 %d %s\r\n" % (status, reason.encode())
-    for status, reason in ((200, "OK"), (201, "Created"), (204, "No Content"), (304, "Not Modified"),
-                           (401, "Unauthorized"), (404, "Not Found"))
-}
 _CLOSE = b"Connection: close\r\n"
 _KEEP_ALIVE = b"Connection: keep-alive\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
@@ -273,8 +267,11 @@ class Request:
     ) -> None:
         """Write the answer's head (`headers` without framing ones), and `body` with it when given."""
         framing, self._chunked_out = self._framing(status, length)
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-        head = b"".join([line, *[b"%s: %s\r\n" % pair for pair in headers], framing, b"\r\n"])
+        if headers:
+            fields = b"\r\n".join([b": ".join(pair) for pair in headers])
+            head = b"HTTP/1.1 %d %s\r\n%s\r\n%s\r\n" % (status, reason, fields, framing)
+        else:
+            head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, framing)
         self.started = True
         self.sent_status = status
         if body and self._has_body(status):
@@ -318,10 +315,3 @@ class Request:
         if self.close:
             self.link.close()
 
-
-def status_line(status: int, reason: str) -> bytes:
-    """The reason phrase as bytes for a status line (the usual ones prebuilt)."""
-    line = _STATUS_LINES.get((status, reason))
-    if line is not None:
-        return line[13:-2]
-    return reason.encode("utf-8", "replace")

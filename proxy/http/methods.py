@@ -31,6 +31,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TOKEN_TAIL = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*\Z")
 # A method llhttp knows that frames its request as any other (by Content-Length or chunked) and takes any target.
 _STAND_IN = b"OPTIONS"
+# The usual methods as str, made once.
+_KNOWN = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
 
 class _Count:
@@ -145,7 +147,9 @@ class MethodRecovery:
         if real is not None:
             self._real = None
             return real
-        return parser.get_method().decode("ascii")
+        raw = parser.get_method()
+        method = _KNOWN.get(raw)
+        return method if method is not None else raw.decode("ascii")
 
     def completed(self) -> None:
         """A request was parsed whole."""
