@@ -212,3 +212,40 @@ async def test_server_client_gone_mid_upload_logged_as_499(
     writer.transport.abort()
     lines = await access_lines(caplog, "/upload")
     assert len(lines) == 1 and " 499 " in lines[0], lines
+
+
+async def test_server_upgrade_with_body_gets_400_nothing_forwarded(make_proxy: Any, upstream: Any) -> None:
+    """A request asking to Upgrade with a body (whose bytes llhttp would read as the next request): 400, nothing sent."""
+    proxy = await make_proxy(upstream={"url": upstream.url})
+    smuggled = b"GET /echo/smuggled HTTP/1.1\r\nHost: c\r\n\r\n"
+    reader, writer = await open_raw(proxy.url)
+    try:
+        writer.write(
+            b"POST /echo/front HTTP/1.1\r\nHost: c\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+        )
+        data = await read_to_eof(reader)
+    finally:
+        await close_raw(writer)
+    resp = parse_response(data)
+    assert resp.status == 400 and resp.all("X-Tokenproxy-Error") == ["bad_request"]
+    assert b"HTTP/1.1 200" not in resp.rest
+    assert upstream.requests == 0
+
+
+async def test_server_upgrade_without_body_forwarded_plain_next_request_served(make_proxy: Any) -> None:
+    """A GET asking to Upgrade is forwarded as a plain request (Upgrade is hop-by-hop); the connection carries on."""
+    proxy = await make_proxy()
+    reader, writer = await open_raw(proxy.url)
+    try:
+        writer.write(
+            b"GET /echo/up HTTP/1.1\r\nHost: c\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"GET /echo/next HTTP/1.1\r\nHost: c\r\n\r\n"
+        )
+        first = parse_response(await read_one_answer(reader))
+        second = parse_response(await read_one_answer(reader))
+    finally:
+        await close_raw(writer)
+    assert first.status == 200 and first.json()["raw_path"] == "/echo/up"
+    assert "upgrade" not in {name.lower() for name, _ in first.json()["headers"]}
+    assert second.status == 200 and second.json()["raw_path"] == "/echo/next"

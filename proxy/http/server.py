@@ -397,14 +397,18 @@ class ClientConnection(asyncio.Protocol):
 
     def _upgraded(self, data: bytes, offset: int) -> None:
         """llhttp stopped after a CONNECT's head, or after a request asking to `Upgrade`: neither changes protocol."""
-        request = self._parsing or (self._queue[-1] if self._queue else None)
+        request = self._queue[-1] if self._queue else None
         self._parsing = None
-        if not isinstance(request, Request) or request.method == "CONNECT" or request.body is not None:
-            # A later CONNECT is answered 400 by the forwarder; a body llhttp skipped can't be framed.
-            if isinstance(request, Request) and request.body is not None:
-                request.body.fail(malformed_body())
-            if isinstance(request, Request):
-                request.close = True
+        if not isinstance(request, Request):
+            self._input_done = True
+            return
+        if request.body is not None:
+            # llhttp skips the body of a request asking to Upgrade: its bytes would be read as the next request.
+            self._queue.pop()
+            self._refuse_head(BadRequest("malformed request: a request asking to Upgrade may not have a body"))
+            return
+        if request.method == "CONNECT":
+            request.close = True  # a later CONNECT: the forwarder answers 400, and the connection ends
             self._input_done = True
             return
         # The Upgrade header is hop-by-hop: the request goes on as an ordinary one, and so does the connection.
