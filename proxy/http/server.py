@@ -161,12 +161,6 @@ class FirstProtocol(Protocol):
         """Stop what it started that is not a connection of the server yet (TLS handshakes, tunnel connects)."""
 
 
-def peer_of(transport: asyncio.BaseTransport) -> str:
-    """The client's address for log lines."""
-    peer = transport.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple) and peer else "a client"
-
-
 def _parser_refusal(exc: httptools.HttpParserError) -> ProxyError:
     """The answer to bytes llhttp refused; the detail never quotes them (llhttp's reasons are fixed sentences)."""
     if isinstance(exc, httptools.HttpParserInvalidMethodError):
