@@ -297,7 +297,10 @@ async def test_fuzz_random_and_mutated_requests_never_crash_never_5xx_never_anot
         outcomes[outcome] += 1
         if status is not None:
             statuses[status] += 1
-            if status >= 500 or b"Traceback" in body or (status != 200 and not own):
+            # A method token llhttp does not know (FOO, get) is forwarded (any method); the counting upstream, an
+            # aiohttp server, refuses it itself: its 400 is an answer from the upstream, not a failure of the proxy.
+            upstream_refused_method = status == 400 and body.startswith(b"Invalid method encountered")
+            if status >= 500 or b"Traceback" in body or (status != 200 and not own and not upstream_refused_method):
                 failures.append(f"{status} for {raw[:300]!r}: {body[:200]!r}")
 
     await asyncio.gather(*(one(raw) for raw in cases))
@@ -309,7 +312,17 @@ async def test_fuzz_random_and_mutated_requests_never_crash_never_5xx_never_anot
     # The fuzz exercised both sides: plenty forwarded, plenty refused.
     assert statuses[200] > CASES // 10 and statuses[400] > CASES // 10
     assert outcomes["waiting"] < CASES // 10
+    # The counting upstream (aiohttp) logs its own refusals of those methods with their traceback: not the proxy's.
+    caplog.records[:] = [
+        r for r in caplog.records if not (r.name == "aiohttp.server" and r.exc_info and _bad_method(r.exc_info[1]))
+    ]
     no_tracebacks(caplog)
+
     # Still alive and well.
     after = await raw_exchange(proxy.url, b"GET /echo/after HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
     assert after.status == 200 and after.json()["raw_path"] == "/echo/after"
+
+
+def _bad_method(error: BaseException | None) -> bool:
+    """Whether an upstream's logged failure is its parser refusing a method token."""
+    return type(error).__name__ == "BadHttpMethod"

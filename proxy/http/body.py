@@ -14,17 +14,17 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 
-from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..core.errors import BadRequest
 from ..upstream.model import RequestBody
+from .exchange import BodyStream, Request
 
 CHUNK = 64 * 1024
 
 # Methods whose body has no defined meaning (RFC 9110 §9.3.1-2) and that an upstream may not
 # expect one on: it could take such a body for the next request on a kept-alive connection.
-NO_BODY_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
+NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 
 
 class ReplayMemory:
@@ -81,7 +81,7 @@ class ReplayMemory:
                 granted.set_result(None)
 
 
-async def _stream(prefix: deque[bytes], content: StreamReader) -> AsyncIterator[bytes]:
+async def _stream(prefix: deque[bytes], content: BodyStream) -> AsyncIterator[bytes]:
     while prefix:
         yield prefix.popleft()  # not kept here once handed on
     while True:
@@ -96,9 +96,9 @@ _NO_BODY = RequestBody(None, None, None)
 _EMPTY_BODY = RequestBody(b"", None, 0)
 
 
-def bodiless(request: web.BaseRequest) -> RequestBody | None:
+def bodiless(request: Request) -> RequestBody | None:
     """The body of a request that has none, without awaiting anything; None when it has one (use read_body)."""
-    if request.body_exists or hdrs.TRANSFER_ENCODING in request.headers:
+    if request.body is not None:
         return None
     length = request.content_length
     if length is None:
@@ -107,7 +107,7 @@ def bodiless(request: web.BaseRequest) -> RequestBody | None:
 
 
 async def read_body(
-    request: web.BaseRequest, replay_limit: int, memory: ReplayMemory, wait: float = 0.0
+    request: Request, replay_limit: int, memory: ReplayMemory, wait: float = 0.0
 ) -> RequestBody:
     """Decide, reading at most `replay_limit + 1` bytes, how this request's body travels.
 
@@ -124,7 +124,7 @@ async def read_body(
             f"a {request.method} request with a body is not forwarded (an upstream may read the body as "
             "another request); send the body with POST"
         )
-    codings = request.headers.get(hdrs.TRANSFER_ENCODING)
+    codings = request.transfer_encoding
     if codings is not None and codings.strip().lower() != "chunked":
         raise BadRequest("transfer codings other than chunked are not supported (use Content-Encoding)")
     try:
@@ -133,11 +133,11 @@ async def read_body(
         raise BadRequest("the request body was malformed") from None
 
 
-async def _read_body(request: web.BaseRequest, replay_limit: int, memory: ReplayMemory, wait: float) -> RequestBody:
+async def _read_body(request: Request, replay_limit: int, memory: ReplayMemory, wait: float) -> RequestBody:
     length = request.content_length
-    if not request.body_exists:
+    content = request.body
+    if content is None:
         return RequestBody(b"" if length == 0 else None, None, length)
-    content = request.content
     if length is not None and (length > replay_limit or not await memory.wait_to_take(length, wait)):
         return RequestBody(None, _stream(deque(), content), length)
     # A known length is held in full from the start; a chunked body as it arrives.

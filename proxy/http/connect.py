@@ -2,20 +2,20 @@
 
 Owns: the protocol every new connection of the proxy port starts with. It
 looks at the first bytes only: a request that is not `CONNECT` is handed at
-once to aiohttp's request handler (one object per connection, nothing per
-request). A `CONNECT host:port HTTP/1.1` that opens its connection is
+once to the server's client connection (server.py; one object per
+connection, nothing per request). A `CONNECT host:port HTTP/1.1` that opens its connection is
 answered here:
 
 - a host a route names: `200 Connection Established`, then a TLS handshake
   with a leaf certificate for that host from the local CA (`proxy.tls`), the
-  SNI checked; the requests inside are served by a request handler of the
+  SNI checked; the requests inside are served by a client connection of the
   same server, so exactly as on the proxy port. Entry checks that they name
   the CONNECT host and routes them by it;
 - a host `server.connect_passthrough` matches: a blind tunnel (bytes copied
   both ways with flow control, no token, no interception);
 - any other host: 403 `forbidden`; nothing is forwarded anywhere.
 
-A CONNECT later on a kept-alive connection reaches aiohttp, and the
+A CONNECT later on a kept-alive connection reaches the server, and the
 forwarder answers 400. Knows nothing of the config file: `Tunnels` is built
 by the composition root.
 """
@@ -139,7 +139,7 @@ class Tunnels:
 
 
 class _FirstBytes(asyncio.Protocol):
-    """A new connection until its first bytes say what it is: a request for aiohttp, or a CONNECT for us."""
+    """A new connection until its first bytes say what it is: a request for the server, or a CONNECT for us."""
 
     __slots__ = ("_buffer", "_counted", "_linger", "_server", "_timer", "_transport", "_tunnels")
 
@@ -154,7 +154,7 @@ class _FirstBytes(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        # A connection that never sends a byte is closed after keepalive_timeout, as aiohttp's handler does.
+        # A connection that never sends a byte is closed after keepalive_timeout, as a client connection does.
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._server.limits.keepalive_timeout, self._idle)
 
@@ -196,13 +196,13 @@ class _FirstBytes(asyncio.Protocol):
         return limits.max_request_line + 32 + limits.max_headers * (limits.max_header_size + 2)
 
     def _hand_over(self, transport: asyncio.Transport, first: bytes) -> None:
-        """The connection is aiohttp's from now on: its request handler gets the transport and these bytes."""
+        """The connection is the server's from now on: a client connection gets the transport and these bytes."""
         if self._timer is not None:  # armed by a first byte that looked like CONNECT ("C" of "COPY")
             self._timer.cancel()
             self._timer = None
         self._transport = None  # nothing of this protocol acts on the connection any more
-        handler = self._server.make_handler()
-        self._counted = False  # the handler's now
+        handler = self._server.make_connection()
+        self._counted = False  # the client connection's now
         transport.set_protocol(handler)
         handler.connection_made(transport)
         handler.data_received(first)
@@ -282,10 +282,10 @@ class _FirstBytes(asyncio.Protocol):
         transport.resume_reading()
 
     async def _intercept(self, transport: asyncio.Transport, context: ssl.SSLContext, authority: str) -> None:
-        """Answer 200, complete the TLS handshake as `authority`, and give the tunnel to a request handler."""
+        """Answer 200, complete the TLS handshake as `authority`, and give the tunnel to a client connection."""
         server = self._server
         # The loops deliver the first decrypted bytes (or the loss) as soon as the handshake ends, before this
-        # coroutine resumes: a holder takes them until the request handler is connected.
+        # coroutine resumes: a holder takes them until the client connection is connected.
         holder = _Holder()
         transport.write(_ESTABLISHED)
         loop = asyncio.get_running_loop()
@@ -312,15 +312,14 @@ class _FirstBytes(asyncio.Protocol):
                 inner.abort()
             self._release()
             return
-        handler = server.make_handler()
-        handler.tunnel = authority
-        self._counted = False  # the handler's now
+        handler = server.make_connection(authority)
+        self._counted = False  # the client connection's now
         inner.set_protocol(handler)
         handler.connection_made(inner)
         if holder.data:
             handler.data_received(bytes(holder.data))
-        if holder.eof:
-            handler.eof_received()
+        if holder.eof and not handler.eof_received():
+            inner.close()
 
     def _refuse(self, error: ProxyError) -> None:
         """Answer `error` and close: after the answer, what the client sends is read and discarded briefly."""

@@ -13,10 +13,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterable
 
-from aiohttp import hdrs, web
-from multidict import CIMultiDict
 from yarl import URL
 
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
@@ -26,12 +23,12 @@ from ..observe.metrics import NULL_METRICS, Recorder
 from ..observe.ratelimit import LogLimiter
 from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
 from .body import ReplayMemory, bodiless, read_body
-from .headers import challenge_error, control_character_in, request_header_bytes, response_headers
-from .render import error_response
+from .exchange import Request
+from .headers import challenge_error, control_character_in_raw, request_header_bytes, response_header_bytes
 from .route import Route
-from .server import BODY_TIMED_OUT, RequestTimeout
+from .server import RequestTimeout
 
-# A CONNECT after the first request of its connection (a first one never reaches aiohttp: connect.py).
+# A CONNECT after the first request of its connection (a first one never reaches the server: connect.py).
 # curl, requests and httpx all open a new connection for a CONNECT.
 CONNECT_LATER = "CONNECT must open its connection: send it on a new connection"
 
@@ -53,7 +50,7 @@ REJECTION_BODY_LIMIT = 64 * 1024
 _AUTHORITY = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
-def rewritten_location(upstream: Upstream, location: str, request: web.BaseRequest) -> str | None:
+def rewritten_location(upstream: Upstream, location: str, request: Request) -> str | None:
     """For `upstream.rewrite_redirects`: a Location naming the upstream's own origin, re-pointed at the proxy.
 
     The proxy's address is the one the client used (its Host header), so a
@@ -65,29 +62,29 @@ def rewritten_location(upstream: Upstream, location: str, request: web.BaseReque
     return upstream.client_location(location, f"{request.scheme}://{request.host}")
 
 
-def refuse_unwritable(request: web.BaseRequest, reason: str, headers: Iterable[tuple[str, str]]) -> None:
+def refuse_unwritable(request: Request, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
     """Raise UpstreamUnreachable (502) when the upstream's head holds what no HTTP head may carry.
 
     A control character in a header value or the reason phrase passes the
-    parsers but is refused when the head is written (a header injection):
-    the upstream's fault, told as such before anything reaches the client.
-    The log line names the header, never its value.
+    parsers but must not be written into a head (a header injection): the
+    upstream's fault, told as such before anything reaches the client. The
+    log line names the header, never its value.
     """
-    where = control_character_in(reason, headers)
+    where = control_character_in_raw(reason, headers)
     if where is None:
         return
     logger.warning(
         "upstream answer to %s %s refused: a control character in %s",
         request.method,
-        request.raw_path.partition("?")[0],
+        request.target.partition("?")[0],
         where,
     )
     raise UpstreamUnreachable(f"the upstream's answer cannot be relayed: a control character in {where}")
 
 
-def _log_not_resent(request: web.BaseRequest, status: int, why: str, route: str) -> None:
+def _log_not_resent(request: Request, status: int, why: str, route: str) -> None:
     """The debug line for a refresh status handed to the client as it is."""
-    path = request.raw_path.partition("?")[0]
+    path = request.target.partition("?")[0]
     logger.debug("not resending %s %s (route %s): %s; the %d is passed on", request.method, path, route, why, status)
 
 
@@ -98,7 +95,7 @@ _PROXY_HINT = (
 )
 
 
-def another_host_detail(request: web.BaseRequest, target: str) -> str:
+def another_host_detail(request: Request, target: str) -> str:
     """The 400's detail for an absolute-form target naming another host than the upstream, with the likely cause.
 
     A target naming the proxy's own address means the client has the proxy
@@ -112,9 +109,9 @@ def another_host_detail(request: web.BaseRequest, target: str) -> str:
     return f"the request names another host than the upstream; tokenproxy forwards only there; {_PROXY_HINT}"
 
 
-def _names_this_proxy(request: web.BaseRequest, target: str) -> bool:
+def _names_this_proxy(request: Request, target: str) -> bool:
     """True when an absolute-form `target` names the address the request came in on."""
-    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    sockname = request.link.sockname()
     if not isinstance(sockname, tuple) or len(sockname) < 2:
         return False
     try:
@@ -127,27 +124,16 @@ def _names_this_proxy(request: web.BaseRequest, target: str) -> bool:
     return same_host and url.port == sockname[1]
 
 
-class _RelayedResponse(web.StreamResponse):
-    """A StreamResponse that adds no Content-Type or Server header the upstream did not send."""
+class _Kept:
+    """A small refresh-status answer read whole, to hand back unchanged if no resend happens."""
 
-    async def _prepare_headers(self) -> None:
-        had_type = hdrs.CONTENT_TYPE in self.headers
-        had_server = hdrs.SERVER in self.headers
-        await super()._prepare_headers()
-        if not had_type:
-            self.headers.popall(hdrs.CONTENT_TYPE, None)
-        if not had_server:
-            self.headers.popall(hdrs.SERVER, None)
+    __slots__ = ("body", "headers", "reason", "status")
 
-
-class _SizedRelayedResponse(_RelayedResponse):
-    """For an answer of known, small length: the head waits for the first body bytes.
-
-    Head and body then leave in one write instead of two; an open-ended
-    stream (SSE, no length) keeps its head going out at once.
-    """
-
-    _send_headers_immediately = False
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
 
 
 class Forwarder:
@@ -183,42 +169,37 @@ class Forwarder:
         self._client.use(upstream)
         self._memory.limit = replay_memory
 
-    async def handle(self, request: web.BaseRequest, route: Route) -> web.StreamResponse:
-        """Forward one client request along `route` and relay the answer; never raises for the client to see."""
+    async def handle(self, request: Request, route: Route) -> None:
+        """Forward one client request along `route` and relay the answer; raises only once the answer has begun."""
         # Not loop.time(): uvloop's clock ticks in whole milliseconds, too coarse for the access line.
         started = time.perf_counter()
         state = _Journey()
         status = 500
         try:
-            response = await self._journey(request, route, state)
-            status = response.status
-            return response
+            status = await self._journey(request, route, state)
         except ProxyError as error:
             status = error.status
             if error.code in _QUEUE_CODES:
                 self._metrics.queue_rejected(error.code)
-            if state.started_relay:
+            if request.started:
                 raise
-            answer = error_response(error)
-            if isinstance(error, BadRequest):
-                # After a request we refused, its framing can't be trusted: don't read another on this connection.
-                answer.force_close()
-            return answer
+            # After a request we refused, its framing can't be trusted: don't read another on this connection.
+            request.answer_error(error, close=isinstance(error, BadRequest))
         except asyncio.CancelledError:
-            # The client went away (its handler is cancelled): nginx's 499 says so in the log;
+            # The client went away (its handling is cancelled): nginx's 499 says so in the log;
             # or its body stalled, and the server answered 408 and closed the connection.
-            status = RequestTimeout.status if request.get(BODY_TIMED_OUT) else CLIENT_CLOSED
+            status = RequestTimeout.status if request.body_timed_out else CLIENT_CLOSED
             raise
         finally:
             if state.held:
                 self._memory.give_back(state.held)
             # Once the answer has begun, its status is what the client got, even if it then hung up.
-            if state.sent_status is not None:
-                status = state.sent_status
+            if request.sent_status is not None:
+                status = request.sent_status
             route.metrics.request_done(status)
             access_line(
                 request.method,
-                request.raw_path,
+                request.target,
                 status,
                 time.perf_counter() - started,
                 state.resent,
@@ -226,10 +207,10 @@ class Forwarder:
                 route.name,
             )
 
-    async def _journey(self, request: web.BaseRequest, route: Route, state: _Journey) -> web.StreamResponse:
-        if request.method == hdrs.METH_CONNECT:
+    async def _journey(self, request: Request, route: Route, state: _Journey) -> int:
+        if request.method == "CONNECT":
             raise BadRequest(CONNECT_LATER)
-        target = request.raw_path
+        target = request.target
         if not target.isascii():
             raise BadRequest("the request target must be ASCII; percent-encode other bytes")
         if not target.startswith("/"):
@@ -250,21 +231,22 @@ class Forwarder:
         upstream = await self._send(outgoing, token)
         prefix = b""
         if upstream.status in route.refresh_on:
-            challenge = challenge_error(upstream.headers.getall(hdrs.WWW_AUTHENTICATE, []))
+            challenge = challenge_error(upstream.headers.getall("WWW-Authenticate", []))
             kept = await self._keep_rejection(upstream) if body.replayable else None
-            if isinstance(kept, web.Response):
+            if isinstance(kept, _Kept):
                 renewed = await tokens.renew(token, challenge)
                 if renewed is None:
                     if logger.isEnabledFor(logging.DEBUG):
                         _log_not_resent(request, kept.status, "no new token to resend with", route.name)
-                    refuse_unwritable(request, kept.reason, kept.headers.items())
+                    refuse_unwritable(request, kept.reason, kept.headers)
                     self._metrics.rejection_passed_through()
-                    return kept
+                    request.answer_whole(kept.status, kept.reason, kept.headers, kept.body)
+                    return kept.status
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
                         "resending %s %s (route %s) with token %s generation %d after %d to generation %d",
                         request.method,
-                        request.raw_path.partition("?")[0],
+                        request.target.partition("?")[0],
                         route.name,
                         renewed.fingerprint,
                         renewed.generation,
@@ -283,7 +265,8 @@ class Forwarder:
                 tokens.renew_later(token, challenge)
                 self._metrics.rejection_passed_through()
                 prefix = kept or b""
-        return await self._relay(request, route, upstream, state, prefix)
+        await self._relay(request, route, upstream, prefix)
+        return upstream.status
 
     async def _send(self, outgoing: Outgoing, token: Token) -> UpstreamAnswer:
         started = time.perf_counter()
@@ -295,7 +278,7 @@ class Forwarder:
         self._metrics.upstream_answered(time.perf_counter() - started)
         return answer
 
-    async def _keep_rejection(self, upstream: UpstreamAnswer) -> web.Response | bytes | None:
+    async def _keep_rejection(self, upstream: UpstreamAnswer) -> _Kept | bytes | None:
         """Read and release a small refresh-status answer so it can be handed back unchanged.
 
         Too large to keep: None when that is known from Content-Length, else
@@ -319,62 +302,46 @@ class Forwarder:
         if len(buffer) > REJECTION_BODY_LIMIT:
             return bytes(buffer)
         upstream.release()
-        headers = CIMultiDict(response_headers(upstream.raw_headers))
-        headers.popall(hdrs.CONTENT_LENGTH, None)
-        return web.Response(status=upstream.status, reason=upstream.reason, body=bytes(buffer), headers=headers)
+        return _Kept(
+            upstream.status, upstream.reason.encode(), response_header_bytes(upstream.raw_headers), bytes(buffer)
+        )
 
-    async def _relay(
-        self,
-        request: web.BaseRequest,
-        route: Route,
-        upstream: UpstreamAnswer,
-        state: _Journey,
-        prefix: bytes = b"",
-    ) -> web.StreamResponse:
+    async def _relay(self, request: Request, route: Route, upstream: UpstreamAnswer, prefix: bytes = b"") -> None:
         """Send the upstream's status, headers and body to the client as they arrive."""
         try:
-            headers = response_headers(upstream.raw_headers)
-            refuse_unwritable(request, upstream.reason, headers)
+            headers = response_header_bytes(upstream.raw_headers)
+            reason = upstream.reason.encode()
+            refuse_unwritable(request, reason, headers)
             length = upstream.content_length
-            relayed = _SizedRelayedResponse if length is not None and length <= SMALL_BODY else _RelayedResponse
-            out = relayed(status=upstream.status, reason=upstream.reason)
-            out.headers.extend(headers)
-            if route.rewrite_redirects and hdrs.LOCATION in out.headers:
-                location = rewritten_location(route.upstream, out.headers[hdrs.LOCATION], request)
-                if location is not None:
-                    out.headers[hdrs.LOCATION] = location
-            state.started_relay = True
-            await out.prepare(request)
-            state.sent_status = out.status
+            if route.rewrite_redirects:
+                _rewrite_location(headers, route.upstream, request)
+            if length is not None and length <= SMALL_BODY and not prefix:
+                # Small and sized: when the first read is the whole body (the usual case), head and
+                # body leave in one write and no streaming is set up; a body still arriving streams
+                # on from there.
+                prefix = await upstream.read(SMALL_BODY + 1)
+                if upstream.at_eof():
+                    request.start(upstream.status, reason, headers, length, prefix)
+                    request.finish()
+                    return
+            request.start(upstream.status, reason, headers, length, prefix)
             try:
-                if relayed is _SizedRelayedResponse and not prefix:
-                    # Small and sized: when the first read is the whole body (the usual case),
-                    # head and body leave in one write and no streaming is set up; a body
-                    # still arriving streams on from there.
-                    prefix = await upstream.read(SMALL_BODY + 1)
-                    if upstream.at_eof():
-                        await out.write_eof(prefix)
-                        return out
-                if prefix:
-                    await out.write(prefix)
                 async with contextlib.aclosing(upstream.chunks()) as chunks:
                     async for chunk in chunks:
-                        await out.write(chunk)
+                        await request.write(chunk)
             except ProxyError as error:
                 # The answer has begun and cannot be completed honestly: cut the connection.
                 logger.warning(
                     "upstream broke off the answer to %s %s: %s",
                     request.method,
-                    request.raw_path.partition("?")[0],
+                    request.target.partition("?")[0],
                     error.detail,
                 )
-                if request.transport is not None:
-                    request.transport.close()
-                return out
+                request.link.close()
+                return
             except ConnectionResetError:
-                return out  # the client went away between two writes, before its handler was cancelled
-            await out.write_eof()
-            return out
+                return  # the client went away between two writes, before its handling was cancelled
+            request.finish()
         finally:
             # Read to the end: the connection may carry another request. Cancelled (client
             # gone) or failed: drop it rather than pool it half-read.
@@ -384,14 +351,21 @@ class Forwarder:
                 upstream.close()
 
 
+def _rewrite_location(headers: list[tuple[bytes, bytes]], upstream: Upstream, request: Request) -> None:
+    """Re-point a Location naming the upstream at the proxy (`upstream.rewrite_redirects`), in place."""
+    for index, (name, value) in enumerate(headers):
+        if len(name) == 8 and name.lower() == b"location":
+            location = rewritten_location(upstream, value.decode("latin-1"), request)
+            if location is not None:
+                headers[index] = (name, location.encode("latin-1"))
+
+
 class _Journey:
     """What the access line reports about one request, and the body memory it holds until done."""
 
-    __slots__ = ("generation", "held", "resent", "sent_status", "started_relay")
+    __slots__ = ("generation", "held", "resent")
 
     def __init__(self) -> None:
         self.held = 0  # bytes of the body taken from the ReplayMemory
         self.resent = False
         self.generation: int | None = None
-        self.started_relay = False
-        self.sent_status: int | None = None  # the status line the client received, once sent

@@ -32,6 +32,8 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 # Expect was already answered to the client by the proxy.
 _REQUEST_DROP: frozenset[str] = HOP_BY_HOP | {"host", "authorization", "content-length", "expect"}
 _RESPONSE_DROP: frozenset[str] = HOP_BY_HOP
+# The answer's framing is the proxy's own to write (exchange.py): its Content-Length is set from the length.
+_RESPONSE_DROP_FRAMED: frozenset[str] = HOP_BY_HOP | {"content-length"}
 
 
 def _listed_names(values: Iterable[bytes]) -> frozenset[str]:
@@ -106,6 +108,11 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:
     return _filter(raw, _RESPONSE_DROP)
 
 
+def response_header_bytes(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers that go back to the client as the bytes it sent, without its framing ones."""
+    return _kept(raw, _RESPONSE_DROP_FRAMED)
+
+
 # A control character other than HTAB: no field value or reason phrase may hold one (RFC 9110 §5.5,
 # RFC 9112 §4), and aiohttp refuses to write one into a head. The parsers let them through in values.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -123,6 +130,21 @@ def control_character_in(reason: str, pairs: Iterable[tuple[str, str]]) -> str |
     for name, value in pairs:
         if not value.isprintable() and _CONTROL.search(value):
             return f"header {name}"
+    return None
+
+
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def control_character_in_raw(reason: bytes, pairs: list[tuple[bytes, bytes]]) -> str | None:
+    """`control_character_in` for a head as bytes: one scan of every value at once, then which one."""
+    if _CONTROL_BYTES.search(reason):
+        return "the reason phrase"
+    if not _CONTROL_BYTES.search(b"\t".join([value for _, value in pairs])):
+        return None
+    for name, value in pairs:
+        if _CONTROL_BYTES.search(value):
+            return f"header {name.decode('latin-1')}"
     return None
 
 

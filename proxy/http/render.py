@@ -2,7 +2,8 @@
 
 Owns: turning a ProxyError into the JSON answer every port gives
 (`{"error": code, "detail": sentence}` and `X-Tokenproxy-Error`), as an
-aiohttp response for a request, or as the bytes of a whole HTTP/1.1 answer
+aiohttp response for a request (the admin port), as a head and body for the
+proxy port's writer, or as the bytes of a whole HTTP/1.1 answer
 for when there is no request to answer (a connection refused or timed out
 before its head was complete). Knows nothing of where the error came from.
 """
@@ -35,6 +36,21 @@ def error_response(error: ProxyError) -> web.Response:
     if retry_after is not None:
         headers["Retry-After"] = retry_after
     return web.Response(status=error.status, body=error_body(error), content_type="application/json", headers=headers)
+
+
+def error_head(error: ProxyError) -> tuple[bytes, bytes]:
+    """The status line and headers of the answer to `error` (without framing or the blank line), and its body."""
+    body = error_body(error)
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%s: %s\r\n" % (
+        error.status,
+        HTTPStatus(error.status).phrase.encode(),
+        ERROR_HEADER.encode(),
+        error.code.encode(),
+    )
+    retry_after = _retry_after(error)
+    if retry_after is not None:
+        head += b"Retry-After: %s\r\n" % retry_after.encode()
+    return head, body
 
 
 def raw_answer(error: ProxyError) -> bytes:

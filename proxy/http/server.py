@@ -1,73 +1,64 @@
-"""The listener's protocol settings: limits on what a client may send, and for how long.
+"""The proxy port's HTTP/1.x server: llhttp (httptools) on raw asyncio protocols.
 
-Owns: how the HTTP server meets hostile or broken clients before any request
-reaches the forwarder. aiohttp gives the header count and size limits and
-the idle keep-alive timeout; this module adds what it lacks:
+Owns: one `ClientConnection` per client connection, which parses what the
+client sends, serves its requests one at a time in order with one coroutine,
+and meets hostile or broken clients before any request reaches the entry
+handler:
 
-- a time limit for receiving a request's headers, counted from its first
-  byte (slowloris): 408 with the JSON error, then the connection is closed;
+- a time limit for receiving a request's headers, counted from the read
+  that brought its first byte (slowloris): 408 with the JSON error, then the
+  connection is closed;
 - a time limit between two arrivals of a request body's bytes while the
-  proxy is taking them (a stalled upload): 408 with the JSON error when no
-  answer has begun, then the connection is closed;
-- `max_connections`: one more connection gets 503 with the JSON error and is
-  closed, while the connections already open keep working;
-- the parser's refusals as tokenproxy's JSON error instead of aiohttp's text
-  page (400, or 414/431 for a request line or header over the limit), logged
-  as one line without a traceback;
-- a request body that turns out malformed after its handler started (a bad
-  chunk size mid-upload) fails that handler's reads with a 400 instead of
-  leaving it waiting for bytes that will never be parsed.
+  proxy is taking them (a stalled upload): 408 when no answer has begun,
+  then the connection is closed; not counted while flow control holds the
+  socket;
+- the idle keep-alive timeout; read flow control (the socket is not read
+  while more than READ_BUFFER body bytes wait unread) and write flow
+  control (a writer waits while the client is slow to take its answer);
+- `max_connections`: one more connection gets 503 with the JSON error and
+  is closed, while the connections already open keep working;
+- the parser's refusals (and the header limits llhttp does not have) as
+  tokenproxy's JSON error (400, or 414/431 for a request line or header over
+  the limit), logged as one line without a traceback; a request body that
+  turns out malformed after its handling started fails that body's reads.
 
 Knows nothing of tokens, upstreams or the config file: `ServerLimits` is
-built by the composition root. It subclasses aiohttp's `AppRunner`, `Server`
-and `RequestHandler`, and reads a few of their private attributes
-(`_kwargs`, `_waiter`, `_messages`, `_current_request`, `_reading_paused`,
-and the writer's `_headers_written`); the tests in
-tests/test_security.py and tests/test_malformed.py pin that behaviour.
+built by the composition root, and each request goes to one handler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from aiohttp import StreamReader, web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import RawRequestMessage
-from aiohttp.http_exceptions import (
-    BadHttpMethod,
-    BadStatusLine,
-    HttpProcessingError,
-    InvalidHeader,
-    InvalidURLError,
-    LineTooLong,
-)
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+import httptools
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..core.errors import BadRequest, ProxyError
-from .render import error_response, raw_answer
+from .exchange import BodyStream, Request, malformed_body
+from .methods import MethodRecovery
+from .render import raw_answer
 
 logger = logging.getLogger("tokenproxy.server")
 
-# An over-the-limit connection is kept this long after its 503 (reading and
-# discarding what the client still sends, so the answer is not lost to a
-# reset), and at most this many such connections are kept at a time.
+# An over-the-limit or refused connection is kept this long after its answer (reading and
+# discarding what the client still sends, so the answer is not lost to a reset), and at most
+# this many over-the-limit connections are kept at a time.
 REFUSAL_LINGER = 2.0
 MAX_REFUSING = 64
 
-# Bytes of a request body aiohttp reads ahead of its handler on one connection before it stops
-# reading the socket (at twice this, plus one read). aiohttp's own default (256 KiB) let a
-# connection whose handler waits (for a token, for room to keep its body) hold about 750 KB.
+# Bytes of request bodies received on one connection and not yet read by the proxy before it stops
+# reading the socket; it reads again once they fall under half of this.
 READ_BUFFER = 64 * 1024
 
-# Set on a request whose body `server.body_timeout` ended while its handler ran (408 sent or
-# connection cut): the handler is then cancelled, and its access line can say why.
-BODY_TIMED_OUT = web.RequestKey("body_timed_out", bool)
+# Pipelined requests whose heads are parsed while they wait for the ones before them; past this
+# the socket is not read until they are served.
+MAX_QUEUED = 16
 
 
 class RequestTimeout(ProxyError):
@@ -114,279 +105,32 @@ class ServerLimits:
     max_header_size: int
     max_request_line: int
 
-    def handler_kwargs(self) -> dict[str, Any]:
-        """The limits aiohttp's RequestHandler enforces itself."""
-        return {
-            "read_bufsize": READ_BUFFER,
-            "keepalive_timeout": self.keepalive_timeout,
-            "max_headers": self.max_headers,
-            "max_field_size": self.max_header_size,
-            "max_line_size": self.max_request_line,
-        }
+
+class Refuser(Protocol):
+    """A server that refuses connections over its limit (this one, and the admin port's)."""
+
+    refusing: set[asyncio.Transport]
+    busy_answer: bytes
 
 
-def parser_refusal(exc: HttpProcessingError, limits: ServerLimits) -> ProxyError:
-    """The answer to a request aiohttp's parser refused; the detail never quotes the request's bytes."""
-    if isinstance(exc, LineTooLong):
-        limit = exc.args[1] if len(exc.args) > 1 else None
-        start = exc.args[0] if exc.args and isinstance(exc.args[0], (bytes, bytearray)) else b""
-        # The parser raises the same exception for both limits; tell them apart
-        # by which limit was hit, or (when both are equal) by what the line
-        # looks like: a request target (C parser) or request line (pure-Python
-        # parser), never `Name: value`.
-        is_target = limit == limits.max_request_line and (
-            limits.max_request_line != limits.max_header_size or _REQUEST_START.match(bytes(start)) is not None
-        )
-        if is_target:
-            return TargetTooLong(f"the request line is longer than {limits.max_request_line} bytes")
-        return HeadersTooLarge(f"a request header is longer than {limits.max_header_size} bytes")
-    # These carry the offending bytes in their message: say what is wrong without them.
-    for kind, what in _QUOTING_ERRORS:
-        if isinstance(exc, kind):
-            return BadRequest(f"malformed request: {what}")
-    # The rest start with a fixed description (llhttp's, or aiohttp's own sentence).
-    reason = (exc.message or type(exc).__name__).split("\n", 1)[0].split(":", 1)[0].strip()
-    if reason == "Too many headers received":
-        return HeadersTooLarge(f"the request has more than {limits.max_headers} headers")
-    return BadRequest(f"malformed request: {reason[:100]}")
-
-
-# A request target (`/…`, `*`, `scheme://…`) or a request line (`METHOD SP …`).
-_REQUEST_START = re.compile(rb"[/*]|[A-Za-z][A-Za-z0-9+.-]*://|[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
-
-_QUOTING_ERRORS: tuple[tuple[type[HttpProcessingError], str], ...] = (
-    (InvalidURLError, "the request target is not a valid URL"),
-    (BadHttpMethod, "the request method is not valid"),
-    (BadStatusLine, "the request line is not valid HTTP/1.x"),
-    (InvalidHeader, "a request header is not valid"),
-)
-
-
-class _Handler(RequestHandler):
-    """aiohttp's RequestHandler plus the header and body time limits, JSON refusals and connection counting."""
-
-    __slots__ = (
-        "_body",
-        "_body_last",
-        "_body_timer",
-        "_counted",
-        "_head_timer",
-        "_heads_seen",
-        "_server",
-        "_tls",
-        "tunnel",
-    )
-
-    def __init__(self, server: ProxyServer, **kwargs: Any) -> None:
-        super().__init__(server, **kwargs)
-        self._server = server
-        self._head_timer: asyncio.TimerHandle | None = None  # armed while a request's headers arrive
-        self._heads_seen = False  # whether any request head has been complete on this connection
-        self._counted = True  # this connection holds one of server.max_connections
-        # Inside an intercepted CONNECT tunnel: its `host:port` (lower-case), which every request must name.
-        self.tunnel: str | None = None
-        self._tls: ssl.SSLContext | None = None
-        # The request whose body is timed (from its handler's start until the body is complete),
-        # the loop time its last body bytes arrived, and the timer, armed while the proxy reads.
-        self._body: web.BaseRequest | None = None
-        self._body_last = 0.0
-        self._body_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Note the connection's TLS context once (aiohttp asks the transport again for every request)."""
-        self._tls = transport.get_extra_info("sslcontext")
-        super().connection_made(transport)
-
-    @property
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context of this connection, if any."""
-        return self._tls if self.transport is not None else None
-
-    def data_received(self, data: bytes) -> None:
-        queued = len(self._messages)
-        super().data_received(data)
-        if self._body is not None:
-            self._body_arrived()
-        if len(self._messages) > queued:
-            # A request head is complete (or refused): its time limit is met.
-            self._heads_seen = True
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-            if self._current_request is not None:
-                self._fail_running_body()
-        elif self._head_timer is None:
-            # Bytes that did not complete a head while the connection waits for a request,
-            # or before its first head: its first bytes. The rest of the head has
-            # header_timeout. (A new connection's first packet can arrive before its request
-            # loop has started waiting, and must be timed all the same.)
-            waiter = self._waiter
-            if not self._heads_seen or (waiter is not None and not waiter.done()):
-                self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
-
-    # --- the body time limit ------------------------------------------------------------------
-    # Counted only while the proxy takes the client's bytes: from the handler's start (a request
-    # queued behind another, or one whose client waits for `100 Continue`, is not yet owed), and
-    # not while flow control holds the socket because the proxy itself is slow to pass the body on.
-
-    def time_body(self, request: web.BaseRequest) -> None:
-        """Start the body time limit for `request`, whose handler starts now, unless its body is complete."""
-        self._stop_body_timer()
-        if not request.content.is_eof():
-            self._body = request
-            self._body_last = self._loop.time()
-            if not self._reading_paused:
-                self._arm_body_timer(self._body_last)
-
-    def _body_arrived(self) -> None:
-        body = self._body
-        assert body is not None
-        if body.content.is_eof():
-            self._stop_body_timer()
-        else:
-            self._body_last = self._loop.time()
-
-    def _arm_body_timer(self, since: float) -> None:
-        self._body_timer = self._loop.call_at(since + self._server.limits.body_timeout, self._body_deadline)
-
-    def _stop_body_timer(self) -> None:
-        self._body = None
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-
-    def pause_reading(self) -> None:
-        """Flow control holds the socket: the client cannot send, so its body is not timed meanwhile."""
-        super().pause_reading()
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        """The socket is read again: the client's body has its full time limit from now."""
-        super().resume_reading(resume_parser)
-        if self._body is not None and self._body_timer is None and not self._reading_paused:
-            self._body_last = self._loop.time()
-            self._arm_body_timer(self._body_last)
-
-    def _body_deadline(self) -> None:
-        self._body_timer = None
-        request = self._body
-        if request is None or self.transport is None:
-            return
-        if request.content.is_eof():
-            self._body = None
-            return
-        if self._loop.time() < self._body_last + self._server.limits.body_timeout:
-            self._arm_body_timer(self._body_last)  # bytes arrived since this timer was armed
-            return
-        self._body = None
-        answered = _answer_begun(request.writer)
-        logger.info(
-            "closed a connection from %s: its request body stalled for %gs (server.body_timeout)%s",
-            _peer(self.transport),
-            self._server.limits.body_timeout,
-            "" if answered else "; answered 408",
-        )
-        request[BODY_TIMED_OUT] = True
-        if answered:
-            self.transport.abort()  # the answer is cut short anyway: nothing left to flush
-        else:
-            self.transport.write(self._server.body_timeout_answer)
-        if self._current_request is None:
-            # The handler is done and aiohttp reads the unread rest to discard it: that ends here.
-            request.content.feed_eof()
-        # A handler still reading the body gets the connection's loss (and is cancelled).
-        self.force_close()
-
-    def _fail_running_body(self) -> None:
-        # The parser refused bytes while a request is being handled: they were
-        # that request's body (a bad chunk size mid-upload), which will now never
-        # end. Fail its reads rather than let the handler wait for the client.
-        message = self._messages[-1][0]
-        request = self._current_request
-        if not isinstance(message, RawRequestMessage) and request is not None and not request.content.is_eof():
-            request.content.set_exception(RequestPayloadError("the request body is malformed"))
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        waiter = self._waiter
-        if self.transport is None or self._messages or waiter is None or waiter.done():
-            return
-        logger.info(
-            "closed a connection from %s: its request headers were not complete within %gs (server.header_timeout)",
-            _peer(self.transport),
-            self._server.limits.header_timeout,
-        )
-        self.transport.write(self._server.timeout_answer)
-        self.force_close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._stop_body_timer()
-        if self._counted:
-            self._counted = False
-            self._server.connection_closed()
-        super().connection_lost(exc)
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """tokenproxy's JSON answer instead of aiohttp's text page; parser refusals logged in one line."""
-        if request.writer.output_size > 0:
-            # Part of an answer is out already; aiohttp closes the connection.
-            return super().handle_error(request, status, exc, message)
-        error: ProxyError
-        if status == 400 and isinstance(exc, HttpProcessingError):
-            error = parser_refusal(exc, self._server.limits)
-            logger.info("refused a request from %s: %s (%d)", request.remote, error.detail, error.status)
-        elif isinstance(exc, RequestPayloadError):
-            error = BadRequest("the request body is malformed or incomplete")
-            logger.info("refused a request from %s: %s", request.remote, error.detail)
-        else:
-            super().handle_error(request, status, exc, message)  # logs it, with its traceback
-            error = ProxyError("tokenproxy failed to handle the request")
-            error.status = status
-        response = error_response(error)
-        response.force_close()
-        return response
-
-
-def _answer_begun(writer: AbstractStreamWriter) -> bool:
-    """Whether the head of the final answer has gone out (a `100 Continue` before it does not count)."""
-    written = getattr(writer, "_headers_written", None)
-    return writer.output_size > 0 if written is None else bool(written)
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple) and peer else "a client"
-
-
-class _Refusal(asyncio.Protocol):
+class Refusal(asyncio.Protocol):
     """A connection over `max_connections`: answered 503 at once, drained briefly, closed."""
 
-    def __init__(self, server: ProxyServer) -> None:
-        self._server = server
+    def __init__(self, server: Refuser) -> None:
+        self._manager = server
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport subclass (uvloop's TCPTransport is not).
         transport = cast(asyncio.Transport, transport)
-        refusing = self._server.refusing
+        refusing = self._manager.refusing
         if len(refusing) >= MAX_REFUSING:
             transport.abort()
             return
         self._transport = transport
         refusing.add(transport)
-        transport.write(self._server.busy_answer)
+        transport.write(self._manager.busy_answer)
         if transport.can_write_eof():
             transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
@@ -401,10 +145,10 @@ class _Refusal(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if self._transport is not None:
-            self._server.refusing.discard(self._transport)
+            self._manager.refusing.discard(self._transport)
 
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[None]]
 
 
 class FirstProtocol(Protocol):
@@ -417,35 +161,595 @@ class FirstProtocol(Protocol):
         """Stop what it started that is not a connection of the server yet (TLS handshakes, tunnel connects)."""
 
 
-class ProxyServer(web.Server):
-    """aiohttp's low-level server with a connection limit; makes `_Handler`s.
+def _parser_refusal(exc: httptools.HttpParserError) -> ProxyError:
+    """The answer to bytes llhttp refused; the detail never quotes them (llhttp's reasons are fixed sentences)."""
+    if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        return BadRequest("malformed request: the request method is not valid")
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return BadRequest("malformed request: the request target is not a valid URL")
+    reason = (str(exc) or type(exc).__name__).split("\n", 1)[0].split(":", 1)[0].strip()
+    return BadRequest(f"malformed request: {reason[:100]}")
 
-    State owned by the event loop (only touched in its callbacks): the count
-    of open connections and the transports being refused.
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection of the proxy port: its parser, its limits, and the coroutine serving its requests.
+
+    Everything here runs on the event loop: the protocol callbacks feed the
+    parser, which queues requests (heads complete) and feeds their bodies;
+    one coroutine per connection takes the requests in order and awaits the
+    handler for each. The connection's loss cancels that coroutine (the
+    request under way sees CancelledError), and nothing it started outlives it.
     """
 
-    def __init__(self, handler: Handler, *, limits: ServerLimits, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        # Each request is made just before its handler starts: its body is timed from then.
-        # (A plain call around aiohttp's factory, rather than a coroutine around every handler.)
-        make_request = self.request_factory
+    __slots__ = (
+        "_body_last",
+        "_body_timer",
+        "_content_length",
+        "_current",
+        "_drain",
+        "_expect",
+        "_handler",
+        "_head_bytes",
+        "_head_limit",
+        "_head_timer",
+        "_headers",
+        "_host",
+        "_hosts",
+        "_idle_since",
+        "_idle_timer",
+        "_in_head",
+        "_input_done",
+        "_limits",
+        "_linger",
+        "_loop",
+        "_manager",
+        "_methods",
+        "_parser",
+        "_parsing",
+        "_queue",
+        "_reading_paused",
+        "_refusal",
+        "_remote",
+        "_scheme",
+        "_task",
+        "_transfer_encoding",
+        "_transport",
+        "_unread",
+        "_url",
+        "_waiter",
+        "_write_paused",
+        "counted",
+        "shutting_down",
+        "tunnel",
+    )
 
-        def timed_request(
-            message: RawRequestMessage,
-            payload: StreamReader,
-            protocol: RequestHandler,
-            writer: AbstractStreamWriter,
-            task: asyncio.Task[None],
-        ) -> web.BaseRequest:
-            request = make_request(message, payload, protocol, writer, task)
-            cast(_Handler, protocol).time_body(request)
-            return request
+    def __init__(self, server: ProxyServer, tunnel: str | None = None) -> None:
+        self._manager = server
+        self._limits = server.limits
+        self._head_limit = server.head_limit
+        self._loop = server.loop
+        self._handler = server.handler
+        self.tunnel = tunnel  # inside an intercepted CONNECT tunnel: its `host:port`, which every request must name
+        self.counted = True  # this connection holds one of server.max_connections
+        self.shutting_down = False
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._methods = MethodRecovery(self._limits.max_request_line)
+        self._remote: str | None = None
+        self._scheme = "http"
+        # Requests with complete heads waiting to be served (or a refusal, answered in its turn).
+        self._queue: deque[Request | ProxyError] = deque()
+        self._current: Request | None = None  # the request being served
+        self._parsing: Request | None = None  # the request whose body the parser is reading
+        self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None  # the serving coroutine waits here for a request
+        self._input_done = False  # the parser takes no more bytes (refused, or the rest is not HTTP)
+        self._refusal: ProxyError | None = None  # what a parser callback refused
+        # The head being parsed.
+        self._in_head = False
+        self._head_bytes = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._host: bytes | None = None
+        self._hosts = 0
+        self._content_length: bytes | None = None
+        self._transfer_encoding: bytes | None = None
+        self._expect: bytes | None = None
+        # Flow control.
+        self._unread = 0  # body bytes received and not yet read, all requests together
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        # Timers.
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_last = 0.0
+        self._linger: asyncio.TimerHandle | None = None
 
-        self.request_factory = timed_request
+    # --- the connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        if transport.get_extra_info("sslcontext") is not None:
+            self._scheme = "https"
+        self._manager.connections.add(self)
+        self._go_idle()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._transport = None
+        for timer in (self._head_timer, self._idle_timer, self._body_timer, self._linger):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._idle_timer = self._body_timer = self._linger = None
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("the client closed the connection"))
+            drain.exception()  # retrieved: nobody may be waiting on it any more
+        self._drain = None
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the request under way ends (499); nothing is left waiting
+        self._manager.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            self._manager.connection_closed()
+
+    def eof_received(self) -> bool:
+        # TCP cannot tell a half-close from a client that left: as nginx does, the client is gone.
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None:
+            self._drain = None
+            if not drain.done():
+                drain.set_result(None)
+
+    # --- what exchanges use (exchange.Link) ------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write to the client; nothing once it is gone."""
+        if self._transport is not None:
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the client is slow to take what was written."""
+        if self._transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        if not self._write_paused:
+            return
+        if self._drain is None:
+            self._drain = self._loop.create_future()
+        await self._drain
+
+    def close(self) -> None:
+        """Close once what was written is sent."""
+        self._input_done = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Cut the connection at once."""
+        self._input_done = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def sockname(self) -> object:
+        """The local address the client connected to."""
+        return None if self._transport is None else self._transport.get_extra_info("sockname")
+
+    def body_taken(self, size: int) -> None:
+        """Body bytes were read out of their buffer."""
+        self._unread -= size
+        if self._reading_paused and self._unread <= READ_BUFFER // 2 and len(self._queue) <= MAX_QUEUED:
+            self._resume_reading()
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._input_done:
+            return  # refused or closing: what the client still sends is discarded
+        self._feed(data)
+        if self._in_head and not self._input_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._head_limit:
+                self._refuse_head(HeadersTooLarge("the request head is larger than the header limits allow"))
+            elif self._head_timer is None and self._current is None and not self._queue:
+                self._arm_head_timer()
+
+    def _feed(self, data: bytes, idle: bool | None = None) -> None:
+        methods = self._methods
+        if idle is None:
+            idle = not self._in_head and self._parsing is None
+        fed = methods.prepare(data, idle)
+        try:
+            self._parser.feed_data(fed)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(fed, int(upgrade.args[0]))
+        except httptools.HttpParserInvalidMethodError as exc:
+            # Perhaps a method token llhttp does not know (methods.py): resumed with a fresh parser, or refused.
+            resumed = methods.recover() if self._refusal is None else None
+            if resumed is None:
+                self._parse_failed(exc)
+                return
+            self._parser = httptools.HttpRequestParser(self)
+            self._parsing = None
+            self._in_head = bool(methods.pending)
+            if resumed:
+                self._feed(resumed, True)
+        except httptools.HttpParserError as exc:
+            self._parse_failed(exc)
+        else:
+            methods.fed(self._in_head and not self._url)
+
+    def _upgraded(self, data: bytes, offset: int) -> None:
+        """llhttp stopped after a CONNECT's head, or after a request asking to `Upgrade`: neither changes protocol."""
+        request = self._queue[-1] if self._queue else None
+        self._parsing = None
+        if not isinstance(request, Request):
+            self._input_done = True
+            return
+        if request.body is not None:
+            # llhttp skips the body of a request asking to Upgrade: its bytes would be read as the next request.
+            self._queue.pop()
+            self._refuse_head(BadRequest("malformed request: a request asking to Upgrade may not have a body"))
+            return
+        if request.method == "CONNECT":
+            request.close = True  # a later CONNECT: the forwarder answers 400, and the connection ends
+            self._input_done = True
+            return
+        # The Upgrade header is hop-by-hop: the request goes on as an ordinary one, and so does the connection.
+        self._parser = httptools.HttpRequestParser(self)
+        rest = data[offset:]
+        if rest:
+            self._feed(rest, True)
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        refusal, self._refusal = self._refusal, None
+        parsing = self._parsing
+        if refusal is None and parsing is not None and parsing.body is not None and not parsing.body.complete:
+            # Bytes of a request body were refused (a bad chunk size mid-upload): its reads fail, nothing more
+            # is read from this connection.
+            self._parsing = None
+            parsing.close = True
+            parsing.body.fail(malformed_body())
+            self._input_done = True
+            return
+        self._refuse_head(refusal or _parser_refusal(exc))
+
+    def _refuse_head(self, error: ProxyError) -> None:
+        """A head was refused: answered in its turn (after the requests before it), then the connection closes."""
+        self._input_done = True
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if not isinstance(error, RequestTimeout):
+            logger.info("refused a request from %s: %s (%d)", self._remote or "a client", error.detail, error.status)
+        self._queue.append(error)
+        self._wake()
+
+    # --- llhttp's callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        """A request's first byte."""
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._host = self._content_length = self._transfer_encoding = self._expect = None
+        self._hosts = 0
+
+    def on_url(self, url: bytes) -> None:
+        """(Part of) the request target."""
+        self._url += url
+        if len(self._url) > self._limits.max_request_line:
+            self._refusal = TargetTooLong(f"the request line is longer than {self._limits.max_request_line} bytes")
+            raise self._refusal
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header, whole."""
+        limits = self._limits
+        headers = self._headers
+        if len(headers) >= limits.max_headers:
+            self._refusal = HeadersTooLarge(f"the request has more than {limits.max_headers} headers")
+            raise self._refusal
+        if len(name) + len(value) + 2 > limits.max_header_size:
+            self._refusal = HeadersTooLarge(f"a request header is longer than {limits.max_header_size} bytes")
+            raise self._refusal
+        headers.append((name, value))
+        size = len(name)
+        if size == 4 or size == 6 or size == 14 or size == 17:
+            key = name.lower()
+            if key == b"host":
+                self._host = value
+                self._hosts += 1
+            elif key == b"content-length":
+                self._content_length = value
+            elif key == b"transfer-encoding":
+                self._transfer_encoding = value
+            elif key == b"expect":
+                self._expect = value
+
+    def on_headers_complete(self) -> None:
+        """The head is whole: the request is queued, its body (if any) to follow."""
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        parser = self._parser
+        version = (1, 1) if parser.get_http_version() == "1.1" else (1, 0)
+        if self._hosts > 1:
+            self._refusal = BadRequest("malformed request: more than one Host header")
+            raise self._refusal
+        if self._host is None and version >= (1, 1):
+            self._refusal = BadRequest("malformed request: an HTTP/1.1 request needs a Host header")
+            raise self._refusal
+        method = self._methods.method_of(parser)
+        request = Request(self, method, self._url.decode("latin-1"), version, self._headers)
+        request.keep_alive = parser.should_keep_alive()
+        request.remote = self._remote
+        request.scheme = self._scheme
+        request.tunnel = self.tunnel
+        if self._host is not None:
+            request.host = self._host.strip().decode("latin-1")
+        if self._expect is not None:
+            request.expect = self._expect.decode("latin-1").strip()
+        if self._transfer_encoding is not None:
+            request.transfer_encoding = self._transfer_encoding.decode("latin-1")
+            request.body = BodyStream(self)
+        elif self._content_length is not None:
+            request.content_length = length = int(self._content_length)
+            if length > 0:
+                request.body = BodyStream(self)
+        self._parsing = request
+        self._queue.append(request)
+        if len(self._queue) > MAX_QUEUED:
+            self._pause_reading()
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        """Bytes of the body of the request being parsed."""
+        parsing = self._parsing
+        if parsing is None or parsing.body is None:
+            return
+        stream = parsing.body
+        if self._body_timer is not None:
+            self._body_last = self._loop.time()
+        if stream.discard:
+            return
+        stream.feed(body)
+        self._unread += len(body)
+        if self._unread > READ_BUFFER and not self._reading_paused:
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        """The request (with its body) is whole."""
+        self._methods.completed()
+        parsing, self._parsing = self._parsing, None
+        if parsing is not None and parsing.body is not None:
+            parsing.body.feed_eof()
+            if parsing is self._current:
+                self._stop_body_timer()
+
+    # --- flow control --------------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if self._transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+            # The client cannot send: its body is not timed meanwhile.
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+    def _resume_reading(self) -> None:
+        if self._transport is not None and self._reading_paused:
+            self._reading_paused = False
+            self._transport.resume_reading()
+            current = self._current
+            if current is not None and current.body is not None and not current.body.complete:
+                self._time_body()
+
+    # --- timers --------------------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self._limits.header_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._transport is None or not self._in_head or self._current is not None or self._queue:
+            return
+        logger.info(
+            "closed a connection from %s: its request headers were not complete within %gs (server.header_timeout)",
+            self._remote or "a client",
+            self._limits.header_timeout,
+        )
+        self._refuse_head(RequestTimeout(f"the request headers did not arrive within {self._limits.header_timeout:g}s"))
+
+    def _go_idle(self) -> None:
+        """No request under way: the keep-alive time limit runs (or the header one, for a head begun)."""
+        if self._in_head:
+            if self._head_timer is None:
+                self._arm_head_timer()
+            return
+        self._idle_since = self._loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_at(self._idle_since + self._limits.keepalive_timeout, self._idle_end)
+
+    def _idle_end(self) -> None:
+        # One timer for the connection's idle spells: armed when it goes idle without one, it looks at the
+        # state when it fires, rather than being cancelled and made again for every request.
+        self._idle_timer = None
+        if self._transport is None or self._current is not None or self._queue or self._in_head:
+            return  # busy: the next idle spell arms it again
+        deadline = self._idle_since + self._limits.keepalive_timeout
+        if self._loop.time() < deadline:
+            self._idle_timer = self._loop.call_at(deadline, self._idle_end)
+            return
+        self.close()
+
+    def _time_body(self) -> None:
+        """The body of the request being served is owed: its time limit runs while the proxy reads."""
+        self._body_last = self._loop.time()
+        if not self._reading_paused and self._body_timer is None:
+            self._body_timer = self._loop.call_at(self._body_last + self._limits.body_timeout, self._body_deadline)
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_deadline(self) -> None:
+        self._body_timer = None
+        request = self._current
+        if request is None or request.body is None or request.body.complete or self._transport is None:
+            return
+        deadline = self._body_last + self._limits.body_timeout
+        if self._loop.time() < deadline:
+            self._body_timer = self._loop.call_at(deadline, self._body_deadline)  # bytes arrived since
+            return
+        logger.info(
+            "closed a connection from %s: its request body stalled for %gs (server.body_timeout)%s",
+            self._remote or "a client",
+            self._limits.body_timeout,
+            "" if request.started else "; answered 408",
+        )
+        request.body_timed_out = True
+        if request.started:
+            self.abort()  # the answer is cut short anyway: nothing left to flush
+        else:
+            self.write(self._manager.body_timeout_answer)
+            self.close()
+        if self._task is not None:
+            self._task.cancel()  # the handler still reading the body ends now (its access line says 408)
+
+    # --- serving -------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._task is None:
+            self._task = self._loop.create_task(self._serve())
+            return
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _serve(self) -> None:
+        """Serve the connection's requests in order until it closes."""
+        queue = self._queue
+        while self._transport is not None:
+            if not queue:
+                if self.shutting_down or self._input_done:
+                    self.close()
+                    return
+                self._go_idle()
+                self._waiter = self._loop.create_future()
+                await self._waiter
+                continue
+            item = queue.popleft()
+            if self._reading_paused and len(queue) <= MAX_QUEUED and self._unread <= READ_BUFFER // 2:
+                self._resume_reading()
+            if isinstance(item, ProxyError):
+                self._answer_refusal(item)
+                return
+            self._current = item
+            body = item.body
+            if body is not None and not body.complete:
+                self._time_body()
+            try:
+                await self._handler(item)
+            except ProxyError:
+                self.abort()  # an answer under way that cannot be completed honestly
+                return
+            except Exception:
+                logger.exception("tokenproxy failed to handle a request from %s", self._remote or "a client")
+                if item.started:
+                    self.abort()
+                else:
+                    item.answer_error(ProxyError("tokenproxy failed to handle the request"), close=True)
+                return
+            finally:
+                self._current = None
+                self._stop_body_timer()
+            if body is not None and not body.at_eof() and not item.close:
+                # The rest of a body nobody read (an upstream that answered early, a refusal): read and
+                # dropped, so the connection can carry the next request; a stall has body_timeout.
+                self._current = item
+                self._time_body()
+                try:
+                    await body.skip()
+                except RequestPayloadError:
+                    item.close = True
+                finally:
+                    self._current = None
+                    self._stop_body_timer()
+            if item.close or self.shutting_down:
+                self.close()
+                return
+
+    def _answer_refusal(self, error: ProxyError) -> None:
+        """Answer a refused head and close: what the client still sends is read and discarded briefly."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._input_done = True
+        transport.write(
+            self._manager.timeout_answer if isinstance(error, RequestTimeout) else raw_answer(error)
+        )
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._linger = self._loop.call_later(REFUSAL_LINGER, transport.abort)
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Whether no request is under way or waiting."""
+        return self._current is None and not self._queue
+
+    async def finish(self, timeout: float) -> None:
+        """Let the request under way finish (for up to `timeout` seconds), then close."""
+        self.shutting_down = True
+        task = self._task
+        if task is not None and not task.done():
+            if self._waiter is not None:
+                self._wake()
+            done, _ = await asyncio.wait((task,), timeout=timeout)
+            if not done:
+                task.cancel()
+                await asyncio.wait((task,))
+        self.close()
+
+
+class ProxyServer:
+    """The proxy port's protocol factory: a `ClientConnection` per admitted connection, a refusal when full.
+
+    State owned by the event loop (only touched in its callbacks): the open
+    connections and their count, and the transports being refused.
+    """
+
+    def __init__(self, handler: Handler, *, limits: ServerLimits, loop: asyncio.AbstractEventLoop) -> None:
+        self.handler = handler
         self.limits = limits
+        self.loop = loop
         self.open_connections = 0  # admitted and not yet lost
+        self.connections: set[ClientConnection] = set()
         self.refusing: set[asyncio.Transport] = set()
         self._full_logged = False
+        # The most a head may take before it is refused whole (llhttp has no limit of its own).
+        self.head_limit = limits.max_request_line + 64 + limits.max_headers * (limits.max_header_size + 4)
         # What a new connection starts with when it is not a request handler at once (CONNECT: connect.py).
         self.first_protocol: FirstProtocol | None = None
         # Built once: the answers written when there is no request to answer.
@@ -462,8 +766,8 @@ class ProxyServer(web.Server):
             )
         )
 
-    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
-        """The protocol for one new connection: a request handler, or a refusal when full."""
+    def __call__(self) -> asyncio.Protocol:
+        """The protocol for one new connection: a client connection, or a refusal when full."""
         if self.open_connections >= self.limits.max_connections:
             if not self._full_logged:
                 self._full_logged = True
@@ -471,15 +775,15 @@ class ProxyServer(web.Server):
                     "server.max_connections (%d) reached: new connections get 503 until some close",
                     self.limits.max_connections,
                 )
-            return _Refusal(self)
+            return Refusal(self)
         self.open_connections += 1
         if self.first_protocol is not None:
             return self.first_protocol.protocol(self)
-        return _Handler(self, loop=self._loop, **self._kwargs)
+        return ClientConnection(self)
 
-    def make_handler(self) -> _Handler:
-        """A request handler for a connection admitted already (it gives the place back when lost)."""
-        return _Handler(self, loop=self._loop, **self._kwargs)
+    def make_connection(self, tunnel: str | None = None) -> ClientConnection:
+        """A client connection for a connection admitted already (it gives the place back when lost)."""
+        return ClientConnection(self, tunnel)
 
     def connection_closed(self) -> None:
         """One admitted connection is gone."""
@@ -488,55 +792,46 @@ class ProxyServer(web.Server):
             self._full_logged = False
 
     def pre_shutdown(self) -> None:
-        """Close connections being refused along with the idle ones."""
+        """Stop what is idle: connections being refused, tunnels being opened, kept-alive connections."""
         for transport in list(self.refusing):
             transport.abort()
         self.refusing.clear()
         if self.first_protocol is not None:
             self.first_protocol.close()
-        super().pre_shutdown()
+        for connection in list(self.connections):
+            if connection.idle:
+                connection.shutting_down = True
+                connection.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Let the requests under way finish for up to `timeout` seconds, then close every connection."""
+        connections = list(self.connections)
+        if connections:
+            await asyncio.gather(*(connection.finish(timeout or 0.0) for connection in connections))
+        self.connections.clear()
 
 
 class ProxyRunner(web.AppRunner):
-    """An AppRunner whose server is a `ProxyServer` with the given limits.
-
-    With `handler`, every request goes to the handler it returns, asked for
-    once the app has started (its cleanup contexts have built what the
-    handler uses); the app's router is skipped.
-    """
+    """An AppRunner for the proxy port: the app owns the lifecycle (cleanup contexts, shutdown hooks); every
+    request goes to the handler `handler` returns once the app has started, through a `ProxyServer`."""
 
     def __init__(
         self,
         app: web.Application,
         *,
         limits: ServerLimits,
-        handler: Callable[[], Handler] | None = None,
+        handler: Callable[[], Handler],
         first_protocol: Callable[[], FirstProtocol] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(app, **limits.handler_kwargs(), **kwargs)
+        super().__init__(app, **kwargs)
         self._limits = limits
         self._handler = handler
         self._first_protocol = first_protocol
 
     async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()
-        if self._handler is not None:
-            # One handler for every request, with plain BaseRequests: the
-            # Application still owns the lifecycle, but its router is skipped.
-            server = ProxyServer(
-                self._handler(),
-                handler_cancellation=plain.handler_cancellation,
-                limits=self._limits,
-                **plain._kwargs,
-            )
-            if self._first_protocol is not None:
-                server.first_protocol = self._first_protocol()
-            return server
-        return ProxyServer(
-            plain.request_handler,
-            request_factory=plain.request_factory,
-            handler_cancellation=plain.handler_cancellation,
-            limits=self._limits,
-            **plain._kwargs,
-        )
+        await super()._make_server()  # starts the app; aiohttp's own server is not used
+        server = ProxyServer(self._handler(), limits=self._limits, loop=asyncio.get_running_loop())
+        if self._first_protocol is not None:
+            server.first_protocol = self._first_protocol()
+        return cast(web.Server, server)

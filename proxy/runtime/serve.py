@@ -17,6 +17,7 @@ from aiohttp import web
 from ..config import Config, ConfigError, is_loopback, parse_listen, secrets_of
 from ..core.causes import cause_in_words
 from ..http.admin import build_admin_app
+from ..http.admin_server import AdminRunner
 from ..http.connect import Tunnels
 from ..http.listener import BatchAcceptSite
 from ..http.server import ProxyRunner, ServerLimits
@@ -29,21 +30,18 @@ logger = logging.getLogger("tokenproxy")
 
 
 def make_runner(app: web.Application, config: Config) -> web.AppRunner:
-    """An AppRunner with the server settings a proxy needs.
+    """The runner of the proxy port: the app's lifecycle, and the proxy's own server (server.py).
 
-    `handler_cancellation` cancels a handler whose client went away, which
-    frees its waiting place and drops its upstream request. The limits on
-    what a client may send and hold (server.py) come from `[server]`. Every
-    request goes straight to the app's one entry handler (no router).
+    A client that goes away cancels the handling of its request, which frees
+    its waiting place and drops its upstream request. The limits on what a
+    client may send and hold come from `[server]`. Every request goes
+    straight to the app's one entry handler (no router).
     """
     return ProxyRunner(
         app,
         handler=lambda: app[ENTRY].handle,
         first_protocol=lambda: tunnels_of(app, config),
         limits=server_limits(config),
-        handler_cancellation=True,
-        auto_decompress=False,
-        access_log=None,
         shutdown_timeout=config.server.shutdown_timeout,
     )
 
@@ -223,7 +221,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None, link: sock
     app = build_app(config)
     runner = make_runner(app, config)
     await runner.setup()
-    admin_runner: ProxyRunner | None = None
+    admin_runner: AdminRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -277,7 +275,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None, link: sock
         if config.server.admin_listen:
             # Probes and scrapes get the proxy port's limits: a slow or oversized request gets its
             # 408/431 and a flood its 503 here too.
-            admin_runner = ProxyRunner(
+            admin_runner = AdminRunner(
                 build_admin_app(
                     lambda: app[TOKENS], app[METRICS].render,
                     ready_before_token=lambda: current.server.ready_before_token,

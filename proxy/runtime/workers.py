@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ..config import Config, parse_listen
 from ..core.renewal import backoff_delay
+from ..http.admin_server import AdminRunner
 from ..http.group_admin import WorkerView, build_group_admin_app
-from ..http.server import ProxyRunner
 from .serve import server_limits, start_listener
 
 logger = logging.getLogger("tokenproxy")
@@ -162,10 +162,10 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         self._dir = Path(tempfile.mkdtemp(prefix="tokenproxy-", dir=runtime_base(os.environ)))  # 0700
-        admin: ProxyRunner | None = None
+        admin: AdminRunner | None = None
         try:
             if self._config.server.admin_listen:
-                admin = ProxyRunner(
+                admin = AdminRunner(
                     build_group_admin_app(self.views),
                     limits=server_limits(self._config),
                     access_log=None,
