@@ -35,15 +35,14 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from ..core.errors import BadRequest, ProxyError
-from .render import error_response, raw_answer
+from .render import error_response
 from .server import (
     READ_BUFFER,
+    Admission,
     HeadersTooLarge,
     Refusal,
-    RequestTimeout,
     ServerLimits,
     TargetTooLong,
-    TooManyConnections,
 )
 
 logger = logging.getLogger("tokenproxy.server")
@@ -306,7 +305,7 @@ def _peer(transport: asyncio.BaseTransport) -> str:
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-class AdminServer(web.Server):
+class AdminServer(web.Server, Admission):
     """aiohttp's low-level server with a connection limit; makes `_Handler`s.
 
     State owned by the event loop (only touched in its callbacks): the count
@@ -331,48 +330,17 @@ class AdminServer(web.Server):
             return request
 
         self.request_factory = timed_request
-        self.limits = limits
-        self.open_connections = 0  # admitted and not yet lost
-        self.refusing: set[asyncio.Transport] = set()
-        self._full_logged = False
-        # Built once: the answers written when there is no request to answer.
-        self.timeout_answer = raw_answer(
-            RequestTimeout(f"the request headers did not arrive within {limits.header_timeout:g}s")
-        )
-        self.body_timeout_answer = raw_answer(
-            RequestTimeout(f"no bytes of the request body arrived for {limits.body_timeout:g}s")
-        )
-        self.busy_answer = raw_answer(
-            TooManyConnections(
-                f"the proxy already has {limits.max_connections} open connections (server.max_connections)",
-                retry_after=1,
-            )
-        )
+        self.start_admission(limits)
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
         """The protocol for one new connection: a request handler, or a refusal when full."""
-        if self.open_connections >= self.limits.max_connections:
-            if not self._full_logged:
-                self._full_logged = True
-                logger.warning(
-                    "server.max_connections (%d) reached: new connections get 503 until some close",
-                    self.limits.max_connections,
-                )
+        if not self.admit():
             return Refusal(self)
-        self.open_connections += 1
         return _Handler(self, loop=self._loop, **self._kwargs)
-
-    def connection_closed(self) -> None:
-        """One admitted connection is gone."""
-        self.open_connections -= 1
-        if self.open_connections < self.limits.max_connections:
-            self._full_logged = False
 
     def pre_shutdown(self) -> None:
         """Close connections being refused along with the idle ones."""
-        for transport in list(self.refusing):
-            transport.abort()
-        self.refusing.clear()
+        self.stop_refusing()
         super().pre_shutdown()
 
 

@@ -106,17 +106,62 @@ class ServerLimits:
     max_request_line: int
 
 
-class Refuser(Protocol):
-    """A server that refuses connections over its limit (this one, and the admin port's)."""
+class Admission:
+    """`server.max_connections` for a listener (the proxy port's and the admin port's): the count of admitted
+    connections, the refusals when full, and the answers written when there is no request to answer.
 
-    refusing: set[asyncio.Transport]
-    busy_answer: bytes
+    State owned by the event loop (only touched in its callbacks).
+    """
+
+    def start_admission(self, limits: ServerLimits) -> None:
+        """Set up for `limits` (a method, not `__init__`: aiohttp's `web.Server` has its own)."""
+        self.limits = limits
+        self.open_connections = 0  # admitted and not yet lost
+        self.refusing: set[asyncio.Transport] = set()
+        self._full_logged = False
+        self.timeout_answer = raw_answer(
+            RequestTimeout(f"the request headers did not arrive within {limits.header_timeout:g}s")
+        )
+        self.body_timeout_answer = raw_answer(
+            RequestTimeout(f"no bytes of the request body arrived for {limits.body_timeout:g}s")
+        )
+        self.busy_answer = raw_answer(
+            TooManyConnections(
+                f"the proxy already has {limits.max_connections} open connections (server.max_connections)",
+                retry_after=1,
+            )
+        )
+
+    def admit(self) -> bool:
+        """Count one more connection, or False when `max_connections` are open (said once until some close)."""
+        if self.open_connections >= self.limits.max_connections:
+            if not self._full_logged:
+                self._full_logged = True
+                logger.warning(
+                    "server.max_connections (%d) reached: new connections get 503 until some close",
+                    self.limits.max_connections,
+                )
+            return False
+        self.open_connections += 1
+        return True
+
+    def connection_closed(self) -> None:
+        """One admitted connection is gone."""
+        self.open_connections -= 1
+        if self.open_connections < self.limits.max_connections:
+            self._full_logged = False
+
+    def stop_refusing(self) -> None:
+        """Close the connections being refused (at shutdown)."""
+        for transport in list(self.refusing):
+            transport.abort()
+        self.refusing.clear()
 
 
 class Refusal(asyncio.Protocol):
     """A connection over `max_connections`: answered 503 at once, drained briefly, closed."""
 
-    def __init__(self, server: Refuser) -> None:
+    def __init__(self, server: Admission) -> None:
         self._manager = server
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -733,7 +778,7 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
 
-class ProxyServer:
+class ProxyServer(Admission):
     """The proxy port's protocol factory: a `ClientConnection` per admitted connection, a refusal when full.
 
     State owned by the event loop (only touched in its callbacks): the open
@@ -742,41 +787,18 @@ class ProxyServer:
 
     def __init__(self, handler: Handler, *, limits: ServerLimits, loop: asyncio.AbstractEventLoop) -> None:
         self.handler = handler
-        self.limits = limits
+        self.start_admission(limits)
         self.loop = loop
-        self.open_connections = 0  # admitted and not yet lost
         self.connections: set[ClientConnection] = set()
-        self.refusing: set[asyncio.Transport] = set()
-        self._full_logged = False
         # The most a head may take before it is refused whole (llhttp has no limit of its own).
         self.head_limit = limits.max_request_line + 64 + limits.max_headers * (limits.max_header_size + 4)
         # What a new connection starts with when it is not a request handler at once (CONNECT: connect.py).
         self.first_protocol: FirstProtocol | None = None
-        # Built once: the answers written when there is no request to answer.
-        self.timeout_answer = raw_answer(
-            RequestTimeout(f"the request headers did not arrive within {limits.header_timeout:g}s")
-        )
-        self.body_timeout_answer = raw_answer(
-            RequestTimeout(f"no bytes of the request body arrived for {limits.body_timeout:g}s")
-        )
-        self.busy_answer = raw_answer(
-            TooManyConnections(
-                f"the proxy already has {limits.max_connections} open connections (server.max_connections)",
-                retry_after=1,
-            )
-        )
 
     def __call__(self) -> asyncio.Protocol:
         """The protocol for one new connection: a client connection, or a refusal when full."""
-        if self.open_connections >= self.limits.max_connections:
-            if not self._full_logged:
-                self._full_logged = True
-                logger.warning(
-                    "server.max_connections (%d) reached: new connections get 503 until some close",
-                    self.limits.max_connections,
-                )
+        if not self.admit():
             return Refusal(self)
-        self.open_connections += 1
         if self.first_protocol is not None:
             return self.first_protocol.protocol(self)
         return ClientConnection(self)
@@ -785,17 +807,9 @@ class ProxyServer:
         """A client connection for a connection admitted already (it gives the place back when lost)."""
         return ClientConnection(self, tunnel)
 
-    def connection_closed(self) -> None:
-        """One admitted connection is gone."""
-        self.open_connections -= 1
-        if self.open_connections < self.limits.max_connections:
-            self._full_logged = False
-
     def pre_shutdown(self) -> None:
         """Stop what is idle: connections being refused, tunnels being opened, kept-alive connections."""
-        for transport in list(self.refusing):
-            transport.abort()
-        self.refusing.clear()
+        self.stop_refusing()
         if self.first_protocol is not None:
             self.first_protocol.close()
         for connection in list(self.connections):
