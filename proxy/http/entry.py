@@ -66,6 +66,25 @@ class Entry:
         self._forwarder = forwarder
         self.router = router
 
+    def start(self, request: Request) -> bool:
+        """Begin forwarding `request` in callbacks when it needs no answer of the proxy's own first (a route
+        takes it, no `Expect`, the access rules let it in); False when `handle` must serve it."""
+        router = self.router
+        route = router.everything
+        tunnel = request.tunnel
+        if tunnel is not None:
+            if not names_tunnel_host(request, tunnel):
+                return False
+            route = tunnel_route(router, request, tunnel)
+        elif route is None:
+            route = route_of(router, request)
+        if route is None or request.expect is not None:
+            return False
+        access = route.access
+        if access.active and tunnel is None and access.check(request.remote, request.headers) is not None:
+            return False
+        return self._forwarder.start(request, route)
+
     async def handle(self, request: Request) -> None:
         """Refuse a request no route takes; answer `Expect`; refuse a client the access rules do not let in;
         else forward. The answer is written to the request's connection."""

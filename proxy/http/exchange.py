@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable
 from typing import Protocol
 
 from aiohttp.web_protocol import RequestPayloadError
@@ -27,6 +28,7 @@ _KEEP_ALIVE = b"Connection: keep-alive\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_FIELD_JOIN = b": ".join
 
 
 class Link(Protocol):
@@ -49,6 +51,22 @@ class Link(Protocol):
 
     def sockname(self) -> object:
         """The local address the client connected to."""
+
+    def served(self, request: Request) -> None:
+        """`request`, taken on in callbacks (`Request.pending`), is answered: the next one may be served."""
+
+    def resume(self, request: Request) -> None:
+        """`request`, taken on in callbacks, needs the connection's coroutine: it awaits `request.pending.resume()`."""
+
+
+class Pending(Protocol):
+    """A request under way in callbacks rather than in the connection's coroutine (forward.py's quick path)."""
+
+    def resume(self) -> Awaitable[None]:
+        """The rest of its handling, for the connection's coroutine to await."""
+
+    def abandon(self) -> None:
+        """The client left before it was answered: end it, releasing what it holds."""
 
 
 class BodyStream:
@@ -177,6 +195,7 @@ class Request:
         "keep_alive",
         "link",
         "method",
+        "pending",
         "raw_headers",
         "remote",
         "scheme",
@@ -216,6 +235,7 @@ class Request:
         self.body_timed_out = False
         self._chunked_out = False
         self._headers: CIMultiDictProxy[str] | None = None
+        self.pending: Pending | None = None  # under way in callbacks, not (yet) in the connection's coroutine
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -268,7 +288,7 @@ class Request:
         """Write the answer's head (`headers` without framing ones), and `body` with it when given."""
         framing, self._chunked_out = self._framing(status, length)
         if headers:
-            fields = b"\r\n".join([b": ".join(pair) for pair in headers])
+            fields = b"\r\n".join(map(_FIELD_JOIN, headers))
             head = b"HTTP/1.1 %d %s\r\n%s\r\n%s\r\n" % (status, reason, fields, framing)
         else:
             head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, framing)
@@ -314,4 +334,3 @@ class Request:
         self.link.write(b"".join([head, extra, framing, b"\r\n", body if self.method != "HEAD" else b""]))
         if self.close:
             self.link.close()
-

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Awaitable
 
 from yarl import URL
 
@@ -21,7 +22,7 @@ from ..core.token import Token
 from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..observe.ratelimit import LogLimiter
-from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
+from ..upstream.model import ArrivedAnswer, Outgoing, QuickExchange, Upstream, UpstreamAnswer, UpstreamClient
 from .body import ReplayMemory, bodiless, read_body
 from .exchange import Request
 from .headers import challenge_error, control_character_in_raw, request_header_bytes, response_header_bytes
@@ -169,11 +170,46 @@ class Forwarder:
         self._client.use(upstream)
         self._memory.limit = replay_memory
 
-    async def handle(self, request: Request, route: Route) -> None:
-        """Forward one client request along `route` and relay the answer; raises only once the answer has begun."""
-        # Not loop.time(): uvloop's clock ticks in whole milliseconds, too coarse for the access line.
+    def start(self, request: Request, route: Route) -> bool:
+        """Forward `request` without a coroutine when nothing needs waiting for: False, with nothing sent or
+        answered, when `handle` must serve it.
+
+        Taken on: a request without a body, in origin form, with a token at
+        hand and a kept-alive upstream connection idle. Its answer, when it
+        comes whole and is not a refresh status, is relayed in the upstream's
+        read callback; anything else (a refresh status, a body still
+        arriving, a failure) goes on in the connection's coroutine through
+        `handle`, from where the request is.
+        """
         started = time.perf_counter()
-        state = _Journey()
+        target = request.target
+        body = bodiless(request)
+        if body is None or not target.startswith("/") or not target.isascii() or request.method == "CONNECT":
+            return False
+        token = route.tokens.token_now()
+        if token is None:
+            return False
+        if route.strip_prefix:
+            target = route.forwarded_target(target)
+        outgoing = Outgoing(
+            route.upstream, request.method, target, request_header_bytes(request.raw_headers, route.drop), body
+        )
+        quick = _Quick(self, request, route, outgoing, token, started)
+        exchange = self._client.start(outgoing, token.header, quick)
+        if exchange is None:
+            return False
+        quick.exchange = exchange
+        request.pending = quick
+        return True
+
+    async def handle(self, request: Request, route: Route, quick: _Quick | None = None) -> None:
+        """Forward one client request along `route` and relay the answer; raises only once the answer has begun.
+
+        With `quick`: the request `start` sent, going on from its answer (or its failure).
+        """
+        # Not loop.time(): uvloop's clock ticks in whole milliseconds, too coarse for the access line.
+        started = time.perf_counter() if quick is None else quick.started
+        state = _Journey() if quick is None else quick
         status = 500
         try:
             status = await self._journey(request, route, state)
@@ -191,23 +227,39 @@ class Forwarder:
             status = RequestTimeout.status if request.body_timed_out else CLIENT_CLOSED
             raise
         finally:
-            if state.held:
-                self._memory.give_back(state.held)
-            # Once the answer has begun, its status is what the client got, even if it then hung up.
-            if request.sent_status is not None:
-                status = request.sent_status
-            route.metrics.request_done(status)
-            access_line(
-                request.method,
-                request.target,
-                status,
-                time.perf_counter() - started,
-                state.resent,
-                state.generation,
-                route.name,
-            )
+            self.done(request, route, state, started, status)
+
+    def done(self, request: Request, route: Route, state: _Journey, started: float, status: int) -> None:
+        """A request is over: its body memory given back, its metrics and its access line."""
+        if state.held:
+            self._memory.give_back(state.held)
+        # Once the answer has begun, its status is what the client got, even if it then hung up.
+        if request.sent_status is not None:
+            status = request.sent_status
+        route.metrics.request_done(status)
+        access_line(
+            request.method,
+            request.target,
+            status,
+            time.perf_counter() - started,
+            state.resent,
+            state.generation,
+            route.name,
+        )
 
     async def _journey(self, request: Request, route: Route, state: _Journey) -> int:
+        if isinstance(state, _Quick):
+            outgoing, token = state.outgoing, state.token
+            upstream = await self._first_answer(state)
+        else:
+            outgoing = await self._outgoing(request, route, state)
+            token = await route.tokens.get()
+            state.generation = token.generation
+            upstream = await self._send(outgoing, token)
+        return await self._answered(request, route, state, outgoing, token, upstream)
+
+    async def _outgoing(self, request: Request, route: Route, state: _Journey) -> Outgoing:
+        """The request as it goes upstream; its body read as far as the replay decision needs."""
         if request.method == "CONNECT":
             raise BadRequest(CONNECT_LATER)
         target = request.target
@@ -223,16 +275,35 @@ class Forwarder:
         headers = request_header_bytes(request.raw_headers, route.drop)
         body = bodiless(request) or await read_body(request, route.replay_limit, self._memory, self._replay_wait)
         state.held = body.held
-        outgoing = Outgoing(route.upstream, request.method, target, headers, body)
+        return Outgoing(route.upstream, request.method, target, headers, body)
 
+    async def _first_answer(self, quick: _Quick) -> UpstreamAnswer:
+        """The answer to the request `start` sent; a failure raised, or the request sent again when it may be."""
+        if quick.answer is not None:
+            return quick.answer
+        error = quick.error
+        assert error is not None
+        if quick.resendable and quick.outgoing.may_resend:
+            return await self._send(quick.outgoing, quick.token)
+        if isinstance(error, (UpstreamUnreachable, UpstreamTimeout)):
+            self._upstream_failed(error)
+        raise error
+
+    async def _answered(
+        self,
+        request: Request,
+        route: Route,
+        state: _Journey,
+        outgoing: Outgoing,
+        token: Token,
+        upstream: UpstreamAnswer,
+    ) -> int:
+        """From the upstream's first answer on: a refresh status renewed and resent when it can be, then relayed."""
         tokens = route.tokens
-        token = await tokens.get()
-        state.generation = token.generation
-        upstream = await self._send(outgoing, token)
         prefix = b""
         if upstream.status in route.refresh_on:
             challenge = challenge_error(upstream.headers.getall("WWW-Authenticate", []))
-            kept = await self._keep_rejection(upstream) if body.replayable else None
+            kept = await self._keep_rejection(upstream) if outgoing.body.replayable else None
             if isinstance(kept, _Kept):
                 renewed = await tokens.renew(token, challenge)
                 if renewed is None:
@@ -260,7 +331,11 @@ class Forwarder:
             else:
                 # Not replayable: the client gets this answer, and its own retry a new token.
                 if logger.isEnabledFor(logging.DEBUG):
-                    why = "the answer is too large to hold" if body.replayable else "the request body was streamed"
+                    why = (
+                        "the answer is too large to hold"
+                        if outgoing.body.replayable
+                        else "the request body was streamed"
+                    )
                     _log_not_resent(request, upstream.status, why, route.name)
                 tokens.renew_later(token, challenge)
                 self._metrics.rejection_passed_through()
@@ -309,12 +384,8 @@ class Forwarder:
     async def _relay(self, request: Request, route: Route, upstream: UpstreamAnswer, prefix: bytes = b"") -> None:
         """Send the upstream's status, headers and body to the client as they arrive."""
         try:
-            headers = response_header_bytes(upstream.raw_headers)
-            reason = upstream.reason.encode()
-            refuse_unwritable(request, reason, headers)
+            reason, headers = _answer_head(request, route, upstream)
             length = upstream.content_length
-            if route.rewrite_redirects:
-                _rewrite_location(headers, route.upstream, request)
             if length is not None and length <= SMALL_BODY and not prefix:
                 # Small and sized: when the first read is the whole body (the usual case), head and
                 # body leave in one write and no streaming is set up; a body still arriving streams
@@ -351,6 +422,17 @@ class Forwarder:
                 upstream.close()
 
 
+def _answer_head(request: Request, route: Route, upstream: UpstreamAnswer) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The reason phrase and headers of the upstream's answer as they go to the client; UpstreamUnreachable
+    when they cannot be written."""
+    headers = response_header_bytes(upstream.raw_headers)
+    reason = upstream.reason.encode()
+    refuse_unwritable(request, reason, headers)
+    if route.rewrite_redirects:
+        _rewrite_location(headers, route.upstream, request)
+    return reason, headers
+
+
 def _rewrite_location(headers: list[tuple[bytes, bytes]], upstream: Upstream, request: Request) -> None:
     """Re-point a Location naming the upstream at the proxy (`upstream.rewrite_redirects`), in place."""
     for index, (name, value) in enumerate(headers):
@@ -369,3 +451,92 @@ class _Journey:
         self.held = 0  # bytes of the body taken from the ReplayMemory
         self.resent = False
         self.generation: int | None = None
+
+
+class _Quick(_Journey):
+    """A request `Forwarder.start` sent without a coroutine: told of its answer in the upstream's callbacks.
+
+    Owned by the event loop. It ends in one of three ways: relayed whole in
+    `answered` (the connection is told `served`); handed to the connection's
+    coroutine (`resume`, through `Forwarder.handle`) for anything that needs
+    waiting; or `abandon`ed when the client leaves first.
+    """
+
+    __slots__ = (
+        "answer",
+        "error",
+        "exchange",
+        "forwarder",
+        "outgoing",
+        "request",
+        "resendable",
+        "route",
+        "started",
+        "token",
+    )
+
+    def __init__(
+        self, forwarder: Forwarder, request: Request, route: Route, outgoing: Outgoing, token: Token, started: float
+    ) -> None:
+        super().__init__()
+        self.forwarder = forwarder
+        self.request = request
+        self.route = route
+        self.outgoing = outgoing
+        self.token = token
+        self.started = started
+        self.generation = token.generation
+        self.exchange: QuickExchange | None = None  # the upstream exchange until it answers or fails
+        self.answer: ArrivedAnswer | None = None  # the answer, when handed on to the coroutine
+        self.error: ProxyError | None = None  # why no answer came, when handed on to the coroutine
+        self.resendable = False
+
+    def answered(self, answer: ArrivedAnswer) -> None:
+        """The upstream's answer head is in: relayed here when whole and final, else handed on."""
+        self.exchange = None
+        forwarder = self.forwarder
+        forwarder._metrics.upstream_answered(time.perf_counter() - self.started)
+        request = self.request
+        if not answer.complete or answer.status in self.route.refresh_on:
+            self.answer = answer
+            request.link.resume(request)
+            return
+        status = answer.status
+        try:
+            reason, headers = _answer_head(request, self.route, answer)
+            request.start(status, reason, headers, answer.content_length, answer.take_body())
+            request.finish()
+        except ProxyError as error:
+            status = error.status
+            request.answer_error(error)
+        except Exception:
+            logger.exception("tokenproxy failed to handle a request from %s", request.remote or "a client")
+            status = 500
+            if request.started:
+                request.link.abort()
+            else:
+                request.answer_error(ProxyError("tokenproxy failed to handle the request"), close=True)
+        answer.release()
+        request.pending = None
+        forwarder.done(request, self.route, self, self.started, status)
+        request.link.served(request)
+
+    def failed(self, error: ProxyError, *, resendable: bool = False) -> None:
+        """No answer came: handed on to the coroutine, which resends or answers the error."""
+        self.exchange = None
+        self.error = error
+        self.resendable = resendable
+        self.request.link.resume(self.request)
+
+    def resume(self) -> Awaitable[None]:
+        """Go on in the connection's coroutine from where the request is."""
+        return self.forwarder.handle(self.request, self.route, self)
+
+    def abandon(self) -> None:
+        """The client left before the answer was relayed: the upstream exchange is dropped, 499 logged."""
+        if self.exchange is not None:
+            self.exchange.abandon()
+            self.exchange = None
+        if self.answer is not None:
+            self.answer.close()
+        self.forwarder.done(self.request, self.route, self, self.started, CLIENT_CLOSED)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -193,7 +193,15 @@ class Refusal(asyncio.Protocol):
             self._manager.refusing.discard(self._transport)
 
 
-Handler = Callable[[Request], Awaitable[None]]
+class Handler(Protocol):
+    """What serves the proxy port's requests (entry.py's Entry)."""
+
+    async def handle(self, request: Request) -> None:
+        """Serve `request` to its end in the connection's coroutine, writing its answer."""
+
+    def start(self, request: Request) -> bool:
+        """Take `request` on in callbacks (`request.pending` set; the connection told `served` or `resume`);
+        False, with nothing answered, when `handle` must serve it."""
 
 
 class FirstProtocol(Protocol):
@@ -252,10 +260,13 @@ class ClientConnection(asyncio.Protocol):
         "_parser",
         "_parsing",
         "_queue",
+        "_quick_over",
         "_reading_paused",
         "_refusal",
         "_remote",
+        "_resumed",
         "_scheme",
+        "_start",
         "_task",
         "_transfer_encoding",
         "_transport",
@@ -273,7 +284,8 @@ class ClientConnection(asyncio.Protocol):
         self._limits = server.limits
         self._head_limit = server.head_limit
         self._loop = server.loop
-        self._handler = server.handler
+        self._handler = server.handler.handle
+        self._start = server.handler.start
         self.tunnel = tunnel  # inside an intercepted CONNECT tunnel: its `host:port`, which every request must name
         self.counted = True  # this connection holds one of server.max_connections
         self.shutting_down = False
@@ -285,6 +297,8 @@ class ClientConnection(asyncio.Protocol):
         # Requests with complete heads waiting to be served (or a refusal, answered in its turn).
         self._queue: deque[Request | ProxyError] = deque()
         self._current: Request | None = None  # the request being served
+        self._resumed: Request | None = None  # the current request, taken on in callbacks, awaits the coroutine
+        self._quick_over: asyncio.Future[None] | None = None  # a shutdown waits here for a request in callbacks
         self._parsing: Request | None = None  # the request whose body the parser is reading
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None  # the serving coroutine waits here for a request
@@ -337,6 +351,12 @@ class ClientConnection(asyncio.Protocol):
         self._drain = None
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the request under way ends (499); nothing is left waiting
+        current = self._current
+        if current is not None and current.pending is not None:
+            pending, current.pending = current.pending, None
+            self._current = self._resumed = None
+            pending.abandon()  # under way in callbacks, or handed on to a coroutine that will not run it now
+            self._quick_ended()
         self._manager.connections.discard(self)
         if self.counted:
             self.counted = False
@@ -389,6 +409,33 @@ class ClientConnection(asyncio.Protocol):
     def sockname(self) -> object:
         """The local address the client connected to."""
         return None if self._transport is None else self._transport.get_extra_info("sockname")
+
+    def served(self, request: Request) -> None:
+        """A request taken on in callbacks is answered: the next one is served, or the connection idles."""
+        if self._current is not request:
+            return
+        self._current = None
+        self._quick_ended()
+        if self._transport is None:
+            return
+        if request.close or self.shutting_down:
+            self.close()
+        elif self._queue:
+            self._wake()
+        else:
+            self._go_idle()
+
+    def resume(self, request: Request) -> None:
+        """A request taken on in callbacks goes on in the serving coroutine."""
+        if self._current is request and self._transport is not None:
+            self._resumed = request
+            self._quick_ended()  # a shutdown waits for the coroutine now
+            self._wake()
+
+    def _quick_ended(self) -> None:
+        over, self._quick_over = self._quick_over, None
+        if over is not None and not over.done():
+            over.set_result(None)
 
     def body_taken(self, size: int) -> None:
         """Body bytes were read out of their buffer."""
@@ -555,6 +602,12 @@ class ClientConnection(asyncio.Protocol):
             if length > 0:
                 request.body = BodyStream(self)
         self._parsing = request
+        if request.body is None and self._current is None and not self._queue and not self.shutting_down:
+            # Nothing ahead of it: perhaps served in callbacks, without waking the coroutine.
+            self._current = request
+            if self._start(request):
+                return
+            self._current = None
         self._queue.append(request)
         if len(self._queue) > MAX_QUEUED:
             self._pause_reading()
@@ -692,26 +745,36 @@ class ClientConnection(asyncio.Protocol):
         """Serve the connection's requests in order until it closes."""
         queue = self._queue
         while self._transport is not None:
-            if not queue:
-                if self.shutting_down or self._input_done:
-                    self.close()
-                    return
-                self._go_idle()
+            resumed = self._resumed
+            if resumed is not None and resumed.pending is not None:
+                # A request taken on in callbacks needs waiting for something: it goes on here.
+                self._resumed = None
+                item, pending, resumed.pending = resumed, resumed.pending, None
+                work = pending.resume()
+            elif self._current is not None or not queue:
+                if self._current is None:  # else a request is under way in callbacks: wait for it
+                    if self.shutting_down or self._input_done:
+                        self.close()
+                        return
+                    self._go_idle()
                 self._waiter = self._loop.create_future()
                 await self._waiter
                 continue
-            item = queue.popleft()
-            if self._reading_paused and len(queue) <= MAX_QUEUED and self._unread <= READ_BUFFER // 2:
-                self._resume_reading()
-            if isinstance(item, ProxyError):
-                self._answer_refusal(item)
-                return
+            else:
+                queued = queue.popleft()
+                if self._reading_paused and len(queue) <= MAX_QUEUED and self._unread <= READ_BUFFER // 2:
+                    self._resume_reading()
+                if isinstance(queued, ProxyError):
+                    self._answer_refusal(queued)
+                    return
+                item = queued
+                work = self._handler(item)
             self._current = item
             body = item.body
             if body is not None and not body.complete:
                 self._time_body()
             try:
-                await self._handler(item)
+                await work
             except ProxyError:
                 self.abort()  # an answer under way that cannot be completed honestly
                 return
@@ -747,9 +810,7 @@ class ClientConnection(asyncio.Protocol):
         if transport is None:
             return
         self._input_done = True
-        transport.write(
-            self._manager.timeout_answer if isinstance(error, RequestTimeout) else raw_answer(error)
-        )
+        transport.write(self._manager.timeout_answer if isinstance(error, RequestTimeout) else raw_answer(error))
         if transport.can_write_eof():
             transport.write_eof()
         if self._reading_paused:
@@ -767,6 +828,18 @@ class ClientConnection(asyncio.Protocol):
     async def finish(self, timeout: float) -> None:
         """Let the request under way finish (for up to `timeout` seconds), then close."""
         self.shutting_down = True
+        current = self._current
+        if (
+            current is not None
+            and current.pending is not None
+            and self._resumed is None
+            and self._transport is not None
+        ):
+            over = self._quick_over = self._loop.create_future()
+            done, _ = await asyncio.wait((over,), timeout=timeout)
+            if not done:
+                self.abort()  # connection_lost abandons it
+                return
         task = self._task
         if task is not None and not task.done():
             if self._waiter is not None:

@@ -30,7 +30,7 @@ from ..observe.metrics import NULL_METRICS, Recorder
 from ..tokens.change import Reconfigured, TokenChange
 from ..tokens.manager import Clock, TokenManager
 from ..tokens.store import FileStore, Store
-from ..upstream.model import Outgoing, Upstream, UpstreamAnswer, UpstreamClient
+from ..upstream.model import AnswerSink, Outgoing, QuickExchange, Upstream, UpstreamAnswer, UpstreamClient
 from .clients import token_session, upstream_client
 from .credentials import build_grant, build_policy, build_store, credential_of, make_token_manager, request_of
 
@@ -57,6 +57,7 @@ class RouteClients:
         self._clients: dict[Upstream, UpstreamClient] = {}  # guarded by the event loop; replaced by `update`
         self._retired: dict[Upstream, UpstreamClient] = {}
         self.send: Callable[[Outgoing, str], Coroutine[Any, Any, UpstreamAnswer]] = self._dispatch
+        self.start: Callable[[Outgoing, str, AnswerSink], QuickExchange | None] = self._start
 
     def update(self, wanted: Mapping[Upstream, Callable[[], UpstreamClient]]) -> None:
         """Use a client for each upstream of `wanted` (made by its factory when there is none yet)."""
@@ -75,12 +76,17 @@ class RouteClients:
         self._clients = clients
         only = next(iter(clients.values())) if len(clients) == 1 and not self._retired else None
         self.send = only.send if only is not None else self._dispatch
+        self.start = only.start if only is not None else self._start
 
     async def _dispatch(self, request: Outgoing, authorization: str) -> UpstreamAnswer:
         client = self._clients.get(request.upstream) or self._retired.get(request.upstream)
         if client is None:  # pragma: no cover - every route's upstream has a client
             raise UpstreamUnreachable("no client for this route's upstream")
         return await client.send(request, authorization)
+
+    def _start(self, request: Outgoing, authorization: str, sink: AnswerSink) -> QuickExchange | None:
+        client = self._clients.get(request.upstream) or self._retired.get(request.upstream)
+        return None if client is None else client.start(request, authorization, sink)
 
     def use(self, upstream: Upstream) -> None:
         """Nothing: `update` says which upstreams are in use."""

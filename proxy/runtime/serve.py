@@ -39,7 +39,7 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     """
     return ProxyRunner(
         app,
-        handler=lambda: app[ENTRY].handle,
+        handler=lambda: app[ENTRY],
         first_protocol=lambda: tunnels_of(app, config),
         limits=server_limits(config),
         shutdown_timeout=config.server.shutdown_timeout,
@@ -136,9 +136,7 @@ async def start_listener(
         raise ListenError(listen, cause_in_words(exc, host=host) or str(exc)) from None
 
 
-async def _start_listener(
-    runner: web.BaseRunner, listen: str, socket_mode: int, backlog: int, reuse_port: bool
-) -> str:
+async def _start_listener(runner: web.BaseRunner, listen: str, socket_mode: int, backlog: int, reuse_port: bool) -> str:
     if listen.startswith("unix:"):
         path = listen[len("unix:") :]
         refuse_live_socket(path)
@@ -195,9 +193,7 @@ def sparing_gc() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
-async def serve(
-    config: Config, reload: Callable[[], Config] | None = None, link: socket.socket | None = None
-) -> None:
+async def serve(config: Config, reload: Callable[[], Config] | None = None, link: socket.socket | None = None) -> None:
     """Run the proxy until SIGINT or SIGTERM; a second signal stops at once; SIGHUP reloads.
 
     On the first signal: stop accepting, answer waiting requests with
@@ -277,7 +273,8 @@ async def _serve(config: Config, reload: Callable[[], Config] | None, link: sock
             # 408/431 and a flood its 503 here too.
             admin_runner = AdminRunner(
                 build_admin_app(
-                    lambda: app[TOKENS], app[METRICS].render,
+                    lambda: app[TOKENS],
+                    app[METRICS].render,
                     ready_before_token=lambda: current.server.ready_before_token,
                     routes=app[ROUTING].in_force,
                 ),

@@ -224,24 +224,35 @@ class TokenManager:
         has already refused is not handed out while its replacement is on the
         way: the request waits in the queue for it instead.
         """
-        now = self._clock()
-        token = self._token
-        if token is not None and token.usable_at(now):
-            if token.generation <= self._rejected and self._flight.running:
-                return await self._await_refresh()
-            if now >= token.refresh_at and not self._flight.running and self._may_refresh(now):
-                if self._log.isEnabledFor(logging.DEBUG):
-                    self._log.debug(
-                        "refresh starts grant=%s: token %s generation %d expires in %.0fs (token.refresh_before %gs)",
-                        self._grant.name,
-                        token.fingerprint,
-                        token.generation,
-                        token.expires_at - now,
-                        self._policy.refresh_before,
-                    )
-                self._flight.start()
+        token = self.token_now()
+        if token is not None:
             return token
         return await self._await_refresh()
+
+    def token_now(self) -> Token | None:
+        """The token `get()` would hand out without waiting, or None when a request would have to wait for one.
+
+        For the forwarder's callback path, which cannot wait; starts the
+        refresh-ahead as `get()` does.
+        """
+        now = self._clock()
+        token = self._token
+        if token is None or not token.usable_at(now):
+            return None
+        if token.generation <= self._rejected and self._flight.running:
+            return None
+        if now >= token.refresh_at and not self._flight.running and self._may_refresh(now):
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.debug(
+                    "refresh starts grant=%s: token %s generation %d expires in %.0fs (token.refresh_before %gs)",
+                    self._grant.name,
+                    token.fingerprint,
+                    token.generation,
+                    token.expires_at - now,
+                    self._policy.refresh_before,
+                )
+            self._flight.start()
+        return token
 
     async def refresh_now(self) -> Token:
         """A token fetched from the token endpoint now, whatever the cache or a peer holds: proof the credential works.
@@ -389,8 +400,10 @@ class TokenManager:
             return False
         if peer.refresh_token and peer.refresh_token != self._refresh_token:
             return True
-        return bool(peer.access_token) and peer.generation > self._rejected and (
-            self._token_of(peer).usable_at(self._clock())
+        return (
+            bool(peer.access_token)
+            and peer.generation > self._rejected
+            and (self._token_of(peer).usable_at(self._clock()))
         )
 
     def _token_of(self, state: SavedState) -> Token:
@@ -419,8 +432,9 @@ class TokenManager:
                     if not self._logged_in_again(peer):
                         return final.again()
                     assert peer is not None
-                    self._log.info("found a new login (generation %d) in the saved state: login_required is over",
-                                peer.generation)
+                    self._log.info(
+                        "found a new login (generation %d) in the saved state: login_required is over", peer.generation
+                    )
                     self._failures.logged_in()
                 result = await self._fetch_and_publish(right, peer, login, reshaped, timer)
         except StoreUnavailable as exc:
@@ -455,8 +469,10 @@ class TokenManager:
             self._take_chain(peer)
             if newer and not peer.access_token and not peer.refresh_token:
                 # `tokenproxy logout`: the token held here goes too; the grant says what is left (login_required).
-                self._log.warning("the state file says the credential was logged out (tokenproxy logout); "
-                               "requests get 503 login_required until `tokenproxy login`")
+                self._log.warning(
+                    "the state file says the credential was logged out (tokenproxy logout); "
+                    "requests get 503 login_required until `tokenproxy login`"
+                )
                 self._token = None
             if (
                 newer

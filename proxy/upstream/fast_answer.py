@@ -185,6 +185,16 @@ class FastAnswer:
         self._taken(limit - wanted)
         return b"".join(parts)
 
+    def take_body(self) -> bytes:
+        """Every body byte that has arrived and not been read, at once."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._taken(len(body))
+        return body
+
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives, chunk by chunk as llhttp handed it over."""
         chunks = self._chunks

@@ -24,7 +24,7 @@ from collections import deque
 from ..core.errors import UpstreamTimeout, UpstreamUnreachable
 from .fast_answer import FastAnswer
 from .fast_connection import ClosedUnanswered, Connection, Details, NotSent, shut
-from .model import BODYLESS_METHODS, Outgoing, Upstream
+from .model import BODYLESS_METHODS, AnswerSink, Outgoing, Upstream
 
 # Pool events (a connection opened, closed and why) at debug, behind a level check at each event, never per request.
 logger = logging.getLogger("tokenproxy.upstream")
@@ -310,6 +310,20 @@ class FastClient:
                 pool.close()  # a request that started before a reload: served, nothing kept alive
             self._pools[origin] = pool
         return pool
+
+    def start(self, request: Outgoing, authorization: str, sink: AnswerSink) -> Connection | None:
+        """Send `request` on a kept-alive connection now, `sink` told of its answer; None when none is idle."""
+        pool = self._pool_for(request.upstream)
+        connection = pool.take_idle()
+        if connection is None:
+            return None
+        try:
+            connection.exchange_quickly(pool.head(request, authorization), request, sink)
+        except NotSent:
+            connection.finish()
+            pool.release(connection, reusable=False)
+            return None
+        return connection
 
     async def send(self, request: Outgoing, authorization: str) -> FastAnswer:
         """Send `request`; its errors come back as ProxyError."""

@@ -24,7 +24,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from ..core.causes import cause_in_words
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .fast_answer import FastAnswer
-from .model import Outgoing, Upstream
+from .model import AnswerSink, Outgoing, Upstream
 
 # Connection events (closed, and why) at debug, behind a level check at each event, never per request.
 logger = logging.getLogger("tokenproxy.upstream")
@@ -138,6 +138,7 @@ class Connection(asyncio.Protocol):
         "_reading_paused",
         "_reason",
         "_received",
+        "_sink",
         "_timer",
         "_timing",
         "_waiter",
@@ -164,6 +165,7 @@ class Connection(asyncio.Protocol):
         self._phase = _IDLE
         self._head_request = False  # the request under way is a HEAD: its answer ends with its head
         self._waiter: asyncio.Future[FastAnswer] | None = None
+        self._sink: AnswerSink | None = None  # instead of the waiter: told in callbacks (the forwarder's quick path)
         self._answer: FastAnswer | None = None
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
@@ -223,6 +225,10 @@ class Connection(asyncio.Protocol):
         except HttpParserError:
             if not self._halted:
                 self._fail(UpstreamUnreachable(self._pool.details.malformed))
+        if self._sink is not None and self._answer is not None:
+            # Told once per read, not per callback: an answer that came whole in this read is complete now.
+            sink, self._sink = self._sink, None
+            sink.answered(self._answer)
 
     def eof_received(self) -> bool | None:
         """The upstream closed its side: let the transport close, which ends a body read until close."""
@@ -259,6 +265,14 @@ class Connection(asyncio.Protocol):
             if not drain.done():
                 drain.set_exception(ConnectionResetError("the upstream connection was lost"))
         self._pool.forget(self)
+        if self._sink is not None:
+            if self._answer is not None:
+                sink, self._sink = self._sink, None
+                sink.answered(self._answer)
+            else:
+                self._sink_failed(
+                    UpstreamUnreachable(self._pool.details.broke_off) if self._received else ClosedUnanswered()
+                )
         if logger.isEnabledFor(logging.DEBUG):
             why = self.close_reason
             if why is None:
@@ -409,14 +423,37 @@ class Connection(asyncio.Protocol):
 
         Raises NotSent, before writing anything, when the connection is already closing.
         """
+        waiter: asyncio.Future[FastAnswer] = self._loop.create_future()
+        self._begin(head, request)
+        self._waiter = waiter
+        return waiter
+
+    def exchange_quickly(self, head: bytes, request: Outgoing, sink: AnswerSink) -> None:
+        """Send one request whose body is held whole (or absent); `sink` is told of its answer in callbacks.
+
+        After the read that completes the answer's head, `sink.answered` gets
+        the answer (whole, when it came with its head); or `sink.failed` the
+        error before it, the connection already given back. Raises NotSent,
+        before writing anything, when the connection is already closing.
+        """
+        self._begin(head, request)
+        self._sink = sink
+
+    def abandon(self) -> None:
+        """The quick exchange's requester left before its answer: the connection is not reused."""
+        if self._sink is not None:
+            self._sink = None
+            self.reusable = False
+            self.close_because("the client left before the answer")
+            self.finish()
+            self._pool.release(self, reusable=False)
+
+    def _begin(self, head: bytes, request: Outgoing) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             raise NotSent()
         if self._parser is None:
             self._parser = _new_parser(self)
-        loop = self._loop
-        waiter: asyncio.Future[FastAnswer] = loop.create_future()
-        self._waiter = waiter
         self._phase = _HEAD
         self._head_request = request.method == "HEAD"
         self._head_bytes = 0
@@ -428,8 +465,7 @@ class Connection(asyncio.Protocol):
             self._body_sent = True
             self._start_timer()
         else:
-            self._writer = loop.create_task(self._send_stream(body.stream, chunked=body.length is None))
-        return waiter
+            self._writer = self._loop.create_task(self._send_stream(body.stream, chunked=body.length is None))
 
     async def _send_stream(self, stream: AsyncIterator[bytes], *, chunked: bool) -> None:
         """Send a body that is not held in memory, at the pace the upstream takes it."""
@@ -471,6 +507,7 @@ class Connection(asyncio.Protocol):
             self._phase = _IDLE
         self._answer = None
         self._waiter = None
+        self._sink = None
         return complete and self._body_sent and self.reusable and not self.lost
 
     # --- failures and timing ------------------------------------------------------------------
@@ -489,6 +526,19 @@ class Connection(asyncio.Protocol):
             answer.fail(error)
             self._phase = _BROKEN
         self._drop(error.detail)
+        if self._sink is not None and self._answer is None:
+            self._sink_failed(error)
+
+    def _sink_failed(self, error: Exception) -> None:
+        """The quick exchange failed before its answer: the connection goes, then its sink is told why."""
+        sink, self._sink = self._sink, None
+        assert sink is not None
+        self.finish()
+        self._pool.release(self, reusable=False)
+        if isinstance(error, ClosedUnanswered):
+            sink.failed(UpstreamUnreachable(self._pool.details.closed_unanswered), resendable=True)
+        else:
+            sink.failed(error if isinstance(error, ProxyError) else UpstreamUnreachable(self._pool.details.broke_off))
 
     def close_because(self, reason: str) -> None:
         """Note why this connection is (about to be) closed on our side, unless a reason is noted already."""

@@ -17,6 +17,8 @@ from typing import Protocol
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from ..core.errors import ProxyError
+
 # Header pairs as aiohttp's writers take them.
 Pairs = list[tuple[str, str]]
 
@@ -156,7 +158,7 @@ class Upstream:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     """One request as it leaves the proxy, minus its bearer; sent once, or twice after a refresh."""
 
@@ -216,6 +218,35 @@ class UpstreamAnswer(Protocol):
         """Done early or after a failure: the connection is closed, never reused."""
 
 
+class ArrivedAnswer(UpstreamAnswer, Protocol):
+    """An answer handed over in a callback, with what of its body came with its head."""
+
+    @property
+    def complete(self) -> bool:
+        """True once the whole body has arrived."""
+
+    def take_body(self) -> bytes:
+        """Every body byte that has arrived and not been read, at once."""
+
+
+class AnswerSink(Protocol):
+    """Who is told of an answer in callbacks instead of awaiting it (the forwarder's quick path)."""
+
+    def answered(self, answer: ArrivedAnswer) -> None:
+        """The answer's head is in (and its whole body, when `answer.complete`)."""
+
+    def failed(self, error: ProxyError, *, resendable: bool = False) -> None:
+        """No answer came: `error`; `resendable` when the request surely was not acted on (a kept-alive
+        connection closed before any byte of an answer), so an idempotent one may be sent again."""
+
+
+class QuickExchange(Protocol):
+    """A request sent by `UpstreamClient.start`, until its sink is told of its answer or failure."""
+
+    def abandon(self) -> None:
+        """Nobody wants the answer any more: the exchange is dropped (its connection is not reused)."""
+
+
 class UpstreamClient(Protocol):
     """One way of reaching the upstream: sends a request, hands back the answer's head."""
 
@@ -224,6 +255,10 @@ class UpstreamClient(Protocol):
 
         Requests already under way finish with the upstream they started with.
         """
+
+    def start(self, request: Outgoing, authorization: str, sink: AnswerSink) -> QuickExchange | None:
+        """Send `request` at once on a kept-alive connection, `sink` to be told of its answer; None, with
+        nothing sent, when that cannot be done without waiting (use `send`)."""
 
     async def send(self, request: Outgoing, authorization: str) -> UpstreamAnswer:
         """Send `request` with `authorization` as its Authorization header.

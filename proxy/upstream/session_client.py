@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..core.causes import cause_in_words
 from ..core.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
-from .model import Outgoing, RawHeaders, Upstream, as_text
+from .model import AnswerSink, Outgoing, RawHeaders, Upstream, as_text
 
 
 @contextmanager
@@ -268,6 +268,10 @@ class SessionClient:
 
     def use(self, upstream: Upstream) -> None:
         """Nothing to do: aiohttp pools per host, and closes idle connections on its own."""
+
+    def start(self, request: Outgoing, authorization: str, sink: AnswerSink) -> None:
+        """Never: every request through the session is awaited (`send`)."""
+        return None
 
     async def send(self, request: Outgoing, authorization: str) -> SessionAnswer:
         """Send `request`; its errors come back as ProxyError."""
