@@ -279,9 +279,6 @@ class Request:
             lines += _KEEP_ALIVE
         return lines, chunked
 
-    def _has_body(self, status: int) -> bool:
-        return status >= 200 and status not in (204, 304) and self.method != "HEAD"
-
     def start(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None, body: bytes = b""
     ) -> None:
@@ -294,7 +291,7 @@ class Request:
             head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, framing)
         self.started = True
         self.sent_status = status
-        if body and self._has_body(status):
+        if body and status >= 200 and status != 204 and status != 304 and self.method != "HEAD":
             if self._chunked_out:
                 body = b"%x\r\n%s\r\n" % (len(body), body)
             self.link.write(head + body)

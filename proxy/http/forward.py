@@ -23,9 +23,15 @@ from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..observe.ratelimit import LogLimiter
 from ..upstream.model import ArrivedAnswer, Outgoing, QuickExchange, Upstream, UpstreamAnswer, UpstreamClient
-from .body import ReplayMemory, bodiless, read_body
+from .body import EMPTY_BODY, NO_BODY, ReplayMemory, bodiless, read_body
 from .exchange import Request
-from .headers import challenge_error, control_character_in_raw, request_header_bytes, response_header_bytes
+from .headers import (
+    challenge_error,
+    control_character_in_raw,
+    has_control_character,
+    request_header_bytes,
+    response_header_bytes,
+)
 from .route import Route
 from .server import RequestTimeout
 
@@ -183,9 +189,14 @@ class Forwarder:
         """
         started = time.perf_counter()
         target = request.target
-        body = bodiless(request)
-        if body is None or not target.startswith("/") or not target.isascii() or request.method == "CONNECT":
+        if (
+            request.body is not None
+            or not target.startswith("/")
+            or not target.isascii()
+            or request.method == "CONNECT"
+        ):
             return False
+        body = NO_BODY if request.content_length is None else EMPTY_BODY
         token = route.tokens.token_now()
         if token is None:
             return False
@@ -425,9 +436,12 @@ class Forwarder:
 def _answer_head(request: Request, route: Route, upstream: UpstreamAnswer) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The reason phrase and headers of the upstream's answer as they go to the client; UpstreamUnreachable
     when they cannot be written."""
-    headers = response_header_bytes(upstream.raw_headers)
+    headers = upstream.relayed_headers
+    if headers is None:
+        headers = response_header_bytes(upstream.raw_headers)
     reason = upstream.reason.encode()
-    refuse_unwritable(request, reason, headers)
+    if has_control_character(reason, headers):
+        refuse_unwritable(request, reason, headers)
     if route.rewrite_redirects:
         _rewrite_location(headers, route.upstream, request)
     return reason, headers
@@ -478,7 +492,8 @@ class _Quick(_Journey):
     def __init__(
         self, forwarder: Forwarder, request: Request, route: Route, outgoing: Outgoing, token: Token, started: float
     ) -> None:
-        super().__init__()
+        self.held = 0
+        self.resent = False
         self.forwarder = forwarder
         self.request = request
         self.route = route

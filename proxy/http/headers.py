@@ -12,21 +12,7 @@ import re
 from collections.abc import Iterable
 from operator import itemgetter
 
-from ..upstream.model import Pairs, as_text
-
-HOP_BY_HOP: frozenset[str] = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+from ..upstream.model import HOP_BY_HOP, PLAIN_CONNECTION, Pairs, as_text
 
 # The proxy sets these itself on the way up: Host is the upstream's,
 # Authorization is the bearer, Content-Length follows the body it sends,
@@ -64,21 +50,24 @@ def _bytes_of(drop: frozenset[str]) -> tuple[frozenset[bytes], frozenset[int]]:
     return found
 
 
-def _kept(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> list[tuple[bytes, bytes]]:
+def _kept(
+    raw: Iterable[tuple[bytes, bytes]],
+    drop: frozenset[str],
+    as_bytes: tuple[frozenset[bytes], frozenset[int]] | None = None,
+) -> list[tuple[bytes, bytes]]:
     # One pass in the common case; a second only when a Connection header names more to drop.
-    dropped, sizes = _bytes_of(drop)
+    dropped, sizes = as_bytes or _bytes_of(drop)
     raw = raw if isinstance(raw, (list, tuple)) else list(raw)
     kept = [pair for pair in raw if len(pair[0]) not in sizes or pair[0].lower() not in dropped]
     if len(kept) < len(raw):
         listed = [value for name, value in raw if len(name) == 10 and name.lower() == b"connection"]
-        if listed and not all(value.lower() in _PLAIN_CONNECTION for value in listed):
+        if listed and not all(value.lower() in PLAIN_CONNECTION for value in listed):
             extra, _ = _bytes_of(_listed_names(listed))
             kept = [pair for pair in kept if pair[0].lower() not in extra]
     return kept
 
 
-# `Connection` values that name nothing beyond what is dropped anyway (the usual ones).
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+_RESPONSE_DROP_FRAMED_BYTES = _bytes_of(_RESPONSE_DROP_FRAMED)
 
 
 def _filter(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> Pairs:
@@ -109,7 +98,13 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:
 
 def response_header_bytes(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's headers that go back to the client as the bytes it sent, without its framing ones."""
-    return _kept(raw, _RESPONSE_DROP_FRAMED)
+    return _kept(raw, _RESPONSE_DROP_FRAMED, _RESPONSE_DROP_FRAMED_BYTES)
+
+
+def has_control_character(reason: bytes, pairs: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's reason phrase or header values hold a control character (`control_character_in_raw`
+    says where): two plain C passes over the bytes."""
+    return 0 in reason.translate(_CONTROL_MAP) or 0 in b"".join(map(_VALUE, pairs)).translate(_CONTROL_MAP)
 
 
 # A control character other than HTAB: no field value or reason phrase may hold one (RFC 9110 §5.5,
@@ -142,8 +137,6 @@ def control_character_in_raw(reason: bytes, pairs: list[tuple[bytes, bytes]]) ->
     """`control_character_in` for a head as bytes: one scan of every value at once, then which one."""
     if 0 in reason.translate(_CONTROL_MAP):
         return "the reason phrase"
-    if 0 not in b"".join(map(_VALUE, pairs)).translate(_CONTROL_MAP):
-        return None
     for name, value in pairs:
         if _CONTROL_BYTES.search(value):
             return f"header {name.decode('latin-1')}"

@@ -71,22 +71,22 @@ def _boundary(data: bytes, requests: int) -> int | None:
 class MethodRecovery:
     """The unknown-method bookkeeping of one connection's parser; owned by that connection's callbacks."""
 
-    __slots__ = ("_carry", "_carry_at_start", "_completions", "_fed", "_idle_at_start", "_limit", "_real", "pending")
+    __slots__ = ("_carry_at_start", "_fed", "_idle_at_start", "_limit", "_real", "carry", "completions", "pending")
 
     def __init__(self, max_request_line: int) -> None:
         self._limit = max_request_line
-        self._carry = b""  # the start of a method begun in an earlier read, while the parser is still in it
+        self.carry = b""  # the start of a method begun in an earlier read, while the parser is still in it
         self._carry_at_start = b""
         self._fed = b""  # this read's bytes as fed to the parser
         self._idle_at_start = True  # the parser was between requests when this read began
-        self._completions = 0  # requests completed in this read
+        self.completions = 0  # requests completed in this read
         self._real: str | None = None  # the method of the next request to complete its head (fed a stand-in)
         self.pending = b""  # an unknown method whose end has not arrived: fed with the next read
 
     def prepare(self, data: bytes, idle: bool) -> bytes:
         """The bytes to feed the parser for this read (`idle`: the parser is between requests)."""
-        self._completions = 0
-        self._carry_at_start = self._carry
+        self.completions = 0
+        self._carry_at_start = self.carry
         if self.pending:
             data = self.pending + data
             self.pending = b""
@@ -98,13 +98,13 @@ class MethodRecovery:
     def fed(self, in_method: bool) -> None:
         """The read was parsed; `in_method`: the parser is inside a request's method (no target byte yet)."""
         if not in_method:
-            if self._carry:
-                self._carry = b""
+            if self.carry:
+                self.carry = b""
             return
         tail = self._fed[-self._limit :]
-        carried = (self._carry_at_start + tail) if self._completions == 0 and not self._idle_at_start else tail
+        carried = (self._carry_at_start + tail) if self.completions == 0 and not self._idle_at_start else tail
         match = _TOKEN_TAIL.search(carried)
-        self._carry = carried[match.start() :] if match is not None else b""
+        self.carry = carried[match.start() :] if match is not None else b""
 
     def recover(self) -> bytes | None:
         """After llhttp refused a method in this read: the bytes to resume a fresh parser with, or None (refuse).
@@ -112,7 +112,7 @@ class MethodRecovery:
         b"" with `pending` set: the method's end has not arrived yet.
         """
         data = self._fed
-        if self._completions == 0:
+        if self.completions == 0:
             if self._idle_at_start:
                 start = 0
             elif self._carry_at_start:
@@ -121,13 +121,13 @@ class MethodRecovery:
             else:
                 return None
         elif self._idle_at_start:
-            found = _boundary(data, self._completions)
+            found = _boundary(data, self.completions)
             if found is None:
                 return None
             start = found
         else:
             return None
-        self._carry = b""
+        self.carry = b""
         rest = data[start:]
         space = rest.find(b" ", 0, self._limit + 1)
         if space < 0:
@@ -153,4 +153,4 @@ class MethodRecovery:
 
     def completed(self) -> None:
         """A request was parsed whole."""
-        self._completions += 1
+        self.completions += 1

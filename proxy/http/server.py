@@ -415,7 +415,8 @@ class ClientConnection(asyncio.Protocol):
         if self._current is not request:
             return
         self._current = None
-        self._quick_ended()
+        if self._quick_over is not None:
+            self._quick_ended()
         if self._transport is None:
             return
         if request.close or self.shutting_down:
@@ -479,7 +480,8 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
         else:
-            methods.fed(self._in_head and not self._url)
+            if (self._in_head and not self._url) or methods.carry:
+                methods.fed(self._in_head and not self._url)
 
     def _upgraded(self, data: bytes, offset: int) -> None:
         """llhttp stopped after a CONNECT's head, or after a request asking to `Upgrade`: neither changes protocol."""
@@ -630,7 +632,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         """The request (with its body) is whole."""
-        self._methods.completed()
+        self._methods.completions += 1
         parsing, self._parsing = self._parsing, None
         if parsing is not None and parsing.body is not None:
             parsing.body.feed_eof()

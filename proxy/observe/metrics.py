@@ -153,6 +153,8 @@ class Metrics(Collector):
         self._credential_gauges = credential_gauges
         self._requests: dict[str, list[int]] = {}  # by route name: a count per status class
         self._upstream_latency = Histogram()
+        # Record the time to an upstream's response headers (once per request: no method in between).
+        self.upstream_answered: Callable[[float], None] = self._upstream_latency.observe
         self._resends = 0
         self._passed_through = 0
         self._refreshes: Counter[tuple[str, str]] = Counter()
@@ -191,10 +193,6 @@ class Metrics(Collector):
         """Count one refresh of a credential (`ok` or an error code) and its duration."""
         self._credential_refreshes[(credential, grant, result)] += 1
         self._refresh_duration.observe(seconds)
-
-    def upstream_answered(self, seconds: float) -> None:
-        """Record the time to an upstream's response headers."""
-        self._upstream_latency.observe(seconds)
 
     def resent(self) -> None:
         """Count one resend after a renewal."""
@@ -328,11 +326,13 @@ class Metrics(Collector):
             "tokenproxy_waiting_requests", "Requests waiting for a token right now.", labels=["credential"]
         )
         expires = GaugeMetricFamily(
-            "tokenproxy_token_expires_in_seconds", "Seconds until the current access token expires.",
+            "tokenproxy_token_expires_in_seconds",
+            "Seconds until the current access token expires.",
             labels=["credential"],
         )
         generation = GaugeMetricFamily(
-            "tokenproxy_token_generation", "Successful refreshes so far (the token's generation).",
+            "tokenproxy_token_generation",
+            "Successful refreshes so far (the token's generation).",
             labels=["credential"],
         )
         for name, gauge in gauges.items():

@@ -59,13 +59,21 @@ class FastAnswer:
         "close_delimited",
         "content_length",
         "raw_headers",
+        "relayed_headers",
         "status",
     )
 
     def __init__(
-        self, status: int, reason: bytes, raw_headers: RawHeaders, content_length: int | None, source: _Source
+        self,
+        status: int,
+        reason: bytes,
+        raw_headers: RawHeaders,
+        content_length: int | None,
+        source: _Source,
+        relayed_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.status = status
+        self.relayed_headers = relayed_headers  # what goes back to the client, sorted out while parsing
         self._raw_reason = reason
         self.raw_headers = raw_headers
         self.content_length = content_length
@@ -107,12 +115,14 @@ class FastAnswer:
         if self._buffered > HIGH_WATER and not self._paused:
             self._paused = True
             self._source.pause_body()
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def end(self) -> None:
         """The whole body has arrived."""
         self._eof = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def fail(self, error: ProxyError) -> None:
         """The body broke off: the reader gets `error` instead of what is left (unless it is all here)."""
@@ -192,7 +202,9 @@ class FastAnswer:
             return b""
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        self._taken(len(body))
+        self._buffered = 0
+        if self._paused:
+            self._taken(0)
         return body
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:

@@ -150,7 +150,7 @@ class _Pool:
             # that neither reads nor closes.
             self.forget(connection)
             return
-        if self._hand(connection):
+        if self._waiters and self._hand(connection):
             return
         loop = self._loop
         connection.idle_since = loop.time()
@@ -276,11 +276,13 @@ class FastClient:
         self._tls = tls
         self._pools: dict[tuple[str, str, int], _Pool] = {}
         self._current: tuple[str, str, int] | None = None
+        self._last: tuple[Upstream, _Pool] | None = None  # the pool found last, and for which upstream
 
     def use(self, upstream: Upstream) -> None:
         """New requests go to `upstream`; every other origin's connections close as their requests end."""
         origin = _origin(upstream)
         self._current = origin
+        self._last = None
         for other, pool in list(self._pools.items()):
             if other != origin:
                 pool.close()
@@ -288,6 +290,14 @@ class FastClient:
                     del self._pools[other]
 
     def _pool_for(self, upstream: Upstream) -> _Pool:
+        last = self._last
+        if last is not None and last[0] is upstream and not last[1].closed:
+            return last[1]
+        pool = self._find_pool(upstream)
+        self._last = (upstream, pool)
+        return pool
+
+    def _find_pool(self, upstream: Upstream) -> _Pool:
         origin = _origin(upstream)
         pool = self._pools.get(origin)
         if pool is not None and pool.closed and origin == self._current:

@@ -24,7 +24,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from ..core.causes import cause_in_words
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .fast_answer import FastAnswer
-from .model import AnswerSink, Outgoing, Upstream
+from .model import HOP_BY_HOP, PLAIN_CONNECTION, AnswerSink, Outgoing, Upstream
 
 # Connection events (closed, and why) at debug, behind a level check at each event, never per request.
 logger = logging.getLogger("tokenproxy.upstream")
@@ -75,6 +75,10 @@ _HEAD = 1  # a request sent (or being sent), its answer's head not yet complete 
 _BODY = 2  # the answer handed over, its body arriving
 _DONE = 3  # the whole answer is in: any further byte is a fault
 _BROKEN = 4  # failed: the error is delivered, the connection is closing
+
+# The answer headers never relayed to the client (the proxy writes the framing ones itself), and their lengths.
+_NOT_RELAYED = frozenset(name.encode() for name in HOP_BY_HOP | {"content-length"})
+_NOT_RELAYED_SIZES = frozenset(len(name) for name in _NOT_RELAYED)
 
 # The answers whose head ends them: no body follows whatever their framing headers say (RFC 9112 §6.3).
 _NO_BODY = frozenset({204, 304})
@@ -138,6 +142,7 @@ class Connection(asyncio.Protocol):
         "_reading_paused",
         "_reason",
         "_received",
+        "_relayed",
         "_sink",
         "_timer",
         "_timing",
@@ -169,6 +174,7 @@ class Connection(asyncio.Protocol):
         self._answer: FastAnswer | None = None
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
+        self._relayed: list[tuple[bytes, bytes]] | None = []  # the headers to relay, while that is simple
         self._length: int | None = None  # the answer's Content-Length, Transfer-Encoding: chunked, Connection: close
         self._chunked = False
         self._close = False
@@ -307,6 +313,7 @@ class Connection(asyncio.Protocol):
             self._halt("the upstream sent a second answer to one request")
         self._reason = b""
         self._raw = []
+        self._relayed = []
         self._length = None
         self._chunked = False
         self._close = False
@@ -326,13 +333,24 @@ class Connection(asyncio.Protocol):
             return  # a trailer after a chunked body: not relayed (as before, with aiohttp's parser)
         # llhttp drops the whitespace before a value but keeps the whitespace after it.
         value = value.rstrip(b" \t")
-        if size == 14 and name.lower() == b"content-length":
-            self._length = int(value)  # llhttp has checked it is a number, and the only one
-        elif size == 17 and name.lower() == b"transfer-encoding":
-            self._chunked = value.lower().endswith(b"chunked")
-        elif size == 10 and name.lower() == b"connection":
-            self._close = b"close" in value.lower()
-        self._raw.append((name, value))
+        pair = (name, value)
+        self._raw.append(pair)
+        if size in _NOT_RELAYED_SIZES:  # only a name of such a length is lowered at all
+            lower = name.lower()
+            if lower in _NOT_RELAYED:
+                if lower == b"content-length":
+                    self._length = int(value)  # llhttp has checked it is a number, and the only one
+                elif lower == b"transfer-encoding":
+                    self._chunked = value.lower().endswith(b"chunked")
+                elif lower == b"connection":
+                    lowered = value.lower()
+                    self._close = b"close" in lowered
+                    if lowered not in PLAIN_CONNECTION:
+                        self._relayed = None  # it names more headers to leave out: the forwarder sorts them
+                return
+        relayed = self._relayed
+        if relayed is not None:
+            relayed.append(pair)
 
     def on_headers_complete(self) -> None:
         """The answer's head is complete: hand it over (an interim 1xx one is skipped)."""
@@ -346,7 +364,7 @@ class Connection(asyncio.Protocol):
             raise _TooLarge()
         length = self._length
         chunked = self._chunked
-        answer = FastAnswer(status, self._reason, tuple(raw), length, self)
+        answer = FastAnswer(status, self._reason, tuple(raw), length, self, self._relayed)
         self._answer = answer
         keep_alive = parser.should_keep_alive()
         if self._head_request or status in _NO_BODY or status == 101:

@@ -29,6 +29,23 @@ RawHeaders = tuple[tuple[bytes, bytes], ...]
 # to be closed before it answered (RFC 9110 §9.2.2, RFC 9112 §9.3.1.1).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
+# Hop-by-hop headers (RFC 9110 §7.6.1): never passed on by a proxy, in either direction; a `Connection` header
+# also names more of them, unless it holds one of the plain values.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+
 # Methods sent without any body framing when they carry no body; every other one
 # states `Content-Length: 0`, as aiohttp's client does (some servers answer 411 otherwise).
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -201,6 +218,11 @@ class UpstreamAnswer(Protocol):
     @property
     def content_length(self) -> int | None:
         """The announced body length, if any."""
+
+    @property
+    def relayed_headers(self) -> list[tuple[bytes, bytes]] | None:
+        """The headers that go back to the client (hop-by-hop and framing ones left out), when they were sorted
+        out as the head was parsed; None: they are to be worked out from `raw_headers`."""
 
     def at_eof(self) -> bool:
         """True once the whole body has been read."""

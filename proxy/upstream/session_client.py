@@ -210,6 +210,11 @@ class SessionAnswer:
         return self._response.reason or ""
 
     @property
+    def relayed_headers(self) -> None:
+        """Not sorted out while parsing: the forwarder works them out from `raw_headers`."""
+        return None
+
+    @property
     def raw_headers(self) -> RawHeaders:
         """The headers as received."""
         return self._response.raw_headers

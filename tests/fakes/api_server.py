@@ -33,6 +33,8 @@ class FakeApi:
     tokens_seen: list[str] = field(default_factory=list)
     sse_gate: asyncio.Event = field(default_factory=asyncio.Event)
     hang_entered: asyncio.Event = field(default_factory=asyncio.Event)
+    gated_entered: asyncio.Event = field(default_factory=asyncio.Event)  # /gated has its request
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # /gated answers once it is set
     upload_started: asyncio.Event = field(default_factory=asyncio.Event)
     endless_aborted: asyncio.Event = field(default_factory=asyncio.Event)  # /endless lost its reader
     base_url: str = ""  # where it listens, set by the fixture that starts it
@@ -57,6 +59,7 @@ class FakeApi:
         r.add_route("*", "/status/{code}", self.status)
         r.add_get("/challenge/{error}", self.challenge)
         r.add_get("/hang", self.hang)
+        r.add_get("/gated", self.gated)
         r.add_get("/cookies", self.cookies)
         r.add_get("/open", self.open)
         r.add_route("*", "/method", self.method)
@@ -229,6 +232,15 @@ class FakeApi:
         self.hang_entered.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
+
+    async def gated(self, request: web.Request) -> web.Response:
+        """Answer only once `gate` is set (its arrival told by `gated_entered`)."""
+        denied = self._check(request)
+        if denied is not None:
+            return denied
+        self.gated_entered.set()
+        await self.gate.wait()
+        return web.json_response({"gated": True})
 
     async def cookies(self, request: web.Request) -> web.Response:
         """Several Set-Cookie headers, which must stay several."""
