@@ -92,8 +92,8 @@ async def _stream(prefix: deque[bytes], content: BodyStream) -> AsyncIterator[by
 
 
 # The bodies of requests without one (no Content-Length, or 0): shared, nothing held.
-NO_BODY = RequestBody(None, None, None)
-EMPTY_BODY = RequestBody(b"", None, 0)
+_NO_BODY = RequestBody(None, None, None)
+_EMPTY_BODY = RequestBody(b"", None, 0)
 
 
 def bodiless(request: Request) -> RequestBody | None:
@@ -102,8 +102,8 @@ def bodiless(request: Request) -> RequestBody | None:
         return None
     length = request.content_length
     if length is None:
-        return NO_BODY
-    return EMPTY_BODY if length == 0 else None
+        return _NO_BODY
+    return _EMPTY_BODY if length == 0 else None
 
 
 async def read_body(request: Request, replay_limit: int, memory: ReplayMemory, wait: float = 0.0) -> RequestBody:

@@ -23,7 +23,7 @@ from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..observe.ratelimit import LogLimiter
 from ..upstream.model import ArrivedAnswer, Outgoing, QuickExchange, Upstream, UpstreamAnswer, UpstreamClient
-from .body import EMPTY_BODY, NO_BODY, ReplayMemory, bodiless, read_body
+from .body import ReplayMemory, bodiless, read_body
 from .exchange import Request
 from .headers import (
     challenge_error,
@@ -189,14 +189,9 @@ class Forwarder:
         """
         started = time.perf_counter()
         target = request.target
-        if (
-            request.body is not None
-            or not target.startswith("/")
-            or not target.isascii()
-            or request.method == "CONNECT"
-        ):
+        body = bodiless(request)
+        if body is None or not target.startswith("/") or not target.isascii() or request.method == "CONNECT":
             return False
-        body = NO_BODY if request.content_length is None else EMPTY_BODY
         token = route.tokens.token_now()
         if token is None:
             return False
