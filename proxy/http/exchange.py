@@ -29,6 +29,9 @@ _CHUNKED = b"Transfer-Encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FIELD_JOIN = b": ".join
+# Status lines written before, by status and reason phrase; at most this many are kept.
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_STATUS_LINES_KEPT = 64
 
 
 class Link(Protocol):
@@ -191,6 +194,7 @@ class Request:
         "close",
         "content_length",
         "expect",
+        "forwarded",
         "host",
         "keep_alive",
         "link",
@@ -220,6 +224,9 @@ class Request:
         self.target = target  # as the client sent it (decoded byte for byte)
         self.version = version
         self.raw_headers = raw_headers  # as llhttp gave them, in order
+        # The headers that go upstream unless a route leaves out more (headers.forwarded_header_bytes); None
+        # when a Connection header names some to leave out.
+        self.forwarded: list[tuple[bytes, bytes]] | None = None
         self.host = ""  # the Host header's value, as sent
         self.content_length: int | None = None
         self.transfer_encoding: str | None = None
@@ -283,20 +290,23 @@ class Request:
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None, body: bytes = b""
     ) -> None:
         """Write the answer's head (`headers` without framing ones), and `body` with it when given."""
-        framing, self._chunked_out = self._framing(status, length)
-        if headers:
-            fields = b"\r\n".join(map(_FIELD_JOIN, headers))
-            head = b"HTTP/1.1 %d %s\r\n%s\r\n%s\r\n" % (status, reason, fields, framing)
-        else:
-            head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, framing)
+        framing, chunked = self._framing(status, length)
+        self._chunked_out = chunked
         self.started = True
         self.sent_status = status
-        if body and status >= 200 and status != 204 and status != 304 and self.method != "HEAD":
-            if self._chunked_out:
-                body = b"%x\r\n%s\r\n" % (len(body), body)
-            self.link.write(head + body)
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+            if len(_STATUS_LINES) < _STATUS_LINES_KEPT:  # the reason is the upstream's word: keep only a few
+                _STATUS_LINES[(status, reason)] = line
+        if not body or status < 200 or status == 204 or status == 304 or self.method == "HEAD":
+            body = b""
+        elif chunked:
+            body = b"%x\r\n%s\r\n" % (len(body), body)
+        if headers:
+            self.link.write(b"".join((line, b"\r\n".join(map(_FIELD_JOIN, headers)), b"\r\n", framing, b"\r\n", body)))
         else:
-            self.link.write(head)
+            self.link.write(b"".join((line, framing, b"\r\n", body)))
 
     async def write(self, chunk: bytes) -> None:
         """Write body bytes, waiting while the client is slow to take them."""

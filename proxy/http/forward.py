@@ -28,8 +28,8 @@ from .exchange import Request
 from .headers import (
     challenge_error,
     control_character_in_raw,
+    forwarded_header_bytes,
     has_control_character,
-    request_header_bytes,
     response_header_bytes,
 )
 from .route import Route
@@ -198,7 +198,11 @@ class Forwarder:
         if route.strip_prefix:
             target = route.forwarded_target(target)
         outgoing = Outgoing(
-            route.upstream, request.method, target, request_header_bytes(request.raw_headers, route.drop), body
+            route.upstream,
+            request.method,
+            target,
+            forwarded_header_bytes(request.raw_headers, request.forwarded, route.drop),
+            body,
         )
         quick = _Quick(self, request, route, outgoing, token, started)
         exchange = self._client.start(outgoing, token.header, quick)
@@ -278,7 +282,7 @@ class Forwarder:
             target = origin_form
         if route.strip_prefix:
             target = route.forwarded_target(target)
-        headers = request_header_bytes(request.raw_headers, route.drop)
+        headers = forwarded_header_bytes(request.raw_headers, request.forwarded, route.drop)
         body = bodiless(request) or await read_body(request, route.replay_limit, self._memory, self._replay_wait)
         state.held = body.held
         return Outgoing(route.upstream, request.method, target, headers, body)

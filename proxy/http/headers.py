@@ -76,7 +76,13 @@ def _filter(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> Pairs:
 
 def request_drop_set(extra: Iterable[str] = ()) -> frozenset[str]:
     """The request headers never forwarded, plus `extra` ones (such as a client-token header)."""
-    return _REQUEST_DROP | {name.lower() for name in extra}
+    names = {name.lower() for name in extra}
+    return _REQUEST_DROP if names <= _REQUEST_DROP else _REQUEST_DROP | names
+
+
+# The request headers the server's parser leaves out of `forwarded` as it goes (server.py), by lower-case
+# name and by length: only a name of one of those lengths is lowered at all.
+REQUEST_DROP_BYTES, REQUEST_DROP_SIZES = _bytes_of(_REQUEST_DROP)
 
 
 def request_headers(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str] = _REQUEST_DROP) -> Pairs:
@@ -84,10 +90,14 @@ def request_headers(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str] = _
     return _filter(raw, drop)
 
 
-def request_header_bytes(
-    raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str] = _REQUEST_DROP
+def forwarded_header_bytes(
+    raw: list[tuple[bytes, bytes]], forwarded: list[tuple[bytes, bytes]] | None, drop: frozenset[str]
 ) -> list[tuple[bytes, bytes]]:
-    """The same headers as `request_headers`, as the bytes the client sent."""
+    """The same headers as `request_headers`, as the bytes the client sent: the list the server sorted out
+    while parsing (`forwarded`, None when a Connection header names more to leave out) when `drop` is the plain
+    set, else the headers of `raw` that `drop` lets through."""
+    if forwarded is not None and drop is _REQUEST_DROP:
+        return forwarded
     return _kept(raw, drop)
 
 

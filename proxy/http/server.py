@@ -40,7 +40,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..core.errors import BadRequest, ProxyError
+from ..upstream.model import PLAIN_CONNECTION
 from .exchange import BodyStream, Request, malformed_body
+from .headers import REQUEST_DROP_BYTES, REQUEST_DROP_SIZES
 from .methods import MethodRecovery
 from .render import raw_answer
 
@@ -241,6 +243,7 @@ class ClientConnection(asyncio.Protocol):
         "_current",
         "_drain",
         "_expect",
+        "_forwarded",
         "_handler",
         "_head_bytes",
         "_head_limit",
@@ -309,6 +312,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._forwarded: list[tuple[bytes, bytes]] | None = []  # the headers that go upstream, while that is simple
         self._host: bytes | None = None
         self._hosts = 0
         self._content_length: bytes | None = None
@@ -538,6 +542,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers = []
+        self._forwarded = []
         self._host = self._content_length = self._transfer_encoding = self._expect = None
         self._hosts = 0
 
@@ -558,19 +563,26 @@ class ClientConnection(asyncio.Protocol):
         if len(name) + len(value) + 2 > limits.max_header_size:
             self._refusal = HeadersTooLarge(f"a request header is longer than {limits.max_header_size} bytes")
             raise self._refusal
-        headers.append((name, value))
-        size = len(name)
-        if size == 4 or size == 6 or size == 14 or size == 17:
+        pair = (name, value)
+        headers.append(pair)
+        if len(name) in REQUEST_DROP_SIZES:
             key = name.lower()
-            if key == b"host":
-                self._host = value
-                self._hosts += 1
-            elif key == b"content-length":
-                self._content_length = value
-            elif key == b"transfer-encoding":
-                self._transfer_encoding = value
-            elif key == b"expect":
-                self._expect = value
+            if key in REQUEST_DROP_BYTES:
+                if key == b"host":
+                    self._host = value
+                    self._hosts += 1
+                elif key == b"content-length":
+                    self._content_length = value
+                elif key == b"transfer-encoding":
+                    self._transfer_encoding = value
+                elif key == b"expect":
+                    self._expect = value
+                elif key == b"connection" and value.lower() not in PLAIN_CONNECTION:
+                    self._forwarded = None  # it names more headers to leave out: the forwarder sorts them
+                return
+        forwarded = self._forwarded
+        if forwarded is not None:
+            forwarded.append(pair)
 
     def on_headers_complete(self) -> None:
         """The head is whole: the request is queued, its body (if any) to follow."""
@@ -588,6 +600,7 @@ class ClientConnection(asyncio.Protocol):
             raise self._refusal
         method = self._methods.method_of(parser)
         request = Request(self, method, self._url.decode("latin-1"), version, self._headers)
+        request.forwarded = self._forwarded
         request.keep_alive = parser.should_keep_alive()
         request.remote = self._remote
         request.scheme = self._scheme

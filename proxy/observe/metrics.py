@@ -26,6 +26,8 @@ STORE_ERROR_KINDS = ("connection", "timeout", "auth", "tls", "other")
 STORE_MODES = ("shared", "local", "unavailable")
 TOKEN_SOURCES = ("own", "adopted")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The place of a status's class among _STATUS_CLASSES, by status // 100 (a status has three digits at most).
+_CLASS_INDEX = (0, 0, 1, 2, 3, 4, 4, 4, 4, 4)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class _Labelled:
 
     def request_done(self, status: int) -> None:
         """Count one answered client request of this route."""
-        self._requests[min(max(status // 100, 1), 5) - 1] += 1
+        self._requests[_CLASS_INDEX[status // 100] if 0 <= status < 1000 else 4] += 1
 
     def refresh_done(self, grant: str, result: str, seconds: float) -> None:
         """Count one refresh of this credential (`ok` or an error code) and its duration."""
@@ -175,7 +177,7 @@ class Metrics(Collector):
     def request_done(self, status: int) -> None:
         """Count one answered client request (of the route `default`)."""
         counts = self.requests_of("default")
-        counts[min(max(status // 100, 1), 5) - 1] += 1
+        counts[_CLASS_INDEX[status // 100] if 0 <= status < 1000 else 4] += 1
 
     def requests_of(self, route: str) -> list[int]:
         """The request counts (one per status class) of a route, made when first asked for."""
