@@ -321,3 +321,41 @@ async def test_upstream_head_over_the_limits_gets_502_next_request_works(
                 assert resp.status == 502
                 assert json.loads(await resp.read())["error"] == "upstream_unreachable"
             assert await get(client, f"{proxy.url}/next") == (200, b"/next")
+
+
+# --- the status line ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-request", "kept-alive-upstream"])
+@pytest.mark.parametrize(
+    "reason", [b"Tr\xe8s bien", "Très bien".encode(), b""], ids=["latin-1-obs-text", "utf-8", "empty"]
+)
+async def test_reason_phrase_relayed_byte_for_byte(
+    make_proxy: Any, client: aiohttp.ClientSession, reason: bytes, warm: bool
+) -> None:
+    """A reason phrase with obs-text (RFC 9112 §4: any byte from 0x80 on, here Latin-1 and UTF-8) or none
+    at all reaches the client as the upstream sent it, and the connection carries the next request: on a
+    new upstream connection and on a kept-alive one (the quick path)."""
+
+    async def odd_reason(request: Request) -> bool:
+        if request.target != "/odd":
+            return await echo_target(request)
+        await request.conn.send(b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    async with RawUpstream(odd_reason) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        if warm:
+            assert await get(client, f"{proxy.url}/warm") == (200, b"/warm")
+        reader, writer = await open_raw(proxy.url)
+        try:
+            writer.write(
+                b"GET /odd HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            data = await read_to_eof(reader)
+        finally:
+            await close_raw(writer)
+    first, _, rest = data.partition(b"\r\n")
+    assert first == b"HTTP/1.1 200 " + reason
+    assert rest.split(b"\r\n\r\n", 1)[1].startswith(b"okHTTP/1.1 200 OK\r\n")
+    assert data.endswith(b"/next")

@@ -388,7 +388,10 @@ class Forwarder:
             return bytes(buffer)
         upstream.release()
         return _Kept(
-            upstream.status, upstream.reason.encode(), response_header_bytes(upstream.raw_headers), bytes(buffer)
+            upstream.status,
+            upstream.reason.encode("utf-8", "surrogateescape"),
+            response_header_bytes(upstream.raw_headers),
+            bytes(buffer),
         )
 
     async def _relay(self, request: Request, route: Route, upstream: UpstreamAnswer, prefix: bytes = b"") -> None:
@@ -438,7 +441,7 @@ def _answer_head(request: Request, route: Route, upstream: UpstreamAnswer) -> tu
     headers = upstream.relayed_headers
     if headers is None:
         headers = response_header_bytes(upstream.raw_headers)
-    reason = upstream.reason.encode()
+    reason = upstream.reason.encode("utf-8", "surrogateescape")
     if has_control_character(reason, headers):
         refuse_unwritable(request, reason, headers)
     if route.rewrite_redirects:

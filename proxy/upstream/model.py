@@ -205,7 +205,8 @@ class UpstreamAnswer(Protocol):
 
     @property
     def reason(self) -> str:
-        """The reason phrase."""
+        """The reason phrase; bytes that are not UTF-8 are kept as surrogates (`encode("utf-8", "surrogateescape")`
+        gives back what the upstream sent)."""
 
     @property
     def raw_headers(self) -> RawHeaders:
