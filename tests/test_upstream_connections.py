@@ -195,6 +195,37 @@ async def test_stale_connection_closed_as_request_arrives_retried_on_fresh_one(
     assert answered == [("/warm", b""), ("/again", b""), ("/thing", b"small idempotent body")]
 
 
+async def test_get_dropped_on_two_kept_connections_sent_again_once_then_502(
+    make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """Two kept-alive connections that each drop their next request unanswered: a GET goes out on one, is sent
+    again once on the other, and the client gets 502; it is never sent a third time (on a new connection)."""
+    both_warm = asyncio.Event()
+    warm = 0
+
+    async def drop_second_requests(request: Request) -> bool:
+        nonlocal warm
+        if request.number > 1:
+            return False  # dropped unanswered, as a server whose idle timeout fired does
+        if request.target.startswith("/warm"):
+            warm += 1
+            if warm == 2:
+                both_warm.set()
+            await asyncio.wait_for(both_warm.wait(), RAW_BOUND)  # both in flight at once: two connections
+        return await echo_target(request)
+
+    async with RawUpstream(drop_second_requests) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        warmed = await asyncio.gather(get(client, f"{proxy.url}/warm1"), get(client, f"{proxy.url}/warm2"))
+        assert warmed == [(200, b"/warm1"), (200, b"/warm2")]
+        async with client.get(f"{proxy.url}/twice") as resp:
+            await assert_proxy_error(resp, 502, "upstream_unreachable")
+    assert sorted((r.target, r.conn.index) for r in upstream.requests if r.target == "/twice") == [
+        ("/twice", 0),
+        ("/twice", 1),
+    ]
+
+
 async def test_post_dropped_unanswered_on_kept_connection_not_resent_gives_502(
     make_proxy: Any, client: aiohttp.ClientSession
 ) -> None:
@@ -206,7 +237,9 @@ async def test_post_dropped_unanswered_on_kept_connection_not_resent_gives_502(
             await assert_proxy_error(resp, 502, "upstream_unreachable")
         assert await get(client, f"{proxy.url}/next") == (200, b"GET /next")
     assert [(r.method, r.target, r.conn.index) for r in upstream.requests] == [
-        ("GET", "/warm", 0), ("POST", "/order", 0), ("GET", "/next", 1)
+        ("GET", "/warm", 0),
+        ("POST", "/order", 0),
+        ("GET", "/next", 1),
     ]
 
 
@@ -478,7 +511,10 @@ async def test_stray_answer_in_the_read_that_ends_a_body_never_reaches_the_next_
         for i in range(3):
             assert await get(client, f"{proxy.url}/next/{i}") == (200, f"/next/{i}".encode())
     assert [(r.target, r.conn.index) for r in upstream.requests] == [
-        ("/first", 0), ("/next/0", 1), ("/next/1", 1), ("/next/2", 1)
+        ("/first", 0),
+        ("/next/0", 1),
+        ("/next/1", 1),
+        ("/next/2", 1),
     ]
 
 

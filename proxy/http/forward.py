@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -294,7 +295,8 @@ class Forwarder:
         error = quick.error
         assert error is not None
         if quick.resendable and quick.outgoing.may_resend:
-            return await self._send(quick.outgoing, quick.token)
+            # The one more try: if its connection too closes unanswered, the client gets the 502.
+            return await self._send(dataclasses.replace(quick.outgoing, resend_left=False), quick.token)
         if isinstance(error, (UpstreamUnreachable, UpstreamTimeout)):
             self._upstream_failed(error)
         raise error

@@ -184,11 +184,14 @@ class Outgoing:
     target: str  # origin form, as the client sent it; the upstream's base path is not yet applied
     headers: list[tuple[bytes, bytes]]  # the client's headers that go upstream, in order, as received
     body: RequestBody
+    # False once this sending was already the one more try after a kept-alive connection closed unanswered.
+    resend_left: bool = True
 
     @property
     def may_resend(self) -> bool:
-        """True when a connection that closed before answering may be tried once more (idempotent, replayable)."""
-        return self.method in IDEMPOTENT_METHODS and self.body.replayable
+        """True when a connection that closed before answering may be tried once more (idempotent, replayable,
+        and not tried once more already)."""
+        return self.resend_left and self.method in IDEMPOTENT_METHODS and self.body.replayable
 
 
 class UpstreamAnswer(Protocol):
