@@ -138,7 +138,7 @@ class _Client(asyncio.Protocol):
             self.transport.close()
             return
         finally:
-            self.proxy.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self.proxy.tasks.discard(asyncio.current_task())
         if self.transport.is_closing():
             assert upstream.transport is not None
             upstream.transport.close()

@@ -143,3 +143,24 @@ def test_quick_bench_measures_the_https_proxy_mode(quick_run: tuple[dict[str, An
             "https ratios",
         )
         assert "req/s vs mitmdump's" in (out / "latest.md").read_text()
+
+
+def test_instructions_drives_both_paths_and_prints_the_ratio() -> None:
+    """`python -m bench.instructions --timeit` runs tokenproxy's request path and the floor's in-process (no
+    nginx, no valgrind needed) and prints a figure for each and the ratio."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--timeit"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("GET /tiny, Python path only, commit ")
+    figures = {line.split()[0]: float(line.split()[1].replace(",", "")) for line in lines[1:3]}
+    assert set(figures) == {"tokenproxy", "floor"}
+    assert all(value > 0 for value in figures.values())
+    assert lines[3].strip().startswith("tokenproxy / floor: ")
+    assert "Traceback" not in done.stderr and "ERROR" not in done.stderr
