@@ -50,7 +50,7 @@ from typing import Any
 
 from . import nginx
 from .contenders import REPO, Contender, Stage, has_key, token_table
-from .procs import HOST, Proc, cpu_seconds, free_port, start
+from .procs import HOST, Proc, cpu_seconds, free_port, run_to_end, start
 from .runner import Context
 from .tls_material import UPSTREAM_HOST
 from .tools import BENCH_DIR
@@ -148,16 +148,7 @@ def start_tunnelled(stage: Stage, contender: Contender) -> Tunnelled:
         grant = "client_credentials" if contender.refreshes else "static"
         config.write_text(tokenproxy_https_toml(port, upstream_port, ca_dir, tls.ca_file, grant, stage.token_port))
         if not (ca_dir / "ca.crt").exists():
-            made = subprocess.run(
-                [sys.executable, "-m", "proxy", "ca", "init", "-c", str(config)],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            if made.returncode != 0:
-                raise RuntimeError(f"tokenproxy ca init failed: {made.stderr.strip()[-500:]}")
+            run_to_end([sys.executable, "-m", "proxy", "ca", "init", "-c", str(config)], "tokenproxy ca init", 60, REPO)
         proc = start(
             contender.name, [sys.executable, "-m", "proxy", "run", "-c", str(config)], log, port=port, cwd=REPO
         )

@@ -9,10 +9,10 @@ protocols. Every request is `GET /tiny` with the headers hey sends, every
 answer nginx's head with a 13-byte body.
 
 Under valgrind's callgrind (the default when valgrind is installed) the
-count is exact and the same from run to run, unlike wall-clock figures on a
-shared VM: each proxy runs twice, for two numbers of requests, and the
-difference of the totals divided by the requests between them leaves out
-start-up and imports. Without valgrind (or with `--timeit`): the time per
+count moves by about half a percent from run to run, where wall-clock
+figures on a shared VM move by ten: each proxy runs twice, for two numbers of
+requests, with a fixed hash seed, and the difference of the totals divided by
+the requests between them leaves out start-up and imports. Without valgrind (or with `--timeit`): the time per
 request, the best of several timeit rounds (noisy). What it leaves out on
 purpose: the event loop, the system calls and the wake-ups around them,
 which cost about the same for any proxy (see README, "Against the floor").
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,8 @@ import timeit
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from .procs import run_to_end
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -222,7 +225,7 @@ def _run(proxy: str, requests: int | None) -> float | None:
 
 def _instructions(valgrind: str, proxy: str, requests: int, out: Path) -> int:
     """Total instructions of one run of `requests` requests under callgrind."""
-    done = subprocess.run(
+    run_to_end(
         [
             valgrind,
             "--tool=callgrind",
@@ -235,14 +238,11 @@ def _instructions(valgrind: str, proxy: str, requests: int, out: Path) -> int:
             "--requests",
             str(requests),
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        f"the callgrind run of {proxy}",
+        600,
+        REPO,
+        env={**os.environ, "PYTHONHASHSEED": "0"},  # the same hashes, so the same dict and set probes, every run
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"callgrind run of {proxy} failed: {done.stderr.strip()[-800:]}")
     for line in out.read_text().splitlines():
         if line.startswith("summary:") or line.startswith("totals:"):
             return int(line.split()[1])

@@ -45,6 +45,16 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float, log
     raise RuntimeError(f"{program} did not listen on port {port} within {timeout:g}s; see {log}")
 
 
+def run_to_end(
+    args: Sequence[str], what: str, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> str:
+    """Run a program to its end and return what it printed; RuntimeError with the end of its stderr if it failed."""
+    done = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed: {done.stderr.strip()[-800:]}")
+    return done.stdout
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
