@@ -26,6 +26,21 @@ async def _warm(proxy_url: str) -> None:
     assert answer.status == 200
 
 
+async def _held(
+    proxy_url: str, path: bytes, entered: asyncio.Event
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection that sent `GET path`, once the API has the request (`entered`, an event of the fake)."""
+    reader, writer = await open_raw(proxy_url)
+    try:
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: c\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(entered.wait(), RAW_BOUND)
+    except BaseException:
+        await close_raw(writer)
+        raise
+    return reader, writer
+
+
 async def _access_lines(caplog: pytest.LogCaptureFixture, path: str) -> list[str]:
     """The access lines for `path`, once there is one (polled up to RAW_BOUND)."""
     deadline = asyncio.get_running_loop().time() + RAW_BOUND
@@ -79,13 +94,8 @@ async def test_quick_client_leaving_before_answer_logged_499_and_next_request_se
     caplog.set_level(logging.INFO, logger="tokenproxy.access")
     proxy = await make_proxy()
     await _warm(proxy.url)
-    reader, writer = await open_raw(proxy.url)
-    try:
-        writer.write(b"GET /hang HTTP/1.1\r\nHost: c\r\n\r\n")
-        await writer.drain()
-        await asyncio.wait_for(api.hang_entered.wait(), RAW_BOUND)
-    finally:
-        await close_raw(writer)
+    _, writer = await _held(proxy.url, b"/hang", api.hang_entered)
+    await close_raw(writer)
     lines = await _access_lines(caplog, "/hang")
     assert len(lines) == 1 and " 499 " in lines[0], lines
     for path in (b"/echo/one", b"/echo/two"):
@@ -98,11 +108,8 @@ async def test_quick_shutdown_lets_request_under_way_finish(make_proxy: Any, api
     its whole answer, then the shutdown completes."""
     proxy = await make_proxy(server={"shutdown_timeout": RAW_BOUND})
     await _warm(proxy.url)
-    reader, writer = await open_raw(proxy.url)
+    reader, writer = await _held(proxy.url, b"/gated", api.gated_entered)
     try:
-        writer.write(b"GET /gated HTTP/1.1\r\nHost: c\r\n\r\n")
-        await writer.drain()
-        await asyncio.wait_for(api.gated_entered.wait(), RAW_BOUND)
         stopping = asyncio.ensure_future(proxy.stop())
         deadline = asyncio.get_running_loop().time() + RAW_BOUND
         while True:  # the listener closes first

@@ -150,7 +150,3 @@ class MethodRecovery:
         raw = parser.get_method()
         method = _KNOWN.get(raw)
         return method if method is not None else raw.decode("ascii")
-
-    def completed(self) -> None:
-        """A request was parsed whole."""
-        self.completions += 1
