@@ -11,8 +11,8 @@ knows the connection only as a `_Source` (pause, resume, hand back).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from typing import Protocol
+from collections.abc import AsyncGenerator, MutableSequence
+from typing import Protocol, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -49,16 +49,18 @@ class FastAnswer:
         "_buffered",
         "_chunks",
         "_done",
+        "_dropped",
         "_eof",
         "_error",
         "_headers",
         "_paused",
+        "_raw",
         "_raw_reason",
+        "_relayed",
         "_source",
         "_waiter",
         "close_delimited",
         "content_length",
-        "raw_headers",
         "relayed_headers",
         "status",
     )
@@ -67,15 +69,21 @@ class FastAnswer:
         self,
         status: int,
         reason: bytes,
-        raw_headers: RawHeaders,
+        relayed: MutableSequence[tuple[bytes, bytes]],
+        dropped: MutableSequence[tuple[bytes, bytes]],
         content_length: int | None,
         source: _Source,
-        relayed_headers: list[tuple[bytes, bytes]] | None = None,
+        names_more: bool = False,
     ) -> None:
+        """`relayed`: the headers that go back to the client (None when a `Connection` header names more, for
+        the forwarder to sort out); `dropped`: the hop-by-hop and framing ones."""
         self.status = status
-        self.relayed_headers = relayed_headers  # what goes back to the client, sorted out while parsing
+        self._relayed = relayed
+        self._dropped = dropped
+        self._raw: RawHeaders | None = None
+        # What goes back to the client, sorted out while parsing; None: to be worked out from raw_headers.
+        self.relayed_headers = None if names_more else cast(list[tuple[bytes, bytes]], relayed)
         self._raw_reason = reason
-        self.raw_headers = raw_headers
         self.content_length = content_length
         self.close_delimited = False  # the body ends when the upstream closes the connection
         self._headers: CIMultiDictProxy[str] | None = None
@@ -94,13 +102,21 @@ class FastAnswer:
         return self._raw_reason.decode("utf-8", "surrogateescape")
 
     @property
+    def raw_headers(self) -> RawHeaders:
+        """The headers as received (the hop-by-hop and framing ones last), repeats kept in order."""
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = (*self._relayed, *self._dropped)
+        return raw
+
+    @property
     def headers(self) -> CIMultiDictProxy[str]:
         """The headers by name, built on first use (the forwarder asks only for a refresh status)."""
         headers = self._headers
         if headers is None:
             headers = self._headers = CIMultiDictProxy(
                 CIMultiDict(
-                    (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                    (name.decode("utf-8", "surrogateescape"), value.rstrip(b" \t").decode("utf-8", "surrogateescape"))
                     for name, value in self.raw_headers
                 )
             )

@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, MutableSequence
 from typing import Protocol, cast
 
 from aiohttp.web_protocol import RequestPayloadError
@@ -80,6 +81,12 @@ _BROKEN = 4  # failed: the error is delivered, the connection is closing
 _NOT_RELAYED = frozenset(name.encode() for name in HOP_BY_HOP | {"content-length"})
 _NOT_RELAYED_SIZES = frozenset(len(name) for name in _NOT_RELAYED)
 
+# A head this short cannot hold more than MAX_HEADERS headers ("a:" and CRLF at least) nor a line over MAX_LINE.
+_SMALL_HEAD = min(4 * MAX_HEADERS, MAX_LINE)
+
+# Where the headers of a trailer section go: nowhere.
+_DISCARD: deque[tuple[bytes, bytes]] = deque(maxlen=0)
+
 # The answers whose head ends them: no body follows whatever their framing headers say (RFC 9112 §6.3).
 _NO_BODY = frozenset({204, 304})
 
@@ -128,16 +135,17 @@ class Connection(asyncio.Protocol):
         "_chunked",
         "_close",
         "_drain_waiter",
+        "_dropped",
         "_halted",
         "_head_bytes",
         "_head_request",
         "_last_read",
         "_length",
         "_loop",
+        "_names_more",
         "_parser",
         "_phase",
         "_pool",
-        "_raw",
         "_read_timeout",
         "_reading_paused",
         "_reason",
@@ -172,12 +180,15 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[FastAnswer] | None = None
         self._sink: AnswerSink | None = None  # instead of the waiter: told in callbacks (the forwarder's quick path)
         self._answer: FastAnswer | None = None
+        # The answer's head as llhttp hands it over: the reason phrase, the headers to relay and the others, its
+        # Content-Length, Transfer-Encoding: chunked, Connection: close, and a Connection header naming more.
         self._reason = b""
-        self._raw: list[tuple[bytes, bytes]] = []
-        self._relayed: list[tuple[bytes, bytes]] | None = []  # the headers to relay, while that is simple
-        self._length: int | None = None  # the answer's Content-Length, Transfer-Encoding: chunked, Connection: close
+        self._relayed: MutableSequence[tuple[bytes, bytes]] = []
+        self._dropped: MutableSequence[tuple[bytes, bytes]] = []
+        self._length: int | None = None
         self._chunked = False
         self._close = False
+        self._names_more = False
         self._head_bytes = 0
         self._halted = False
         self._received = False
@@ -307,64 +318,66 @@ class Connection(asyncio.Protocol):
 
     # --- llhttp's callbacks -------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        """A message begins: an interim one or the answer; after the answer, a second one is a fault."""
-        if self._phase != _HEAD:
-            self._halt("the upstream sent a second answer to one request")
+    def _new_head(self) -> None:
+        """Ready for an answer's head: the request's, or the final one after an interim answer."""
         self._reason = b""
-        self._raw = []
         self._relayed = []
+        self._dropped = []
         self._length = None
         self._chunked = False
         self._close = False
+        self._names_more = False
 
     def on_status(self, reason: bytes) -> None:
         """The reason phrase (or a piece of it)."""
         self._reason += reason
-        if len(self._reason) > MAX_LINE:
-            raise _TooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One header, whole (httptools joins the pieces); the framing ones noted on the way."""
-        size = len(name)
-        if size + len(value) > MAX_LINE:
+        """One header, whole (httptools joins the pieces); llhttp keeps whitespace after a value (it is relayed)."""
+        if len(name) in _NOT_RELAYED_SIZES and name.lower() in _NOT_RELAYED:
+            self._not_relayed(name, value)
+        else:
+            self._relayed.append((name, value))
+
+    def _not_relayed(self, name: bytes, value: bytes) -> None:
+        """A header that never goes to the client: the framing ones noted."""
+        self._dropped.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
+            self._length = int(value)  # llhttp has checked it is a number, and the only one
+        elif lower == b"transfer-encoding":
+            self._chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
+        elif lower == b"connection":
+            lowered = value.rstrip(b" \t").lower()
+            self._close = b"close" in lowered
+            if lowered not in PLAIN_CONNECTION:
+                self._names_more = True  # it names more headers to leave out: the forwarder sorts them
+
+    def _check_head(self) -> None:
+        """Raise _TooLarge when the head has too many headers, or a status line or header over MAX_LINE."""
+        if len(self._reason) > MAX_LINE or len(self._relayed) + len(self._dropped) > MAX_HEADERS:
             raise _TooLarge()
-        if self._phase != _HEAD:
-            return  # a trailer after a chunked body: not relayed (as before, with aiohttp's parser)
-        # llhttp drops the whitespace before a value but keeps the whitespace after it.
-        value = value.rstrip(b" \t")
-        pair = (name, value)
-        self._raw.append(pair)
-        if size in _NOT_RELAYED_SIZES:  # only a name of such a length is lowered at all
-            lower = name.lower()
-            if lower in _NOT_RELAYED:
-                if lower == b"content-length":
-                    self._length = int(value)  # llhttp has checked it is a number, and the only one
-                elif lower == b"transfer-encoding":
-                    self._chunked = value.lower().endswith(b"chunked")
-                elif lower == b"connection":
-                    lowered = value.lower()
-                    self._close = b"close" in lowered
-                    if lowered not in PLAIN_CONNECTION:
-                        self._relayed = None  # it names more headers to leave out: the forwarder sorts them
-                return
-        relayed = self._relayed
-        if relayed is not None:
-            relayed.append(pair)
+        for headers in (self._relayed, self._dropped):
+            for name, value in headers:
+                if len(name) + len(value) > MAX_LINE:
+                    raise _TooLarge()
 
     def on_headers_complete(self) -> None:
         """The answer's head is complete: hand it over (an interim 1xx one is skipped)."""
+        if self._phase != _HEAD:
+            self._halt("the upstream sent a second answer to one request")
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
         if status < 200 and status != 101:
+            self._new_head()
             return  # 100 Continue, 103 Early Hints: the final answer follows; llhttp completes this one itself
-        raw = self._raw
-        if len(raw) > MAX_HEADERS:
-            raise _TooLarge()
+        if self._head_bytes > _SMALL_HEAD:
+            self._check_head()
         length = self._length
         chunked = self._chunked
-        answer = FastAnswer(status, self._reason, tuple(raw), length, self, self._relayed)
+        answer = FastAnswer(status, self._reason, self._relayed, self._dropped, length, self, self._names_more)
+        self._relayed = self._dropped = _DISCARD  # trailers after a chunked body: not relayed
         self._answer = answer
         keep_alive = parser.should_keep_alive()
         if self._head_request or status in _NO_BODY or status == 101:
@@ -473,6 +486,7 @@ class Connection(asyncio.Protocol):
         if self._parser is None:
             self._parser = _new_parser(self)
         self._phase = _HEAD
+        self._new_head()
         self._head_request = request.method == "HEAD"
         self._head_bytes = 0
         self._received = False
