@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..core.errors import Forbidden, ProxyError
 
@@ -41,10 +41,11 @@ class AccessRules:
             token_header,
         )
 
-    @property
-    def active(self) -> bool:
-        """True when any rule applies."""
-        return bool(self.allow_from or self.client_token)
+    # True when any rule applies (set once: it is read for every request).
+    active: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "active", bool(self.allow_from or self.client_token))
 
     def check(self, remote: str | None, headers: Mapping[str, str]) -> ProxyError | None:
         """None when the client may go on; else the error to answer (403, or 407 without a credential)."""

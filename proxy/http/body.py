@@ -92,7 +92,7 @@ async def _stream(prefix: deque[bytes], content: BodyStream) -> AsyncIterator[by
 
 
 # The bodies of requests without one (no Content-Length, or 0): shared, nothing held.
-_NO_BODY = RequestBody(None, None, None)
+NO_BODY = RequestBody(None, None, None)
 _EMPTY_BODY = RequestBody(b"", None, 0)
 
 
@@ -102,7 +102,7 @@ def bodiless(request: Request) -> RequestBody | None:
         return None
     length = request.content_length
     if length is None:
-        return _NO_BODY
+        return NO_BODY
     return _EMPTY_BODY if length == 0 else None
 
 

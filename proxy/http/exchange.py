@@ -34,6 +34,25 @@ _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 _STATUS_LINES_KEPT = 64
 
 
+# Content-Length lines written before, by length; at most this many are kept.
+_LENGTH_LINES: dict[int, bytes] = {}
+_LENGTH_LINES_KEPT = 1024
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    if len(_STATUS_LINES) < _STATUS_LINES_KEPT:  # the reason is the upstream's word: keep only a few
+        _STATUS_LINES[(status, reason)] = line
+    return line
+
+
+def _length_line(length: int) -> bytes:
+    line = b"Content-Length: %d\r\n" % length
+    if len(_LENGTH_LINES) < _LENGTH_LINES_KEPT:
+        _LENGTH_LINES[length] = line
+    return line
+
+
 class Link(Protocol):
     """What an exchange needs of its connection (server.py's ClientConnection)."""
 
@@ -189,13 +208,13 @@ class Request:
     __slots__ = (
         "_chunked_out",
         "_headers",
+        "_host",
         "body",
         "body_timed_out",
         "close",
         "content_length",
         "expect",
         "forwarded",
-        "host",
         "keep_alive",
         "link",
         "method",
@@ -218,6 +237,12 @@ class Request:
         target: str,
         version: tuple[int, int],
         raw_headers: list[tuple[bytes, bytes]],
+        forwarded: list[tuple[bytes, bytes]] | None = None,
+        keep_alive: bool = True,
+        remote: str | None = None,
+        scheme: str = "http",
+        tunnel: str | None = None,
+        host: bytes | None = None,
     ) -> None:
         self.link = link
         self.method = method
@@ -226,16 +251,16 @@ class Request:
         self.raw_headers = raw_headers  # as llhttp gave them, in order
         # The headers that go upstream unless a route leaves out more (headers.forwarded_header_bytes); None
         # when a Connection header names some to leave out.
-        self.forwarded: list[tuple[bytes, bytes]] | None = None
-        self.host = ""  # the Host header's value, as sent
+        self.forwarded = forwarded
+        self.keep_alive = keep_alive  # what the client asked for (HTTP/1.0 and 1.1 rules, Connection)
+        self.remote = remote
+        self.scheme = scheme
+        self.tunnel = tunnel  # inside an intercepted CONNECT tunnel: its `host:port`
+        self._host = host  # the Host header's value, as sent
         self.content_length: int | None = None
         self.transfer_encoding: str | None = None
         self.expect: str | None = None
-        self.keep_alive = True  # what the client asked for (HTTP/1.0 and 1.1 rules, Connection)
         self.body: BodyStream | None = None  # None: the request has no body
-        self.remote: str | None = None
-        self.tunnel: str | None = None  # inside an intercepted CONNECT tunnel: its `host:port`
-        self.scheme = "http"
         self.close = False  # the connection ends after this answer
         self.started = False  # the head of the final answer has been written
         self.sent_status: int | None = None
@@ -252,6 +277,13 @@ class Request:
                 CIMultiDict((name.decode("latin-1"), value.decode("latin-1")) for name, value in self.raw_headers)
             )
         return self._headers
+
+    @property
+    def host(self) -> str:
+        """The Host header's value ("" without one); made on use: a request of the one route that takes
+        everything never needs it."""
+        host = self._host
+        return "" if host is None else host.strip().decode("latin-1")
 
     @property
     def body_exists(self) -> bool:
@@ -274,7 +306,7 @@ class Request:
             if length is not None and status not in (204,) and status >= 200:
                 lines = b"Content-Length: %d\r\n" % length
         elif length is not None:
-            lines = b"Content-Length: %d\r\n" % length
+            lines = _LENGTH_LINES.get(length) or _length_line(length)
         elif self.version >= (1, 1):
             lines = _CHUNKED
             chunked = True
@@ -294,11 +326,7 @@ class Request:
         self._chunked_out = chunked
         self.started = True
         self.sent_status = status
-        line = _STATUS_LINES.get((status, reason))
-        if line is None:
-            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-            if len(_STATUS_LINES) < _STATUS_LINES_KEPT:  # the reason is the upstream's word: keep only a few
-                _STATUS_LINES[(status, reason)] = line
+        line = _STATUS_LINES.get((status, reason)) or _status_line(status, reason)
         if not body or status < 200 or status == 204 or status == 304 or self.method == "HEAD":
             body = b""
         elif chunked:
@@ -327,8 +355,28 @@ class Request:
 
     def answer_whole(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A complete answer with a body known in full: one write."""
-        self.start(status, reason, headers, len(body), body)
-        self.finish()
+        if (
+            self.close
+            or not self.keep_alive
+            or self.version < (1, 1)
+            or status < 200
+            or status == 204
+            or status == 304
+            or self.method == "HEAD"
+        ):
+            self.start(status, reason, headers, len(body), body)
+            self.finish()
+            return
+        # start() and finish() for the usual case: a kept-alive HTTP/1.1 answer with a body.
+        self.started = True
+        self.sent_status = status
+        line = _STATUS_LINES.get((status, reason)) or _status_line(status, reason)
+        size = len(body)
+        length = _LENGTH_LINES.get(size) or _length_line(size)
+        if headers:
+            self.link.write(b"".join((line, b"\r\n".join(map(_FIELD_JOIN, headers)), b"\r\n", length, b"\r\n", body)))
+        else:
+            self.link.write(b"".join((line, length, b"\r\n", body)))
 
     def answer_error(self, error: ProxyError, *, close: bool = False, extra: bytes = b"") -> None:
         """tokenproxy's JSON answer for `error`; `close` ends the connection after it."""

@@ -24,7 +24,7 @@ from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..observe.ratelimit import LogLimiter
 from ..upstream.model import ArrivedAnswer, Outgoing, QuickExchange, Upstream, UpstreamAnswer, UpstreamClient
-from .body import ReplayMemory, bodiless, read_body
+from .body import NO_BODY, ReplayMemory, bodiless, read_body
 from .exchange import Request
 from .headers import (
     challenge_error,
@@ -190,7 +190,7 @@ class Forwarder:
         """
         started = time.perf_counter()
         target = request.target
-        body = bodiless(request)
+        body = NO_BODY if request.body is None and request.content_length is None else bodiless(request)
         if body is None or not target.startswith("/") or not target.isascii() or request.method == "CONNECT":
             return False
         token = route.tokens.token_now()
@@ -391,7 +391,7 @@ class Forwarder:
         upstream.release()
         return _Kept(
             upstream.status,
-            upstream.reason.encode("utf-8", "surrogateescape"),
+            upstream.reason_bytes,
             response_header_bytes(upstream.raw_headers),
             bytes(buffer),
         )
@@ -443,7 +443,7 @@ def _answer_head(request: Request, route: Route, upstream: UpstreamAnswer) -> tu
     headers = upstream.relayed_headers
     if headers is None:
         headers = response_header_bytes(upstream.raw_headers)
-    reason = upstream.reason.encode("utf-8", "surrogateescape")
+    reason = upstream.reason_bytes
     if has_control_character(reason, headers):
         refuse_unwritable(request, reason, headers)
     if route.rewrite_redirects:
@@ -521,10 +521,19 @@ class _Quick(_Journey):
             request.link.resume(request)
             return
         status = answer.status
+        route = self.route
         try:
-            reason, headers = _answer_head(request, self.route, answer)
-            request.start(status, reason, headers, answer.content_length, answer.take_body())
-            request.finish()
+            # _answer_head's usual case first, without a call.
+            reason = answer.reason_bytes
+            headers = answer.relayed_headers
+            if headers is None or route.rewrite_redirects or has_control_character(reason, headers):
+                reason, headers = _answer_head(request, route, answer)
+            body = answer.take_body()
+            if answer.content_length == len(body):
+                request.answer_whole(status, reason, headers, body)
+            else:
+                request.start(status, reason, headers, answer.content_length, body)
+                request.finish()
         except ProxyError as error:
             status = error.status
             request.answer_error(error)

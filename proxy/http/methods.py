@@ -71,13 +71,13 @@ def _boundary(data: bytes, requests: int) -> int | None:
 class MethodRecovery:
     """The unknown-method bookkeeping of one connection's parser; owned by that connection's callbacks."""
 
-    __slots__ = ("_carry_at_start", "_fed", "_idle_at_start", "_limit", "_real", "carry", "completions", "pending")
+    __slots__ = ("_carry_at_start", "_idle_at_start", "_limit", "_real", "carry", "completions", "fed_data", "pending")
 
     def __init__(self, max_request_line: int) -> None:
         self._limit = max_request_line
         self.carry = b""  # the start of a method begun in an earlier read, while the parser is still in it
         self._carry_at_start = b""
-        self._fed = b""  # this read's bytes as fed to the parser
+        self.fed_data = b""  # this read's bytes as fed to the parser
         self._idle_at_start = True  # the parser was between requests when this read began
         self.completions = 0  # requests completed in this read
         self._real: str | None = None  # the method of the next request to complete its head (fed a stand-in)
@@ -92,7 +92,7 @@ class MethodRecovery:
             self.pending = b""
             idle = True
         self._idle_at_start = idle
-        self._fed = data
+        self.fed_data = data
         return data
 
     def fed(self, in_method: bool) -> None:
@@ -101,7 +101,7 @@ class MethodRecovery:
             if self.carry:
                 self.carry = b""
             return
-        tail = self._fed[-self._limit :]
+        tail = self.fed_data[-self._limit :]
         carried = (self._carry_at_start + tail) if self.completions == 0 and not self._idle_at_start else tail
         match = _TOKEN_TAIL.search(carried)
         self.carry = carried[match.start() :] if match is not None else b""
@@ -111,7 +111,7 @@ class MethodRecovery:
 
         b"" with `pending` set: the method's end has not arrived yet.
         """
-        data = self._fed
+        data = self.fed_data
         if self.completions == 0:
             if self._idle_at_start:
                 start = 0

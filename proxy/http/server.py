@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -57,6 +57,9 @@ MAX_REFUSING = 64
 # Bytes of request bodies received on one connection and not yet read by the proxy before it stops
 # reading the socket; it reads again once they fall under half of this.
 READ_BUFFER = 64 * 1024
+
+# Where the headers to forward go once a Connection header names more to leave out: nowhere.
+_DISCARD: deque[tuple[bytes, bytes]] = deque(maxlen=0)
 
 # Pipelined requests whose heads are parsed while they wait for the ones before them; past this
 # the socket is not read until they are served.
@@ -239,6 +242,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_body_last",
         "_body_timer",
+        "_connection",
         "_content_length",
         "_current",
         "_drain",
@@ -259,6 +263,8 @@ class ClientConnection(asyncio.Protocol):
         "_linger",
         "_loop",
         "_manager",
+        "_max_header_size",
+        "_max_headers",
         "_methods",
         "_parser",
         "_parsing",
@@ -286,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
         self._manager = server
         self._limits = server.limits
         self._head_limit = server.head_limit
+        self._max_headers = self._limits.max_headers
+        self._max_header_size = self._limits.max_header_size
         self._loop = server.loop
         self._handler = server.handler.handle
         self._start = server.handler.start
@@ -312,9 +320,11 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._forwarded: list[tuple[bytes, bytes]] | None = []  # the headers that go upstream, while that is simple
+        # The headers that go upstream, while that is simple (_DISCARD: a Connection header names more).
+        self._forwarded: MutableSequence[tuple[bytes, bytes]] = []
         self._host: bytes | None = None
         self._hosts = 0
+        self._connection = False  # a Connection header came
         self._content_length: bytes | None = None
         self._transfer_encoding: bytes | None = None
         self._expect: bytes | None = None
@@ -427,8 +437,13 @@ class ClientConnection(asyncio.Protocol):
             self.close()
         elif self._queue:
             self._wake()
-        else:
+        elif self._in_head:
             self._go_idle()
+        else:
+            # _go_idle(), written out for the usual case: no next head begun.
+            self._idle_since = self._loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = self._loop.call_at(self._idle_since + self._limits.keepalive_timeout, self._idle_end)
 
     def resume(self, request: Request) -> None:
         """A request taken on in callbacks goes on in the serving coroutine."""
@@ -545,6 +560,7 @@ class ClientConnection(asyncio.Protocol):
         self._forwarded = []
         self._host = self._content_length = self._transfer_encoding = self._expect = None
         self._hosts = 0
+        self._connection = False
 
     def on_url(self, url: bytes) -> None:
         """(Part of) the request target."""
@@ -554,35 +570,40 @@ class ClientConnection(asyncio.Protocol):
             raise self._refusal
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One header, whole."""
+        """One header, whole (its limits are checked when the head is)."""
+        pair = (name, value)
+        self._headers.append(pair)
+        if len(name) in REQUEST_DROP_SIZES and name.lower() in REQUEST_DROP_BYTES:
+            self._not_forwarded(name.lower(), value)
+        else:
+            self._forwarded.append(pair)
+
+    def _not_forwarded(self, key: bytes, value: bytes) -> None:
+        """A header the proxy never forwards (lower-case `key`): the ones the request's handling needs noted."""
+        if key == b"host":
+            self._host = value
+            self._hosts += 1
+        elif key == b"content-length":
+            self._content_length = value
+        elif key == b"transfer-encoding":
+            self._transfer_encoding = value
+        elif key == b"expect":
+            self._expect = value
+        elif key == b"connection":
+            self._connection = True
+            if value.lower() not in PLAIN_CONNECTION:
+                self._forwarded = _DISCARD  # it names more headers to leave out: the forwarder sorts them
+
+    def _check_headers(self) -> None:
+        """Refuse a head with more than `max_headers` headers, or one longer than `max_header_size`."""
         limits = self._limits
-        headers = self._headers
-        if len(headers) >= limits.max_headers:
+        if len(self._headers) > limits.max_headers:
             self._refusal = HeadersTooLarge(f"the request has more than {limits.max_headers} headers")
             raise self._refusal
-        if len(name) + len(value) + 2 > limits.max_header_size:
-            self._refusal = HeadersTooLarge(f"a request header is longer than {limits.max_header_size} bytes")
-            raise self._refusal
-        pair = (name, value)
-        headers.append(pair)
-        if len(name) in REQUEST_DROP_SIZES:
-            key = name.lower()
-            if key in REQUEST_DROP_BYTES:
-                if key == b"host":
-                    self._host = value
-                    self._hosts += 1
-                elif key == b"content-length":
-                    self._content_length = value
-                elif key == b"transfer-encoding":
-                    self._transfer_encoding = value
-                elif key == b"expect":
-                    self._expect = value
-                elif key == b"connection" and value.lower() not in PLAIN_CONNECTION:
-                    self._forwarded = None  # it names more headers to leave out: the forwarder sorts them
-                return
-        forwarded = self._forwarded
-        if forwarded is not None:
-            forwarded.append(pair)
+        for name, value in self._headers:
+            if len(name) + len(value) + 2 > limits.max_header_size:
+                self._refusal = HeadersTooLarge(f"a request header is longer than {limits.max_header_size} bytes")
+                raise self._refusal
 
     def on_headers_complete(self) -> None:
         """The head is whole: the request is queued, its body (if any) to follow."""
@@ -590,8 +611,19 @@ class ClientConnection(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if (
+            len(self._headers) > self._max_headers
+            or self._head_bytes + len(self._methods.fed_data) > self._max_header_size
+        ):
+            self._check_headers()  # else no header is over the limits: the head holds fewer bytes
         parser = self._parser
-        version = (1, 1) if parser.get_http_version() == "1.1" else (1, 0)
+        keep_alive = parser.should_keep_alive()
+        if self._connection:
+            version = (1, 1) if parser.get_http_version() == "1.1" else (1, 0)
+        else:
+            # Without a Connection header llhttp keeps alive exactly the HTTP/1.1 requests (its version
+            # string is made anew for each call).
+            version = (1, 1) if keep_alive else (1, 0)
         if self._hosts > 1:
             self._refusal = BadRequest("malformed request: more than one Host header")
             raise self._refusal
@@ -599,14 +631,20 @@ class ClientConnection(asyncio.Protocol):
             self._refusal = BadRequest("malformed request: an HTTP/1.1 request needs a Host header")
             raise self._refusal
         method = self._methods.method_of(parser)
-        request = Request(self, method, self._url.decode("latin-1"), version, self._headers)
-        request.forwarded = self._forwarded
-        request.keep_alive = parser.should_keep_alive()
-        request.remote = self._remote
-        request.scheme = self._scheme
-        request.tunnel = self.tunnel
-        if self._host is not None:
-            request.host = self._host.strip().decode("latin-1")
+        forwarded = self._forwarded
+        request = Request(
+            self,
+            method,
+            self._url.decode("latin-1"),
+            version,
+            self._headers,
+            None if forwarded is _DISCARD else cast(list[tuple[bytes, bytes]], forwarded),
+            keep_alive,
+            self._remote,
+            self._scheme,
+            self.tunnel,
+            self._host,
+        )
         if self._expect is not None:
             request.expect = self._expect.decode("latin-1").strip()
         if self._transfer_encoding is not None:

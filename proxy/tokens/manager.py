@@ -237,7 +237,7 @@ class TokenManager:
         """
         now = self._clock()
         token = self._token
-        if token is None or not token.usable_at(now):
+        if token is None or now >= token.usable_until:  # Token.usable_at, without a call
             return None
         if token.generation <= self._rejected and self._flight.running:
             return None

@@ -55,12 +55,12 @@ class FastAnswer:
         "_headers",
         "_paused",
         "_raw",
-        "_raw_reason",
         "_relayed",
         "_source",
         "_waiter",
         "close_delimited",
         "content_length",
+        "reason_bytes",
         "relayed_headers",
         "status",
     )
@@ -83,7 +83,7 @@ class FastAnswer:
         self._raw: RawHeaders | None = None
         # What goes back to the client, sorted out while parsing; None: to be worked out from raw_headers.
         self.relayed_headers = None if names_more else cast(list[tuple[bytes, bytes]], relayed)
-        self._raw_reason = reason
+        self.reason_bytes = reason
         self.content_length = content_length
         self.close_delimited = False  # the body ends when the upstream closes the connection
         self._headers: CIMultiDictProxy[str] | None = None
@@ -99,7 +99,7 @@ class FastAnswer:
     @property
     def reason(self) -> str:
         """The reason phrase (bytes that are not UTF-8 kept as surrogates, as aiohttp reads them)."""
-        return self._raw_reason.decode("utf-8", "surrogateescape")
+        return self.reason_bytes.decode("utf-8", "surrogateescape")
 
     @property
     def raw_headers(self) -> RawHeaders:

@@ -63,7 +63,7 @@ class _Pool:
         self._idle: deque[Connection] = deque()
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
-        self._closed = False
+        self.closed = False  # close() was called: no connection is kept alive any more
 
     def take_idle(self) -> Connection | None:
         """The newest usable kept-alive connection, when no request is waiting its turn before us."""
@@ -71,7 +71,8 @@ class _Pool:
             idle = self._idle
             while idle:
                 connection = idle.pop()
-                if connection.usable:
+                transport = connection.transport  # Connection.usable, without a call
+                if not connection.lost and transport is not None and not transport.is_closing():
                     return connection
         return None
 
@@ -139,8 +140,8 @@ class _Pool:
 
     def release(self, connection: Connection, *, reusable: bool) -> None:
         """Take a connection back after an exchange: to the next waiter, to the idle stack, or closed."""
-        if not reusable or not connection.usable or self._closed:
-            if self._closed:
+        if not reusable or not connection.usable or self.closed:
+            if self.closed:
                 connection.close_because("the pool is closed (shutting down, or a reload changed the upstream)")
             elif connection.usable:
                 connection.close_because("its answer was not read to the end (the client left, or an error)")
@@ -228,7 +229,7 @@ class _Pool:
 
     def close(self) -> None:
         """Close the idle connections now and every other one when its exchange ends."""
-        self._closed = True
+        self.closed = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
@@ -240,12 +241,7 @@ class _Pool:
 
     def reopen(self) -> None:
         """Keep connections alive again (the upstream is current once more)."""
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        """True once close() was called: no connection is kept alive any more."""
-        return self._closed
+        self.closed = False
 
     @property
     def busy(self) -> bool:

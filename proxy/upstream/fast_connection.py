@@ -81,6 +81,13 @@ _BROKEN = 4  # failed: the error is delivered, the connection is closing
 _NOT_RELAYED = frozenset(name.encode() for name in HOP_BY_HOP | {"content-length"})
 _NOT_RELAYED_SIZES = frozenset(len(name) for name in _NOT_RELAYED)
 
+# The usual Connection values as sent, and whether each says close.
+_PLAIN_CLOSE = {
+    spelling: value == b"close"
+    for value in PLAIN_CONNECTION
+    for spelling in (value, value.capitalize(), value.title(), value.upper())
+}
+
 # A head this short cannot hold more than MAX_HEADERS headers ("a:" and CRLF at least) nor a line over MAX_LINE.
 _SMALL_HEAD = min(4 * MAX_HEADERS, MAX_LINE)
 
@@ -345,13 +352,16 @@ class Connection(asyncio.Protocol):
         lower = name.lower()
         if lower == b"content-length":
             self._length = int(value)  # llhttp has checked it is a number, and the only one
+        elif lower == b"connection":
+            close = _PLAIN_CLOSE.get(value)
+            if close is None:
+                lowered = value.rstrip(b" \t").lower()
+                close = b"close" in lowered
+                if lowered not in PLAIN_CONNECTION:
+                    self._names_more = True  # it names more headers to leave out: the forwarder sorts them
+            self._close = close
         elif lower == b"transfer-encoding":
             self._chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
-        elif lower == b"connection":
-            lowered = value.rstrip(b" \t").lower()
-            self._close = b"close" in lowered
-            if lowered not in PLAIN_CONNECTION:
-                self._names_more = True  # it names more headers to leave out: the forwarder sorts them
 
     def _check_head(self) -> None:
         """Raise _TooLarge when the head has too many headers, or a status line or header over MAX_LINE."""
@@ -486,17 +496,24 @@ class Connection(asyncio.Protocol):
         if self._parser is None:
             self._parser = _new_parser(self)
         self._phase = _HEAD
-        self._new_head()
+        # _new_head() and, below, _start_timer(), written out: this runs for every request.
+        self._reason = b""
+        self._relayed = []
+        self._dropped = []
+        self._length = None
+        self._chunked = self._close = self._names_more = False
         self._head_request = request.method == "HEAD"
         self._head_bytes = 0
         self._received = False
-        self._body_sent = False
         body = request.body
         transport.write(head)
         if body.stream is None:
-            self._body_sent = True
-            self._start_timer()
+            self._body_sent = self._timing = True
+            self._last_read = now = self._loop.time()
+            if self._timer is None:
+                self._timer = self._loop.call_at(now + self._read_timeout, self._on_timer)
         else:
+            self._body_sent = False
             self._writer = self._loop.create_task(self._send_stream(body.stream, chunked=body.length is None))
 
     async def _send_stream(self, stream: AsyncIterator[bytes], *, chunked: bool) -> None:

@@ -212,6 +212,10 @@ class UpstreamAnswer(Protocol):
         gives back what the upstream sent)."""
 
     @property
+    def reason_bytes(self) -> bytes:
+        """The reason phrase byte for byte as the upstream sent it."""
+
+    @property
     def raw_headers(self) -> RawHeaders:
         """The headers as received, in order, repeats kept."""
 

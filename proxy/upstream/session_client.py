@@ -210,6 +210,11 @@ class SessionAnswer:
         return self._response.reason or ""
 
     @property
+    def reason_bytes(self) -> bytes:
+        """The reason phrase as the upstream sent it."""
+        return self.reason.encode("utf-8", "surrogateescape")
+
+    @property
     def relayed_headers(self) -> None:
         """Not sorted out while parsing: the forwarder works them out from `raw_headers`."""
         return None
