@@ -444,7 +444,7 @@ def _answer_head(request: Request, route: Route, upstream: UpstreamAnswer) -> tu
     if headers is None:
         headers = response_header_bytes(upstream.raw_headers)
     reason = upstream.reason_bytes
-    if has_control_character(reason, headers):
+    if has_control_character(reason, headers, upstream.values_checked):
         refuse_unwritable(request, reason, headers)
     if route.rewrite_redirects:
         _rewrite_location(headers, route.upstream, request)
@@ -526,7 +526,11 @@ class _Quick(_Journey):
             # _answer_head's usual case first, without a call.
             reason = answer.reason_bytes
             headers = answer.relayed_headers
-            if headers is None or route.rewrite_redirects or has_control_character(reason, headers):
+            if (
+                headers is None
+                or route.rewrite_redirects
+                or has_control_character(reason, headers, answer.values_checked)
+            ):
                 reason, headers = _answer_head(request, route, answer)
             body = answer.take_body()
             if answer.content_length == len(body):

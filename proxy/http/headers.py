@@ -111,10 +111,13 @@ def response_header_bytes(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[byte
     return _kept(raw, _RESPONSE_DROP_FRAMED, _RESPONSE_DROP_FRAMED_BYTES)
 
 
-def has_control_character(reason: bytes, pairs: list[tuple[bytes, bytes]]) -> bool:
+def has_control_character(reason: bytes, pairs: list[tuple[bytes, bytes]], values_checked: bool = False) -> bool:
     """Whether an answer's reason phrase or header values hold a control character (`control_character_in_raw`
-    says where): two plain C passes over the bytes."""
-    return 0 in reason.translate(_CONTROL_MAP) or 0 in b"".join(map(_VALUE, pairs)).translate(_CONTROL_MAP)
+    says where): plain C passes over the bytes. `values_checked`: the parser refused any in the values already,
+    so only the reason phrase is looked at."""
+    if not reason.isalpha() and 0 in reason.translate(_CONTROL_MAP):
+        return True
+    return not values_checked and 0 in b"".join(map(_VALUE, pairs)).translate(_CONTROL_MAP)
 
 
 # A control character other than HTAB: no field value or reason phrase may hold one (RFC 9110 §5.5,

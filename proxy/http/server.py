@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -40,7 +40,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..core.errors import BadRequest, ProxyError
-from ..upstream.model import PLAIN_CONNECTION
+from ..upstream.model import PLAIN_CONNECTION, Discard
 from .exchange import BodyStream, Request, malformed_body
 from .headers import REQUEST_DROP_BYTES, REQUEST_DROP_SIZES
 from .methods import MethodRecovery
@@ -59,7 +59,7 @@ MAX_REFUSING = 64
 READ_BUFFER = 64 * 1024
 
 # Where the headers to forward go once a Connection header names more to leave out: nowhere.
-_DISCARD: deque[tuple[bytes, bytes]] = deque(maxlen=0)
+_DISCARD = Discard()
 
 # Pipelined requests whose heads are parsed while they wait for the ones before them; past this
 # the socket is not read until they are served.
@@ -321,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         # The headers that go upstream, while that is simple (_DISCARD: a Connection header names more).
-        self._forwarded: MutableSequence[tuple[bytes, bytes]] = []
+        self._forwarded: list[tuple[bytes, bytes]] = []
         self._host: bytes | None = None
         self._hosts = 0
         self._connection = False  # a Connection header came
@@ -638,7 +638,7 @@ class ClientConnection(asyncio.Protocol):
             self._url.decode("latin-1"),
             version,
             self._headers,
-            None if forwarded is _DISCARD else cast(list[tuple[bytes, bytes]], forwarded),
+            None if forwarded is _DISCARD else forwarded,
             keep_alive,
             self._remote,
             self._scheme,

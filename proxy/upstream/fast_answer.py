@@ -11,8 +11,8 @@ knows the connection only as a `_Source` (pause, resume, hand back).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, MutableSequence
-from typing import Protocol, cast
+from collections.abc import AsyncGenerator
+from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -63,17 +63,19 @@ class FastAnswer:
         "reason_bytes",
         "relayed_headers",
         "status",
+        "values_checked",
     )
 
     def __init__(
         self,
         status: int,
         reason: bytes,
-        relayed: MutableSequence[tuple[bytes, bytes]],
-        dropped: MutableSequence[tuple[bytes, bytes]],
+        relayed: list[tuple[bytes, bytes]],
+        dropped: list[tuple[bytes, bytes]],
         content_length: int | None,
         source: _Source,
         names_more: bool = False,
+        values_checked: bool = False,
     ) -> None:
         """`relayed`: the headers that go back to the client (None when a `Connection` header names more, for
         the forwarder to sort out); `dropped`: the hop-by-hop and framing ones."""
@@ -82,8 +84,9 @@ class FastAnswer:
         self._dropped = dropped
         self._raw: RawHeaders | None = None
         # What goes back to the client, sorted out while parsing; None: to be worked out from raw_headers.
-        self.relayed_headers = None if names_more else cast(list[tuple[bytes, bytes]], relayed)
+        self.relayed_headers = None if names_more else relayed
         self.reason_bytes = reason
+        self.values_checked = values_checked  # llhttp refused any control character in a header value
         self.content_length = content_length
         self.close_delimited = False  # the body ends when the upstream closes the connection
         self._headers: CIMultiDictProxy[str] | None = None

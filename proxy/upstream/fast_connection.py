@@ -15,8 +15,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import deque
-from collections.abc import AsyncIterator, MutableSequence
+from collections.abc import AsyncIterator
 from typing import Protocol, cast
 
 from aiohttp.web_protocol import RequestPayloadError
@@ -25,7 +24,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from ..core.causes import cause_in_words
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .fast_answer import FastAnswer
-from .model import HOP_BY_HOP, PLAIN_CONNECTION, AnswerSink, Outgoing, Upstream
+from .model import HOP_BY_HOP, PLAIN_CONNECTION, AnswerSink, Discard, Outgoing, Upstream
 
 # Connection events (closed, and why) at debug, behind a level check at each event, never per request.
 logger = logging.getLogger("tokenproxy.upstream")
@@ -92,7 +91,7 @@ _PLAIN_CLOSE = {
 _SMALL_HEAD = min(4 * MAX_HEADERS, MAX_LINE)
 
 # Where the headers of a trailer section go: nowhere.
-_DISCARD: deque[tuple[bytes, bytes]] = deque(maxlen=0)
+_DISCARD = Discard()
 
 # The answers whose head ends them: no body follows whatever their framing headers say (RFC 9112 §6.3).
 _NO_BODY = frozenset({204, 304})
@@ -145,9 +144,11 @@ class Connection(asyncio.Protocol):
         "_dropped",
         "_halted",
         "_head_bytes",
+        "_head_parts",
         "_head_request",
         "_last_read",
         "_length",
+        "_lenient",
         "_loop",
         "_names_more",
         "_parser",
@@ -190,13 +191,15 @@ class Connection(asyncio.Protocol):
         # The answer's head as llhttp hands it over: the reason phrase, the headers to relay and the others, its
         # Content-Length, Transfer-Encoding: chunked, Connection: close, and a Connection header naming more.
         self._reason = b""
-        self._relayed: MutableSequence[tuple[bytes, bytes]] = []
-        self._dropped: MutableSequence[tuple[bytes, bytes]] = []
+        self._relayed: list[tuple[bytes, bytes]] = []
+        self._dropped: list[tuple[bytes, bytes]] = []
         self._length: int | None = None
         self._chunked = False
         self._close = False
         self._names_more = False
         self._head_bytes = 0
+        self._head_parts: list[bytes] = []  # the bytes of the answer until its head is complete
+        self._lenient = False  # control characters in header values are let through (see _refused)
         self._halted = False
         self._received = False
         self._writer: asyncio.Task[None] | None = None
@@ -240,6 +243,7 @@ class Connection(asyncio.Protocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._fail(UpstreamUnreachable(self._pool.details.malformed))
                 return
+            self._head_parts.append(data)
         parser = self._parser
         assert parser is not None
         try:
@@ -248,11 +252,28 @@ class Connection(asyncio.Protocol):
             pass  # after a 101 (not expected from an upstream): its head was the answer, the connection is not reused
         except HttpParserError:
             if not self._halted:
-                self._fail(UpstreamUnreachable(self._pool.details.malformed))
+                self._refused()
         if self._sink is not None and self._answer is not None:
             # Told once per read, not per callback: an answer that came whole in this read is complete now.
             sink, self._sink = self._sink, None
             sink.answered(self._answer)
+
+    def _refused(self) -> None:
+        """llhttp refused the answer: perhaps only for a control character in a header value, when the head so
+        far is read again leniently (the forwarder names the header, and a refresh status is still renewed)."""
+        if self._phase == _HEAD and not self._lenient:
+            self._lenient = True  # from now on, for this connection
+            parser = self._parser = _new_parser(self, lenient_headers=True)
+            self._new_head()
+            try:
+                parser.feed_data(b"".join(self._head_parts))
+                return
+            except HttpParserUpgrade:
+                return
+            except HttpParserError:
+                if self._halted:
+                    return
+        self._fail(UpstreamUnreachable(self._pool.details.malformed))
 
     def eof_received(self) -> bool | None:
         """The upstream closed its side: let the transport close, which ends a body read until close."""
@@ -386,7 +407,10 @@ class Connection(asyncio.Protocol):
             self._check_head()
         length = self._length
         chunked = self._chunked
-        answer = FastAnswer(status, self._reason, self._relayed, self._dropped, length, self, self._names_more)
+        self._head_parts.clear()
+        answer = FastAnswer(
+            status, self._reason, self._relayed, self._dropped, length, self, self._names_more, not self._lenient
+        )
         self._relayed = self._dropped = _DISCARD  # trailers after a chunked body: not relayed
         self._answer = answer
         keep_alive = parser.should_keep_alive()
@@ -494,7 +518,7 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise NotSent()
         if self._parser is None:
-            self._parser = _new_parser(self)
+            self._parser = _new_parser(self, lenient_headers=self._lenient)
         self._phase = _HEAD
         # _new_head() and, below, _start_timer(), written out: this runs for every request.
         self._reason = b""
@@ -626,13 +650,14 @@ class Connection(asyncio.Protocol):
         self._fail(UpstreamTimeout(self._pool.details.read_timeout))
 
 
-def _new_parser(connection: Connection) -> HttpResponseParser:
+def _new_parser(connection: Connection, *, lenient_headers: bool) -> HttpResponseParser:
     parser = HttpResponseParser(connection)
-    # The leniencies aiohttp's client parser has always had, so the same upstreams are understood:
-    # control characters in header values and the reason phrase reach the forwarder (which refuses
-    # to relay them, naming where), a bare LF ends a line, and spaces may follow a chunk size.
+    # The leniencies aiohttp's client parser has always had, so the same upstreams are understood: a bare
+    # LF ends a line, spaces may follow a chunk size, and (`lenient_headers`, after a head was refused
+    # without it) control characters in header values reach the forwarder, which refuses to relay them,
+    # naming where. Without it, llhttp refuses them itself: the forwarder has nothing to look for.
     parser.set_dangerous_leniencies(
-        lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+        lenient_headers=lenient_headers, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
     )
     return parser
 

@@ -194,6 +194,13 @@ class Outgoing:
         return self.resend_left and self.method in IDEMPOTENT_METHODS and self.body.replayable
 
 
+class Discard(list[tuple[bytes, bytes]]):
+    """A header list that keeps nothing: where the headers go that nobody will read."""
+
+    def append(self, item: tuple[bytes, bytes], /) -> None:
+        """Dropped."""
+
+
 class UpstreamAnswer(Protocol):
     """The upstream's answer: status and headers at once, the body as it arrives.
 
@@ -226,6 +233,10 @@ class UpstreamAnswer(Protocol):
     @property
     def content_length(self) -> int | None:
         """The announced body length, if any."""
+
+    @property
+    def values_checked(self) -> bool:
+        """True when the header values are known to hold no control character (the parser refused any)."""
 
     @property
     def relayed_headers(self) -> list[tuple[bytes, bytes]] | None:

@@ -215,6 +215,11 @@ class SessionAnswer:
         return self.reason.encode("utf-8", "surrogateescape")
 
     @property
+    def values_checked(self) -> bool:
+        """Not known: the forwarder looks for control characters itself."""
+        return False
+
+    @property
     def relayed_headers(self) -> None:
         """Not sorted out while parsing: the forwarder works them out from `raw_headers`."""
         return None
