@@ -74,6 +74,26 @@ async def test_server_http10_answer_of_unknown_length_is_close_delimited(make_pr
 
 
 @on_both_loops
+@pytest.mark.parametrize("host", [b"Host: c\r\n", b""])
+async def test_server_http10_without_connection_header_gets_no_chunks(make_proxy: Any, host: bytes) -> None:
+    """An HTTP/1.0 request with no Connection header (with a Host header or without): an answer of unknown
+    length still goes unchunked, ended by the close (the version is told without one)."""
+    proxy = await make_proxy()
+    reader, writer = await open_raw(proxy.url)
+    try:
+        writer.write(b"GET /download/5000 HTTP/1.0\r\n" + host + b"\r\n")
+        data = await read_to_eof(reader)
+    finally:
+        await close_raw(writer)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0].startswith(b"http/1.1 200")
+    assert b"connection: close" in lines
+    assert not any(line.startswith(b"transfer-encoding") for line in lines)
+    assert body == (bytes(range(256)) * 20)[:5000]
+
+
+@on_both_loops
 async def test_server_http10_without_keep_alive_is_closed_after_answer(make_proxy: Any) -> None:
     """A plain HTTP/1.0 request gets its answer with its length, then the connection closes."""
     proxy = await make_proxy()

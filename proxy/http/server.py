@@ -573,8 +573,8 @@ class ClientConnection(asyncio.Protocol):
         """One header, whole (its limits are checked when the head is)."""
         pair = (name, value)
         self._headers.append(pair)
-        if len(name) in REQUEST_DROP_SIZES and name.lower() in REQUEST_DROP_BYTES:
-            self._not_forwarded(name.lower(), value)
+        if len(name) in REQUEST_DROP_SIZES and (key := name.lower()) in REQUEST_DROP_BYTES:
+            self._not_forwarded(key, value)
         else:
             self._forwarded.append(pair)
 
@@ -624,12 +624,13 @@ class ClientConnection(asyncio.Protocol):
             # Without a Connection header llhttp keeps alive exactly the HTTP/1.1 requests (its version
             # string is made anew for each call).
             version = (1, 1) if keep_alive else (1, 0)
-        if self._hosts > 1:
-            self._refusal = BadRequest("malformed request: more than one Host header")
-            raise self._refusal
-        if self._host is None and version >= (1, 1):
-            self._refusal = BadRequest("malformed request: an HTTP/1.1 request needs a Host header")
-            raise self._refusal
+        if self._hosts != 1:
+            if self._hosts > 1:
+                self._refusal = BadRequest("malformed request: more than one Host header")
+                raise self._refusal
+            if version >= (1, 1):
+                self._refusal = BadRequest("malformed request: an HTTP/1.1 request needs a Host header")
+                raise self._refusal
         method = self._methods.method_of(parser)
         forwarded = self._forwarded
         request = Request(

@@ -245,7 +245,7 @@ class FastAnswer:
         """Done: the connection goes back to the pool if the answer was read to its end."""
         if not self._done:
             self._done = True
-            self._source.hand_back(self, whole=self.at_eof())
+            self._source.hand_back(self, whole=self._eof and not self._chunks)
 
     def close(self) -> None:
         """Done early: the connection is closed."""

@@ -140,7 +140,8 @@ class _Pool:
 
     def release(self, connection: Connection, *, reusable: bool) -> None:
         """Take a connection back after an exchange: to the next waiter, to the idle stack, or closed."""
-        if not reusable or not connection.usable or self.closed:
+        transport = connection.transport  # Connection.usable, without a call
+        if not reusable or connection.lost or transport is None or transport.is_closing() or self.closed:
             if self.closed:
                 connection.close_because("the pool is closed (shutting down, or a reload changed the upstream)")
             elif connection.usable:

@@ -362,15 +362,14 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """One header, whole (httptools joins the pieces); llhttp keeps whitespace after a value (it is relayed)."""
-        if len(name) in _NOT_RELAYED_SIZES and name.lower() in _NOT_RELAYED:
-            self._not_relayed(name, value)
+        if len(name) in _NOT_RELAYED_SIZES and (lower := name.lower()) in _NOT_RELAYED:
+            self._not_relayed(lower, name, value)
         else:
             self._relayed.append((name, value))
 
-    def _not_relayed(self, name: bytes, value: bytes) -> None:
-        """A header that never goes to the client: the framing ones noted."""
+    def _not_relayed(self, lower: bytes, name: bytes, value: bytes) -> None:
+        """A header that never goes to the client (`lower`: its name in lower case): the framing ones noted."""
         self._dropped.append((name, value))
-        lower = name.lower()
         if lower == b"content-length":
             self._length = int(value)  # llhttp has checked it is a number, and the only one
         elif lower == b"connection":
