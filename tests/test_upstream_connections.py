@@ -438,14 +438,22 @@ async def test_early_413_during_large_upload_client_gets_413_and_keeps_its_conne
     assert upstream.requests[0].all(b"content-length") == [str(len(upload)).encode()]
 
 
+@pytest.mark.parametrize(
+    "stray",
+    [answer(b"STRAY", "200 Stray"), b"HTTP/1.1 200 Stray\r\n", b"HTT"],
+    ids=["whole-answer", "status-line-only", "first-bytes-only"],
+)
 async def test_extra_answer_after_complete_one_not_relayed_and_connection_not_reused(
-    make_proxy: Any, client: aiohttp.ClientSession
+    make_proxy: Any, client: aiohttp.ClientSession, stray: bytes, upstream_client: str
 ) -> None:
-    """The upstream sends two answers to one request: the first is relayed, the stray one never reaches anybody."""
+    """The upstream sends a second answer (or its first bytes) to one request with the first: the first is
+    relayed, the stray one never reaches anybody, and that connection carries no other request."""
+    if upstream_client == "session" and not stray.endswith(b"STRAY"):
+        pytest.skip("aiohttp's ClientSession keeps a connection whose answer came with the start of another")
 
     async def doubled(request: Request) -> bool:
         if request.target == "/first":
-            await request.conn.send(answer(b"first") + answer(b"STRAY", "200 Stray"))
+            await request.conn.send(answer(b"first") + stray)
             return True
         return await echo_target(request)
 

@@ -356,9 +356,17 @@ class Connection(asyncio.Protocol):
         self._close = False
         self._names_more = False
 
+    def on_message_begin(self) -> None:
+        """A message begins: an interim one or the answer; after the answer, a second one is a fault (even one
+        that is not whole yet: the connection must not be reused with it half-parsed)."""
+        if self._phase != _HEAD:
+            self._halt("the upstream sent a second answer to one request")
+
     def on_status(self, reason: bytes) -> None:
         """The reason phrase (or a piece of it)."""
         self._reason += reason
+        if len(self._reason) > MAX_LINE:
+            raise _TooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """One header, whole (httptools joins the pieces); llhttp keeps whitespace after a value (it is relayed)."""
@@ -384,8 +392,8 @@ class Connection(asyncio.Protocol):
             self._chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
 
     def _check_head(self) -> None:
-        """Raise _TooLarge when the head has too many headers, or a status line or header over MAX_LINE."""
-        if len(self._reason) > MAX_LINE or len(self._relayed) + len(self._dropped) > MAX_HEADERS:
+        """Raise _TooLarge when the head has too many headers, or one over MAX_LINE."""
+        if len(self._relayed) + len(self._dropped) > MAX_HEADERS:
             raise _TooLarge()
         for headers in (self._relayed, self._dropped):
             for name, value in headers:
@@ -394,8 +402,6 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         """The answer's head is complete: hand it over (an interim 1xx one is skipped)."""
-        if self._phase != _HEAD:
-            self._halt("the upstream sent a second answer to one request")
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
