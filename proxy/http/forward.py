@@ -27,6 +27,7 @@ from ..upstream.model import ArrivedAnswer, Outgoing, QuickExchange, Upstream, U
 from .body import NO_BODY, ReplayMemory, bodiless, read_body
 from .exchange import Request
 from .headers import (
+    REQUEST_DROP,
     challenge_error,
     control_character_in_raw,
     forwarded_header_bytes,
@@ -198,13 +199,10 @@ class Forwarder:
             return False
         if route.strip_prefix:
             target = route.forwarded_target(target)
-        outgoing = Outgoing(
-            route.upstream,
-            request.method,
-            target,
-            forwarded_header_bytes(request.raw_headers, request.forwarded, route.drop),
-            body,
-        )
+        headers = request.forwarded
+        if headers is None or route.drop is not REQUEST_DROP:  # forwarded_header_bytes' usual case first
+            headers = forwarded_header_bytes(request.raw_headers, headers, route.drop)
+        outgoing = Outgoing(route.upstream, request.method, target, headers, body)
         quick = _Quick(self, request, route, outgoing, token, started)
         exchange = self._client.start(outgoing, token.header, quick)
         if exchange is None:
@@ -529,7 +527,11 @@ class _Quick(_Journey):
             if (
                 headers is None
                 or route.rewrite_redirects
-                or has_control_character(reason, headers, answer.values_checked)
+                # has_control_character's usual case first: the values checked by llhttp, a reason of letters
+                or (
+                    not (answer.values_checked and reason.isalpha())
+                    and has_control_character(reason, headers, answer.values_checked)
+                )
             ):
                 reason, headers = _answer_head(request, route, answer)
             body = answer.take_body()

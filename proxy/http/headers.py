@@ -17,7 +17,7 @@ from ..upstream.model import HOP_BY_HOP, PLAIN_CONNECTION, Pairs, as_text
 # The proxy sets these itself on the way up: Host is the upstream's,
 # Authorization is the bearer, Content-Length follows the body it sends,
 # Expect was already answered to the client by the proxy.
-_REQUEST_DROP: frozenset[str] = HOP_BY_HOP | {"host", "authorization", "content-length", "expect"}
+REQUEST_DROP: frozenset[str] = HOP_BY_HOP | {"host", "authorization", "content-length", "expect"}
 _RESPONSE_DROP: frozenset[str] = HOP_BY_HOP
 # The answer's framing is the proxy's own to write (exchange.py): its Content-Length is set from the length.
 _RESPONSE_DROP_FRAMED: frozenset[str] = HOP_BY_HOP | {"content-length"}
@@ -77,15 +77,15 @@ def _filter(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str]) -> Pairs:
 def request_drop_set(extra: Iterable[str] = ()) -> frozenset[str]:
     """The request headers never forwarded, plus `extra` ones (such as a client-token header)."""
     names = {name.lower() for name in extra}
-    return _REQUEST_DROP if names <= _REQUEST_DROP else _REQUEST_DROP | names
+    return REQUEST_DROP if names <= REQUEST_DROP else REQUEST_DROP | names
 
 
 # The request headers the server's parser leaves out of `forwarded` as it goes (server.py), by lower-case
 # name and by length: only a name of one of those lengths is lowered at all.
-REQUEST_DROP_BYTES, REQUEST_DROP_SIZES = _bytes_of(_REQUEST_DROP)
+REQUEST_DROP_BYTES, REQUEST_DROP_SIZES = _bytes_of(REQUEST_DROP)
 
 
-def request_headers(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str] = _REQUEST_DROP) -> Pairs:
+def request_headers(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[str] = REQUEST_DROP) -> Pairs:
     """The client's headers that go upstream, before the proxy adds its own."""
     return _filter(raw, drop)
 
@@ -96,7 +96,7 @@ def forwarded_header_bytes(
     """The same headers as `request_headers`, as the bytes the client sent: the list the server sorted out
     while parsing (`forwarded`, None when a Connection header names more to leave out) when `drop` is the plain
     set, else the headers of `raw` that `drop` lets through."""
-    if forwarded is not None and drop is _REQUEST_DROP:
+    if forwarded is not None and drop is REQUEST_DROP:
         return forwarded
     return _kept(raw, drop)
 

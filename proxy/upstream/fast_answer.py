@@ -50,7 +50,6 @@ class FastAnswer:
         "_chunks",
         "_done",
         "_dropped",
-        "_eof",
         "_error",
         "_headers",
         "_paused",
@@ -59,6 +58,7 @@ class FastAnswer:
         "_source",
         "_waiter",
         "close_delimited",
+        "complete",
         "content_length",
         "reason_bytes",
         "relayed_headers",
@@ -93,7 +93,7 @@ class FastAnswer:
         self._source = source
         self._chunks: list[bytes] = []  # few: the socket pauses above HIGH_WATER
         self._buffered = 0
-        self._eof = False
+        self.complete = False  # the whole body has arrived (read or not)
         self._error: ProxyError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -139,22 +139,17 @@ class FastAnswer:
 
     def end(self) -> None:
         """The whole body has arrived."""
-        self._eof = True
+        self.complete = True
         if self._waiter is not None:
             self._wake()
 
     def fail(self, error: ProxyError) -> None:
         """The body broke off: the reader gets `error` instead of what is left (unless it is all here)."""
-        if self._error is None and not self._eof:
+        if self._error is None and not self.complete:
             self._error = error
             self._chunks.clear()
             self._buffered = 0
             self._wake()
-
-    @property
-    def complete(self) -> bool:
-        """True once the whole body has arrived (read or not)."""
-        return self._eof
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -180,7 +175,7 @@ class FastAnswer:
 
     def at_eof(self) -> bool:
         """True once the whole body has been read."""
-        return self._eof and not self._chunks
+        return self.complete and not self._chunks
 
     async def read(self, limit: int) -> bytes:
         """Up to `limit` body bytes; b"" at the end."""
@@ -188,7 +183,7 @@ class FastAnswer:
         while not chunks:
             if self._error is not None:
                 raise self._error
-            if self._eof:
+            if self.complete:
                 return b""
             await self._more()
         if self._error is not None:
@@ -236,7 +231,7 @@ class FastAnswer:
                 chunk = chunks.pop(0)
                 self._taken(len(chunk))
                 yield chunk
-            elif self._eof:
+            elif self.complete:
                 return
             else:
                 await self._more()
@@ -245,7 +240,7 @@ class FastAnswer:
         """Done: the connection goes back to the pool if the answer was read to its end."""
         if not self._done:
             self._done = True
-            self._source.hand_back(self, whole=self._eof and not self._chunks)
+            self._source.hand_back(self, whole=self.complete and not self._chunks)
 
     def close(self) -> None:
         """Done early: the connection is closed."""
