@@ -153,6 +153,12 @@ OVERSIZED = [
         "headers_too_large",
     ),
     (
+        {"max_headers": 10},  # a head that never ends: refused at the header over the limit, not at its end
+        b"GET /echo HTTP/1.1\r\nHost: c\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(20)),
+        431,
+        "headers_too_large",
+    ),
+    (
         {"max_header_size": 256},
         b"GET /echo HTTP/1.1\r\nHost: c\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n",
         431,

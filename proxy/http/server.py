@@ -570,9 +570,12 @@ class ClientConnection(asyncio.Protocol):
             raise self._refusal
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One header, whole (its limits are checked when the head is)."""
+        """One header, whole (its length is checked when the head is)."""
         pair = (name, value)
-        self._headers.append(pair)
+        headers = self._headers
+        headers.append(pair)
+        if len(headers) > self._max_headers:
+            self._check_headers()  # refused at once: a flood of small headers holds no memory
         if len(name) in REQUEST_DROP_SIZES and (key := name.lower()) in REQUEST_DROP_BYTES:
             self._not_forwarded(key, value)
         else:
@@ -611,11 +614,8 @@ class ClientConnection(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if (
-            len(self._headers) > self._max_headers
-            or self._head_bytes + len(self._methods.fed_data) > self._max_header_size
-        ):
-            self._check_headers()  # else no header is over the limits: the head holds fewer bytes
+        if self._head_bytes + len(self._methods.fed_data) > self._max_header_size:
+            self._check_headers()  # else no header is over the limit: the head holds fewer bytes
         parser = self._parser
         keep_alive = parser.should_keep_alive()
         if self._connection:
