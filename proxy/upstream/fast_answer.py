@@ -77,8 +77,9 @@ class FastAnswer:
         names_more: bool = False,
         values_checked: bool = False,
     ) -> None:
-        """`relayed`: the headers that go back to the client (None when a `Connection` header names more, for
-        the forwarder to sort out); `dropped`: the hop-by-hop and framing ones."""
+        """`relayed`: the headers that go back to the client, unless `names_more` (a `Connection` header names
+        more to leave out: the forwarder sorts them out of `raw_headers`); `dropped`: the hop-by-hop and framing
+        ones; `values_checked`: llhttp refused any control character in a header value."""
         self.status = status
         self._relayed = relayed
         self._dropped = dropped
@@ -86,7 +87,7 @@ class FastAnswer:
         # What goes back to the client, sorted out while parsing; None: to be worked out from raw_headers.
         self.relayed_headers = None if names_more else relayed
         self.reason_bytes = reason
-        self.values_checked = values_checked  # llhttp refused any control character in a header value
+        self.values_checked = values_checked
         self.content_length = content_length
         self.close_delimited = False  # the body ends when the upstream closes the connection
         self._headers: CIMultiDictProxy[str] | None = None
