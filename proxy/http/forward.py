@@ -20,6 +20,7 @@ from yarl import URL
 
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from ..core.token import Token
+from ..observe import log
 from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..observe.ratelimit import LogLimiter
@@ -246,15 +247,16 @@ class Forwarder:
         if request.sent_status is not None:
             status = request.sent_status
         route.metrics.request_done(status)
-        access_line(
-            request.method,
-            request.target,
-            status,
-            time.perf_counter() - started,
-            state.resent,
-            state.generation,
-            route.name,
-        )
+        if log.access_lines_wanted:
+            access_line(
+                request.method,
+                request.target,
+                status,
+                time.perf_counter() - started,
+                state.resent,
+                state.generation,
+                route.name,
+            )
 
     async def _journey(self, request: Request, route: Route, state: _Journey) -> int:
         if isinstance(state, _Quick):
@@ -552,7 +554,19 @@ class _Quick(_Journey):
                 request.answer_error(ProxyError("tokenproxy failed to handle the request"), close=True)
         answer.release()
         request.pending = None
-        forwarder.done(request, self.route, self, self.started, status)
+        # done(), written out: a quick request holds no body memory.
+        sent = request.sent_status
+        route.metrics.request_done(status if sent is None else sent)
+        if log.access_lines_wanted:
+            access_line(
+                request.method,
+                request.target,
+                status if sent is None else sent,
+                time.perf_counter() - self.started,
+                False,
+                self.generation,
+                route.name,
+            )
         request.link.served(request)
 
     def failed(self, error: ProxyError, *, resendable: bool = False) -> None:

@@ -577,16 +577,18 @@ class ClientConnection(asyncio.Protocol):
         if len(headers) > self._max_headers:
             self._check_headers()  # refused at once: a flood of small headers holds no memory
         if len(name) in REQUEST_DROP_SIZES and (key := name.lower()) in REQUEST_DROP_BYTES:
-            self._not_forwarded(key, value)
+            if key == b"host":  # in every request: noted here, without a call
+                self._host = value
+                self._hosts += 1
+            else:
+                self._not_forwarded(key, value)
         else:
             self._forwarded.append(pair)
 
     def _not_forwarded(self, key: bytes, value: bytes) -> None:
-        """A header the proxy never forwards (lower-case `key`): the ones the request's handling needs noted."""
-        if key == b"host":
-            self._host = value
-            self._hosts += 1
-        elif key == b"content-length":
+        """A header the proxy never forwards other than Host (lower-case `key`): the ones the request's handling
+        needs noted."""
+        if key == b"content-length":
             self._content_length = value
         elif key == b"transfer-encoding":
             self._transfer_encoding = value

@@ -115,7 +115,7 @@ def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = (), *, access
 
     Called again on a reload: the previous writer writes what it holds and stops first.
     """
-    global _writer  # the process's logging set-up is process-wide; only this function replaces it
+    global _writer, access_lines_wanted  # the process's logging set-up is process-wide; only this function replaces it
     handler = FlushingHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(_worker))
@@ -143,6 +143,7 @@ def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = (), *, access
         )
         handler.access = _writer
         atexit.register(_writer.close)
+    access_lines_wanted = _writer is not None
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
@@ -157,6 +158,10 @@ def mark_worker(index: int) -> None:
 
 # Set by setup_logging in the proxy's process: access lines are queued to it instead of logged here.
 _writer: AccessWriter | None = None
+
+# False once setup_logging has turned the access log off: the request path then neither times nor calls
+# `access_line` (until then, as in tests, the access logger's level decides).
+access_lines_wanted = True
 
 
 def flush_access_log() -> None:

@@ -320,7 +320,11 @@ class FastClient:
 
     def start(self, request: Outgoing, authorization: str, sink: AnswerSink) -> Connection | None:
         """Send `request` on a kept-alive connection now, `sink` told of its answer; None when none is idle."""
-        pool = self._pool_for(request.upstream)
+        last = self._last  # _pool_for's usual case, without a call
+        if last is not None and last[0] is request.upstream and not last[1].closed:
+            pool = last[1]
+        else:
+            pool = self._pool_for(request.upstream)
         connection = pool.take_idle()
         if connection is None:
             return None

@@ -371,16 +371,19 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         """One header, whole (httptools joins the pieces); llhttp keeps whitespace after a value (it is relayed)."""
         if len(name) in _NOT_RELAYED_SIZES and (lower := name.lower()) in _NOT_RELAYED:
-            self._not_relayed(lower, name, value)
+            if lower == b"content-length":  # in most answers: noted here, without a call
+                self._dropped.append((name, value))
+                self._length = int(value)  # llhttp has checked it is a number, and the only one
+            else:
+                self._not_relayed(lower, name, value)
         else:
             self._relayed.append((name, value))
 
     def _not_relayed(self, lower: bytes, name: bytes, value: bytes) -> None:
-        """A header that never goes to the client (`lower`: its name in lower case): the framing ones noted."""
+        """A header other than Content-Length that never goes to the client (`lower`: its name in lower case): the
+        framing ones noted."""
         self._dropped.append((name, value))
-        if lower == b"content-length":
-            self._length = int(value)  # llhttp has checked it is a number, and the only one
-        elif lower == b"connection":
+        if lower == b"connection":
             close = _PLAIN_CLOSE.get(value)
             if close is None:
                 lowered = value.rstrip(b" \t").lower()
@@ -481,6 +484,13 @@ class Connection(asyncio.Protocol):
 
     def hand_back(self, answer: FastAnswer, *, whole: bool) -> None:
         """The answer is done with: the connection goes back to the pool, reused when `whole` and clean."""
+        if whole and self._phase == _DONE and self._writer is None and not self._reading_paused:
+            # finish()'s usual case, without a call: the whole answer read, the body sent, nothing paused.
+            self._timing = False
+            self._phase = _IDLE
+            self._answer = self._waiter = self._sink = None
+            self._pool.release(self, reusable=self._body_sent and self.reusable and not self.lost)
+            return
         reusable = self.finish() and whole
         if reusable and self._reading_paused:
             self.resume_body()
