@@ -24,7 +24,10 @@ Measured:
    proxy's CPU per request, and hey's own CPU per request (the check that
    the load generator is not the limit: it is far below the proxies').
    hey skips certificate checks (`InsecureSkipVerify`); the proxy's work is
-   the same, and the two clients below do verify.
+   the same, and the two clients below do verify. At one connection hey
+   runs on one thread (`GOMAXPROCS=1`), as wrk does (`-t1`): Go's idle
+   threads spin while a request is out, and on a small machine they take
+   the core the proxy and the upstream need.
 2. `latency`: one kept-alive tunnel, sequential requests (Python's
    http.client, certificates verified): p50/p90/p99 and each minus direct's.
 3. `new_tunnel`: CONNECT + TLS handshake + one request + close, one after
@@ -288,7 +291,8 @@ def run_hey(hey: str, tunnelled: Tunnelled, upstream_port: int, connections: int
     pids = tunnelled.pids()
     cpu_before = cpu_seconds(pids)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    env = {**os.environ, "GOMAXPROCS": "1"} if connections < 2 else None
+    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60, check=False, env=env)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = cpu_seconds(pids) - cpu_before
     rps = _HEY_RPS.search(done.stdout)
