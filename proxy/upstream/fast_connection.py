@@ -392,7 +392,15 @@ class Connection(asyncio.Protocol):
                     self._names_more = True  # it names more headers to leave out: the forwarder sorts them
             self._close = close
         elif lower == b"transfer-encoding":
-            self._chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
+            final = value.rpartition(b",")[2].lstrip(b" \t").lower()  # the last coding decides the framing
+            # As llhttp reads it, which decides where the body ends: spaces after the coding are ignored, a tab
+            # is not. RFC 9110 takes a tab for whitespace too: an answer chunked by its reading and not by
+            # llhttp's would be read until the close, so it is refused rather than relayed wrong.
+            self._chunked = final.rstrip(b" ") == b"chunked"
+            if not self._chunked and final.rstrip(b" \t") == b"chunked":
+                self._halted = True
+                self._fail(UpstreamUnreachable(self._pool.details.malformed))
+                raise _Halt()
 
     def _check_head(self) -> None:
         """Raise _TooLarge when the head has too many headers, or one over MAX_LINE."""
