@@ -131,6 +131,27 @@ async def test_lifecycle_sighup_new_scope_fetches_new_token(start_proxy, token_s
     assert "current token kept" not in log
 
 
+async def test_lifecycle_sighup_turns_the_access_log_on_and_off(start_proxy, tmp_path) -> None:
+    """`log.access_log` changed by SIGHUP takes effect for the next request: off, on, off again."""
+    running = await start_proxy("[log]\naccess_log = false\n")
+    path = tmp_path / "c.toml"
+    async with aiohttp.ClientSession() as session:
+        for name, access_log in (("a", None), ("b", "true"), ("c", "false")):
+            if access_log is not None:
+                path.write_text(re.sub(r"access_log = \w+", f"access_log = {access_log}", path.read_text()))
+                running.proc.send_signal(signal.SIGHUP)
+                await running.expect("config reloaded")
+            async with session.get(f"{running.url}/echo/{name}") as resp:
+                assert resp.status == 200
+            if name == "b":
+                await running.expect(r'tokenproxy\.access: "GET /echo/b" 200 ')
+    running.proc.send_signal(signal.SIGTERM)
+    log = await running.finish()
+    assert [line for line in log.splitlines() if "tokenproxy.access" in line] == [
+        next(line for line in log.splitlines() if '"GET /echo/b" 200' in line)
+    ]
+
+
 async def test_lifecycle_sighup_same_scope_keeps_token(start_proxy, token_server, api, tmp_path) -> None:
     """SIGHUP with only a timing changed: the current token is kept and still sent."""
     running = await start_proxy()

@@ -569,6 +569,106 @@ async def test_control_character_in_upstream_head_gives_502_client_connection_ke
     assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelname == "ERROR"]
 
 
+async def test_control_character_in_a_later_read_of_the_head_gives_502_naming_the_header(
+    make_proxy: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A head whose control character arrives in a read of its own, after the start of the head: the same 502,
+    and the log line still names the header (the head is read again from its first byte, not from that read)."""
+
+    async def split_head(request: Request) -> bool:
+        if not request.target.startswith("/bad"):
+            return await echo_target(request)
+        await request.conn.send_read_apart(b"HTTP/1.1 200 OK\r\nX-Fine: 1\r\nX-Bad: s3kr1t")
+        await request.conn.send(b"\x01value\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    async with RawUpstream(split_head) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        reader, writer = await open_raw(proxy.url)
+        try:
+            writer.write(b"GET /bad HTTP/1.1\r\nHost: c\r\n\r\n")
+            status, body = await read_answer(reader)
+            assert status == 502
+            assert json.loads(body)["error"] == "upstream_unreachable"
+            writer.write(b"GET /next HTTP/1.1\r\nHost: c\r\n\r\n")
+            assert await read_answer(reader) == (200, b"/next")
+        finally:
+            await close_raw(writer)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokenproxy.forward"]
+    assert lines == ["upstream answer to GET /bad refused: a control character in header X-Bad"]
+    assert not [r for r in caplog.records if "s3kr1t" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("framing", "sent_body", "kept"),
+    [
+        (b"Content-Length: 2 \t", b"ok", True),
+        (b"Transfer-Encoding: gzip,\tChunked  ", b"2\r\nok\r\n0\r\n\r\n", True),
+        (b"Content-Length: 2\r\nConnection: close \t", b"ok", False),
+        (b"Content-Length: 2\r\nConnection: keep-alive ", b"ok", True),
+    ],
+    ids=["length", "chunked", "close", "keep-alive"],
+)
+async def test_framing_values_with_whitespace_after_them_are_read_as_without(
+    make_proxy: Any, client: aiohttp.ClientSession, framing: bytes, sent_body: bytes, kept: bool
+) -> None:
+    """llhttp keeps the whitespace after a header value: Content-Length, Transfer-Encoding and Connection are
+    still read as the upstream meant them (the body relayed whole, the connection kept or closed as it says)."""
+
+    async def spaced(request: Request) -> bool:
+        if request.target != "/spaced":
+            return await echo_target(request)
+        await request.conn.send(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n" + sent_body)
+        return True  # and read on: only the proxy may close this connection
+
+    async with RawUpstream(spaced) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        assert await get(client, f"{proxy.url}/spaced") == (200, b"ok")
+        if not kept:
+            await closed_by_proxy(upstream.connections[0])
+        assert await get(client, f"{proxy.url}/next") == (200, b"/next")
+    assert [(r.target, r.conn.index) for r in upstream.requests] == [("/spaced", 0), ("/next", 0 if kept else 1)]
+
+
+async def test_transfer_encoding_chunked_with_a_tab_after_it_refused_at_once(
+    make_proxy: Any, client: aiohttp.ClientSession, upstream_client: str
+) -> None:
+    """`Transfer-Encoding: chunked<TAB>` is chunked by RFC 9110 (a tab is whitespace) but not by llhttp, which
+    would read the body until the close: 502 upstream_unreachable at once, not an answer relayed wrong or held
+    until the read timeout; the next request gets its own answer on a new connection."""
+    if upstream_client == "session":
+        pytest.skip("aiohttp's ClientSession reads such a body until the close (llhttp's reading)")
+
+    async def tabbed(request: Request) -> bool:
+        if request.target != "/tabbed":
+            return await echo_target(request)
+        await request.conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\t\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+        return True  # and read on: only the proxy may close this connection
+
+    async with RawUpstream(tabbed) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url, "read_timeout": 60.0})
+        async with asyncio.timeout(RAW_BOUND), client.get(f"{proxy.url}/tabbed") as resp:
+            await assert_proxy_error(resp, 502, "upstream_unreachable")
+        await closed_by_proxy(upstream.connections[0])
+        assert await get(client, f"{proxy.url}/next") == (200, b"/next")
+    assert [(r.target, r.conn.index) for r in upstream.requests] == [("/tabbed", 0), ("/next", 1)]
+
+
+async def test_transfer_encoding_not_ending_in_chunked_read_until_the_close(
+    make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """A last transfer coding that only ends in the letters of chunked (`xchunked`) is not chunked: the answer's
+    body runs until the upstream closes, and the client gets it whole."""
+
+    async def not_chunked(request: Request) -> bool:
+        await request.conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+        return False  # closes: the end of this body
+
+    async with RawUpstream(not_chunked) as upstream:
+        proxy = await make_proxy(upstream={"url": upstream.url})
+        assert await get(client, f"{proxy.url}/x") == (200, b"2\r\nok\r\n0\r\n\r\n")
+
+
 async def test_control_character_in_401_passed_through_gives_502(
     make_proxy: Any, client: aiohttp.ClientSession
 ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Self
@@ -52,6 +53,21 @@ class Conn:
         self.writer.write(data)
         await self.writer.drain()
 
+    async def send_read_apart(self, data: bytes) -> None:
+        """Write bytes and wait until the proxy has read them off its socket, so that what is sent next
+        reaches it as a read of its own (Linux: its socket's receive queue in /proc/net/tcp is empty)."""
+        await self.send(data)
+        ours = self.writer.get_extra_info("sockname")
+        theirs = self.writer.get_extra_info("peername")
+        wanted = (_proc_address(theirs), _proc_address(ours))
+        deadline = asyncio.get_running_loop().time() + READ_BOUND
+        while True:
+            if _receive_queues(wanted) == [0]:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"the proxy did not read {len(data)} bytes within {READ_BOUND} s")
+            await asyncio.sleep(0.001)  # polling the kernel's table, with the deadline above
+
     async def read_body(self, request: Request) -> bytes:
         """Read the request's body, framed by Content-Length or chunked; also kept as `request.body`."""
         request.body = await self._read_body(request)
@@ -80,6 +96,22 @@ class Conn:
     @staticmethod
     async def _bounded(read: Awaitable[bytes]) -> bytes:
         return await asyncio.wait_for(read, READ_BOUND)
+
+
+def _receive_queues(connection: tuple[str, str]) -> list[int]:
+    """The unread bytes of each IPv4 socket whose (local, remote) addresses are `connection`, from the kernel's
+    table (a read of /proc: instant, nothing to wait for)."""
+    with open("/proc/net/tcp", encoding="ascii") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return [int(row[4].split(":")[1], 16) for row in rows if (row[1], row[2]) == connection]
+
+
+def _proc_address(address: tuple[str, int]) -> str:
+    """An IPv4 address as /proc/net/tcp writes it: the address's four bytes read as one number of this machine's
+    byte order, then the port, in hex."""
+    host, port = address[0], address[1]
+    packed = bytes(int(part) for part in host.split("."))
+    return f"{int.from_bytes(packed, sys.byteorder):08X}:{port:04X}"
 
 
 # Handles one request: writes the answer (or not); True to read the next request on the connection.
