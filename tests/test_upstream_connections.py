@@ -529,6 +529,21 @@ async def test_stray_answer_in_the_read_that_ends_a_body_never_reaches_the_next_
 # --- answers that cannot be relayed ---------------------------------------------------------------
 
 
+async def refused_then_next_answered(proxy_url: str, target: bytes) -> None:
+    """GET `target` on a raw client connection: 502 upstream_unreachable; then `/next` on the same connection
+    is answered (the refusal did not cost the client its connection)."""
+    reader, writer = await open_raw(proxy_url)
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: c\r\n\r\n")
+        status, body = await read_answer(reader)
+        assert status == 502
+        assert json.loads(body)["error"] == "upstream_unreachable"
+        writer.write(b"GET /next HTTP/1.1\r\nHost: c\r\n\r\n")
+        assert await read_answer(reader) == (200, b"/next")
+    finally:
+        await close_raw(writer)
+
+
 @pytest.mark.parametrize(
     ("status_line", "header", "where"),
     [
@@ -553,16 +568,7 @@ async def test_control_character_in_upstream_head_gives_502_client_connection_ke
 
     async with RawUpstream(bad_head) as upstream:
         proxy = await make_proxy(upstream={"url": upstream.url})
-        reader, writer = await open_raw(proxy.url)
-        try:
-            writer.write(b"GET /bad?q=1 HTTP/1.1\r\nHost: c\r\n\r\n")
-            status, body = await read_answer(reader)
-            assert status == 502
-            assert json.loads(body)["error"] == "upstream_unreachable"
-            writer.write(b"GET /next HTTP/1.1\r\nHost: c\r\n\r\n")
-            assert await read_answer(reader) == (200, b"/next")
-        finally:
-            await close_raw(writer)
+        await refused_then_next_answered(proxy.url, b"/bad?q=1")
     lines = [r.getMessage() for r in caplog.records if r.name == "tokenproxy.forward"]
     assert lines == [f"upstream answer to GET /bad refused: a control character in {where}"]
     assert not [r for r in caplog.records if "s3kr1t" in r.getMessage()]
@@ -584,16 +590,7 @@ async def test_control_character_in_a_later_read_of_the_head_gives_502_naming_th
 
     async with RawUpstream(split_head) as upstream:
         proxy = await make_proxy(upstream={"url": upstream.url})
-        reader, writer = await open_raw(proxy.url)
-        try:
-            writer.write(b"GET /bad HTTP/1.1\r\nHost: c\r\n\r\n")
-            status, body = await read_answer(reader)
-            assert status == 502
-            assert json.loads(body)["error"] == "upstream_unreachable"
-            writer.write(b"GET /next HTTP/1.1\r\nHost: c\r\n\r\n")
-            assert await read_answer(reader) == (200, b"/next")
-        finally:
-            await close_raw(writer)
+        await refused_then_next_answered(proxy.url, b"/bad")
     lines = [r.getMessage() for r in caplog.records if r.name == "tokenproxy.forward"]
     assert lines == ["upstream answer to GET /bad refused: a control character in header X-Bad"]
     assert not [r for r in caplog.records if "s3kr1t" in r.getMessage()]
