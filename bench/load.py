@@ -1,17 +1,20 @@
 """Scenarios 1-3 of issue 6, all driven by wrk: throughput, latency, scaling.
 
 - throughput: 64 connections, tiny and 16 KiB bodies: requests/s and CPU per request;
-- latency: 1 connection, tiny body: p50/p90/p99 and what each proxy adds over direct;
+- latency: 1 connection, tiny body: p50/p90/p99 and what each proxy adds over direct (the
+  contenders measured in turns);
 - scaling: requests/s and p99 at each connection count (1 and 64 are taken
   from the latency and throughput runs of the same run when those ran).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from .contenders import Running
-from .runner import Context, measure
+from .runner import Context, measure, one_run, summarise, warm_up
+from .wrk import WrkResult
 
 BODIES = {"tiny": "/tiny", "16k": "/16k"}
 THROUGHPUT_CONNECTIONS = 64
@@ -29,12 +32,24 @@ def throughput(ctx: Context) -> dict[str, Any]:
 
 
 def latency(ctx: Context) -> dict[str, Any]:
-    """Percentiles at one connection, and the latency added over `direct` (same run)."""
-    out: dict[str, dict[str, Any]] = {}
-    for contender in ctx.usable():
-        with ctx.running(contender) as running:
-            ctx.say(f"latency {contender.name} x1")
-            out[contender.name] = measure_dict(ctx, running, "/tiny", 1)
+    """Percentiles at one connection, and the latency added over `direct` (same run).
+
+    The contenders run side by side and are measured in turns, one wrk run
+    each per round: the machine's drift over the minutes of this stage (the
+    load generator straight to nginx moves by 10 µs and more) then reaches
+    them all alike instead of landing in the few tens of µs a proxy adds.
+    """
+    with contextlib.ExitStack() as stack:
+        started = [(contender, stack.enter_context(ctx.running(contender))) for contender in ctx.usable()]
+        for contender, running in started:
+            ctx.say(f"latency {contender.name} x1: warm-up")
+            warm_up(ctx, running, "/tiny", 1)
+        runs: dict[str, list[tuple[WrkResult, float | None]]] = {contender.name: [] for contender, _ in started}
+        for turn in range(ctx.settings.repeats):
+            for contender, running in started:
+                ctx.say(f"latency {contender.name} x1: run {turn + 1}")
+                runs[contender.name].append(one_run(ctx, running, "/tiny", 1))
+    out = {name: summarise(done).as_dict() for name, done in runs.items()}
     direct = out.get("direct")
     if direct is not None:
         for row in out.values():

@@ -123,18 +123,29 @@ class Measured:
 
 def measure(ctx: Context, running: Running, path: str, connections: int) -> Measured:
     """Warm up, then `repeats` wrk runs of `seconds` at `connections`; medians of each figure."""
-    s = ctx.settings
+    warm_up(ctx, running, path, connections)
+    return summarise([one_run(ctx, running, path, connections) for _ in range(ctx.settings.repeats)])
+
+
+def warm_up(ctx: Context, running: Running, path: str, connections: int) -> None:
+    """A few requests (token fetched, pools opened), then the settings' warm-up run of wrk."""
     url = running.url + path
     warm(url)
-    if s.warmup:
-        run_wrk(ctx.stage.tools.wrk, ctx.script, url, connections, s.warmup)
-    runs: list[tuple[WrkResult, float | None]] = []
-    for _ in range(s.repeats):
-        pids = running.pids()
-        cpu_before = cpu_seconds(pids) if pids else 0.0
-        result = run_wrk(ctx.stage.tools.wrk, ctx.script, url, connections, s.seconds)
-        cpu = (cpu_seconds(pids) - cpu_before) / result.requests * 1e6 if pids and result.requests else None
-        runs.append((result, cpu))
+    if ctx.settings.warmup:
+        run_wrk(ctx.stage.tools.wrk, ctx.script, url, connections, ctx.settings.warmup)
+
+
+def one_run(ctx: Context, running: Running, path: str, connections: int) -> tuple[WrkResult, float | None]:
+    """One measured wrk run of `seconds`, and the proxy's CPU per answered request during it."""
+    pids = running.pids()
+    cpu_before = cpu_seconds(pids) if pids else 0.0
+    result = run_wrk(ctx.stage.tools.wrk, ctx.script, running.url + path, connections, ctx.settings.seconds)
+    cpu = (cpu_seconds(pids) - cpu_before) / result.requests * 1e6 if pids and result.requests else None
+    return result, cpu
+
+
+def summarise(runs: list[tuple[WrkResult, float | None]]) -> Measured:
+    """The median of each figure over `runs` (the worst run's error counts)."""
     cpus = [cpu for _, cpu in runs if cpu is not None]
     return Measured(
         rps=statistics.median(r.rps for r, _ in runs),
