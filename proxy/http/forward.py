@@ -21,7 +21,6 @@ from yarl import URL
 from ..core.errors import BadRequest, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from ..core.token import Token
 from ..observe import log
-from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
 from ..observe.ratelimit import LogLimiter
 from ..upstream.model import ArrivedAnswer, Outgoing, QuickExchange, Upstream, UpstreamAnswer, UpstreamClient
@@ -248,7 +247,7 @@ class Forwarder:
             status = request.sent_status
         route.metrics.request_done(status)
         if log.access_lines_wanted:
-            access_line(
+            log.access_line(
                 request.method,
                 request.target,
                 status,
@@ -555,13 +554,14 @@ class _Quick(_Journey):
         answer.release()
         request.pending = None
         # done(), written out: a quick request holds no body memory.
-        sent = request.sent_status
-        route.metrics.request_done(status if sent is None else sent)
+        if request.sent_status is not None:
+            status = request.sent_status
+        route.metrics.request_done(status)
         if log.access_lines_wanted:
-            access_line(
+            log.access_line(
                 request.method,
                 request.target,
-                status if sent is None else sent,
+                status,
                 time.perf_counter() - self.started,
                 False,
                 self.generation,
