@@ -387,7 +387,7 @@ class Connection(asyncio.Protocol):
             close = _PLAIN_CLOSE.get(value)
             if close is None:
                 lowered = value.rstrip(b" \t").lower()
-                close = b"close" in lowered
+                close = any(token.strip(b" \t") == b"close" for token in lowered.split(b","))
                 if lowered not in PLAIN_CONNECTION:
                     self._names_more = True  # it names more headers to leave out: the forwarder sorts them
             self._close = close
