@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import stat
 from pathlib import Path
 
 import aiohttp
+import pytest
 
+from proxy.runtime.app import METRICS
 from tests.fakes.api_server import FakeApi
 from tests.fakes.token_server import CLIENT_SECRET, FakeTokenServer
 from tests.helpers import ProxyFactory, read_until, run_cli, start_cli, write_config
 
 CLIENT_TOKEN = "client-token-0123456789abcdef"
+
+
+async def access_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
+    """The access lines logged so far, once there are `count` of them (or after a bounded wait)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10.0
+    while True:
+        lines = [r.getMessage() for r in caplog.records if r.name == "tokenproxy.access"]
+        if len(lines) >= count or loop.time() > deadline:
+            return lines
+        await asyncio.sleep(0.02)
 
 
 async def test_access_non_loopback_listen_without_rule_refuses_to_start(
@@ -71,6 +85,32 @@ async def test_access_client_token_wrong_gets_403(
         body = await resp.text()
     assert CLIENT_TOKEN not in body
     assert api.requests == 0
+
+
+async def test_access_refusals_have_access_lines_and_are_counted(
+    make_proxy: ProxyFactory, api: FakeApi, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 407 (no client token) and a 403 (a wrong one) each get an access line and count as the route's 4xx
+    requests in /metrics, as a forwarded request's answer would; the query string and the token are not logged."""
+    caplog.set_level(logging.INFO, logger="tokenproxy.access")
+    proxy = await make_proxy(server={"client_token": CLIENT_TOKEN})
+    async with client.get(f"{proxy.url}/echo/none?q=1") as resp:
+        assert resp.status == 407
+    async with client.get(f"{proxy.url}/echo/wrong", headers={"Proxy-Authorization": "Bearer nope"}) as resp:
+        assert resp.status == 403
+    async with client.get(f"{proxy.url}/echo/right", headers={"Proxy-Authorization": f"Bearer {CLIENT_TOKEN}"}) as resp:
+        assert resp.status == 200
+    lines = await access_lines(caplog, 3)
+    assert [line.split(" resent=")[0].rsplit(" ", 1)[0] for line in lines] == [
+        '"GET /echo/none" 407',
+        '"GET /echo/wrong" 403',
+        '"GET /echo/right" 200',
+    ]
+    assert all(line.endswith("route=default") and "nope" not in line and "q=1" not in line for line in lines)
+    text = proxy.app[METRICS].render().decode()
+    assert 'tokenproxy_requests_total{route="default",status_class="4xx"} 2.0' in text
+    assert 'tokenproxy_requests_total{route="default",status_class="2xx"} 1.0' in text
+    assert api.requests == 1
 
 
 async def test_access_client_token_right_forwards_without_it(

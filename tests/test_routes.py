@@ -177,9 +177,9 @@ async def test_routes_no_route_unknown_host_or_path_404_nothing_forwarded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A host no route names, or a path under no prefix, gets 404 no_route: no API and no token server saw it;
-    its access line says `route=-`."""
+    its access line says `route=-` and /metrics counts it as unrouted, not as any route's request."""
     state = tmp_path / "state.json"
-    url, _, _ = await routed(two_routes(left, right, state, {"left": {"path_prefix": "/echo"}}))
+    url, _, app = await routed(two_routes(left, right, state, {"left": {"path_prefix": "/echo"}}))
     for host, path in (("other.test", "/echo/x"), ("left.test", "/elsewhere")):
         async with client.get(f"{url}{path}?secret=1", headers={"Host": host}) as resp:
             body = await resp.read()
@@ -194,6 +194,9 @@ async def test_routes_no_route_unknown_host_or_path_404_nothing_forwarded(
         '"GET /echo/x" 404 resent=no gen=- route=-',
         '"GET /elsewhere" 404 resent=no gen=- route=-',
     ]
+    text = app[METRICS].render().decode()
+    assert "tokenproxy_unrouted_requests_total 2.0" in text
+    assert 'status_class="4xx"} 0.0' in text and 'status_class="4xx"} 1.0' not in text
 
 
 async def test_routes_absolute_form_routed_host_served_unrouted_host_refused(

@@ -8,8 +8,9 @@ what forwarding does with the route.
 
 from __future__ import annotations
 
-from ..core.errors import BadRequest, ExpectationFailed, NoRoute
+from ..core.errors import BadRequest, ExpectationFailed, NoRoute, ProxyError
 from ..observe.log import access_line
+from ..observe.metrics import NULL_METRICS, Recorder
 from .exchange import Request
 from .forward import CONNECT_LATER, Forwarder
 from .route import Route, Router, authority_of, split_host
@@ -57,13 +58,16 @@ class Entry:
     """Every request on the proxy port: routed, checked, then forwarded along its route.
 
     `router` is replaced whole (by a reload, on the event loop); a request
-    reads it once on arrival and keeps the route it picked to its end.
+    reads it once on arrival and keeps the route it picked to its end. The
+    proxy's own refusals are logged and counted as forwarded requests are:
+    by their route's recorder, or by `metrics` as unrouted.
     """
 
-    __slots__ = ("_forwarder", "router")
+    __slots__ = ("_forwarder", "_metrics", "router")
 
-    def __init__(self, forwarder: Forwarder, router: Router) -> None:
+    def __init__(self, forwarder: Forwarder, router: Router, metrics: Recorder = NULL_METRICS) -> None:
         self._forwarder = forwarder
+        self._metrics = metrics
         self.router = router
 
     def start(self, request: Request) -> bool:
@@ -94,7 +98,9 @@ class Entry:
         if tunnel is not None:
             # The token goes only where the CONNECT went: a request naming another host is refused.
             if not names_tunnel_host(request, tunnel):
-                request.answer_error(
+                self._refuse(
+                    request,
+                    None,
                     BadRequest(f"a request inside the tunnel to {tunnel} must name that host (Host header)"),
                     close=True,
                 )
@@ -105,23 +111,40 @@ class Entry:
         expect = request.expect if request.version >= (1, 1) else None
         if route is None:
             if request.method == "CONNECT":  # a first CONNECT never reaches here (connect.py)
-                request.answer_error(BadRequest(CONNECT_LATER), close=True)
+                self._refuse(request, None, BadRequest(CONNECT_LATER), close=True)
                 return
-            access_line(request.method, request.target.partition("?")[0], NoRoute.status, 0.0, False, None, "-")
             # With Expect, its body was not asked for: the connection cannot carry another request.
-            request.answer_error(
-                NoRoute("no configured route takes this request's host and path"), close=expect is not None
+            self._refuse(
+                request,
+                None,
+                NoRoute("no configured route takes this request's host and path"),
+                close=expect is not None,
             )
             return
         if expect is not None:
             if expect.lower() != "100-continue":
-                request.answer_error(ExpectationFailed("only Expect: 100-continue is understood"))
+                self._refuse(request, route, ExpectationFailed("only Expect: 100-continue is understood"))
                 return
             request.write_continue()
         access = route.access
         if access.active and tunnel is None:  # a tunnel's CONNECT was checked (its client token is not resent)
             refusal = access.check(request.remote, request.headers)
             if refusal is not None:
-                request.answer_error(refusal, extra=_PROXY_AUTHENTICATE if refusal.status == 407 else b"")
+                extra = _PROXY_AUTHENTICATE if refusal.status == 407 else b""
+                self._refuse(request, route, refusal, extra=extra)
                 return
         await self._forwarder.handle(request, route)
+
+    def _refuse(
+        self, request: Request, route: Route | None, error: ProxyError, *, close: bool = False, extra: bytes = b""
+    ) -> None:
+        """Answer `request` with `error` instead of forwarding it; count it (for `route`, else as unrouted) and
+        log its access line."""
+        request.answer_error(error, close=close, extra=extra)
+        if route is None:
+            self._metrics.unrouted()
+        else:
+            route.metrics.request_done(error.status)
+        access_line(
+            request.method, request.target, error.status, 0.0, False, None, "-" if route is None else route.name
+        )

@@ -76,6 +76,9 @@ class Recorder(Protocol):
     def rejection_passed_through(self) -> None:
         """Count one 401 handed to the client unchanged."""
 
+    def unrouted(self) -> None:
+        """Count one request refused because no route takes it."""
+
     def refresh_done(self, grant: str, result: str, seconds: float) -> None:
         """Count one refresh (`ok` or an error code) and its duration."""
 
@@ -101,7 +104,8 @@ class NullMetrics:
     def _ignore(self, *values: object) -> None:
         """Keep nothing."""
 
-    request_done = upstream_answered = resent = rejection_passed_through = refresh_done = queue_rejected = _ignore
+    request_done = upstream_answered = resent = rejection_passed_through = unrouted = refresh_done = _ignore
+    queue_rejected = _ignore
     lease_event = store_error = store_mode = token_source = _ignore
 
 
@@ -122,6 +126,7 @@ class _Labelled:
         self.upstream_answered = metrics.upstream_answered
         self.resent = metrics.resent
         self.rejection_passed_through = metrics.rejection_passed_through
+        self.unrouted = metrics.unrouted
         self.queue_rejected = metrics.queue_rejected
         self.lease_event = metrics.lease_event
         self.store_error = metrics.store_error
@@ -158,6 +163,7 @@ class Metrics(Collector):
         # Record the time to an upstream's response headers (once per request: no method in between).
         self.upstream_answered: Callable[[float], None] = self._upstream_latency.observe
         self._resends = 0
+        self._unrouted = 0
         self._passed_through = 0
         self._refreshes: Counter[tuple[str, str]] = Counter()
         self._credential_refreshes: Counter[tuple[str, str, str]] = Counter()
@@ -203,6 +209,11 @@ class Metrics(Collector):
     def rejection_passed_through(self) -> None:
         """Count one 401 handed to the client unchanged."""
         self._passed_through += 1
+
+    def unrouted(self) -> None:
+        """Count one request refused because no route takes it (404 no_route, or a tunnel's request naming
+        another host)."""
+        self._unrouted += 1
 
     def refresh_done(self, grant: str, result: str, seconds: float) -> None:
         """Count one refresh (`ok` or an error code) and its duration."""
@@ -271,6 +282,9 @@ class Metrics(Collector):
         yield requests
         yield self._upstream_latency.family(
             "tokenproxy_upstream_latency_seconds", "Time from sending a request upstream to its response headers."
+        )
+        yield CounterMetricFamily(
+            "tokenproxy_unrouted_requests", "Requests refused because no route takes them.", value=self._unrouted
         )
         yield CounterMetricFamily("tokenproxy_resends", "Requests resent with a renewed token.", value=self._resends)
         yield CounterMetricFamily(

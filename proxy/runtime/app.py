@@ -79,7 +79,7 @@ def build_app(config: Config, *, clock: Clock = time.time) -> web.Application:
         app[TOKEN_SESSION] = next(iter(routing.credentials.values())).session
         app[TOKENS] = routing.first
         app[FORWARDER] = forwarder
-        app[ENTRY] = Entry(forwarder, router)
+        app[ENTRY] = Entry(forwarder, router, metrics)
         try:
             yield
         finally:
