@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,13 @@ from tests.fakes.canary import Canary
 from tests.fakes.counting_upstream import CountingUpstream
 from tests.fakes.token_server import CLIENT_SECRET, PASSWORD, FakeTokenServer
 from tests.helpers import LOOP_FACTORIES, REDIS_SERVER, ProxyFactory, RedisServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the CLI processes the tests start see Ctrl-C: a shell that runs the suite in the background hands it
+    SIGINT ignored, which every child would inherit (Python then leaves it ignored, and `login` never stops)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
