@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from proxy.config import parse_config
-from proxy.runtime.app import build_app
+from proxy.runtime.app import METRICS, build_app
 from proxy.runtime.serve import make_runner, start_listener
 from proxy.tls.ca import create_ca
 from tests.fakes.api_server import FakeApi
@@ -306,6 +306,9 @@ async def test_connect_inner_request_naming_another_host_400_no_token_sent(setup
         await close_raw(writer)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert (setup.left.api.requests, setup.right.api.requests) == (1, 0)
+    text = setup.app[METRICS].render().decode()
+    assert "tokenproxy_unrouted_requests_total 4.0" in text  # the four refused, not as the left route's
+    assert 'tokenproxy_requests_total{route="left",status_class="4xx"} 0.0' in text
 
 
 async def test_connect_sni_naming_another_host_fails_the_handshake(setup: Setup) -> None:
