@@ -232,3 +232,65 @@ def test_logs_renewal_reason_already_renewed_and_too_young() -> None:
         f"the upstream rejected token {seen.fingerprint} generation 3 (no error given): "
         "not refreshing: the token is younger than token.min_refresh_interval (5s); the answer is passed on"
     )
+
+
+async def _send_raw(url: str, request: bytes) -> bytes:
+    """Send one request on a connection of its own and read the answer to the close."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+ABSOLUTE_WITH_USERINFO = (
+    b"GET http://user:PASSWD-1@%s/echo/ui?token=QUERY-SECRET HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+)
+
+
+async def test_logs_run_absolute_target_access_line_without_userinfo_or_query(
+    tmp_path: Path, token_server, api
+) -> None:
+    """`tokenproxy run` (lines written by the access writer thread): an absolute-form target's
+    `user:password@` and query string are not in its access line; scheme, host and path are."""
+    path = write_config(tmp_path / "c.toml", token_server, api, tmp_path / "s.json")
+    proc = await start_cli("run", "-c", str(path), env={"TEST_CLIENT_SECRET": CLIENT_SECRET})
+    seen: list[str] = []
+    authority = api.base_url.removeprefix("http://").encode()
+    try:
+        assert proc.stderr is not None
+        match = await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:(\d+)", seen)
+        answer = await _send_raw(f"http://127.0.0.1:{match.group(1)}", ABSOLUTE_WITH_USERINFO % (authority, authority))
+        assert answer.startswith(b"HTTP/1.1 ")
+        line = (await read_until(proc.stderr, r"tokenproxy\.access: .*", seen)).group(0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = await asyncio.wait_for(proc.communicate(), 20)
+    assert f'"GET http://{authority.decode()}/echo/ui" ' in line
+    everything = "".join(seen) + rest.decode()
+    assert "PASSWD-1" not in everything and "QUERY-SECRET" not in everything and "user:" not in everything
+
+
+async def test_logs_absolute_target_access_line_without_userinfo_in_process(
+    make_proxy, api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same without the writer thread (the line written where the request ends), and for a host no one
+    serves (400 naming another host)."""
+    caplog.set_level(logging.INFO, logger="tokenproxy.access")
+    proxy = await make_proxy()
+    for authority in (api.base_url.removeprefix("http://").encode(), b"elsewhere.test"):
+        answer = await _send_raw(proxy.url, ABSOLUTE_WITH_USERINFO % (authority, authority))
+        assert answer.startswith(b"HTTP/1.1 ")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while len(lines := [r.getMessage() for r in caplog.records if r.name == "tokenproxy.access"]) < 2:
+        assert loop.time() < deadline, lines
+        await asyncio.sleep(0.02)
+    assert [line.split('" ')[0] for line in lines] == [
+        f'"GET http://{api.base_url.removeprefix("http://")}/echo/ui',
+        '"GET http://elsewhere.test/echo/ui',
+    ]
+    assert not any("PASSWD-1" in line or "QUERY-SECRET" in line for line in lines)

@@ -38,8 +38,21 @@ LINGER = 0.05
 # How long `close()` waits for the thread to finish its batch before writing the rest itself.
 _CLOSE_WAIT = 5.0
 
-# time (epoch), method, path (no query), status, duration (s), resent, token generation
+# time (epoch), method, request target (as received), status, duration (s), resent, token generation, route
 Entry = tuple[float, str, str, int, float, bool, int | None, str]
+
+
+def logged_path(target: str) -> str:
+    """What an access line shows of a request target: never its query string, nor the `user:password@` of an
+    absolute-form one (either may carry credentials)."""
+    path = target.partition("?")[0]
+    if path.startswith("/"):
+        return path
+    scheme, sep, rest = path.partition("://")
+    if not sep:
+        return path
+    authority, slash, tail = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
 
 
 class AccessWriter:
@@ -147,8 +160,8 @@ class AccessWriter:
         return self._prefix, int((when - second) * 1000)
 
     def _line(self, entry: Entry) -> str:
-        when, method, path, status, duration, resent, generation, route = entry
-        path = self._clean(path)
+        when, method, target, status, duration, resent, generation, route = entry
+        path = self._clean(logged_path(target))
         message = '"%s %s" %d %.1fms resent=%s gen=%s route=%s' % (  # noqa: UP031 - the access line's fixed layout
             method,
             path,

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from ..core.token import fingerprint
-from .accesslog import AccessWriter, FlushingHandler
+from .accesslog import AccessWriter, FlushingHandler, logged_path
 
 LOGGER = "tokenproxy"
 ACCESS_LOGGER = "tokenproxy.access"
@@ -185,15 +185,15 @@ def access_line(
 ) -> None:
     """Log one finished request: its path without the query (never its headers or body), naming the route it took.
 
-    Queued to the writer thread when there is one.
+    Queued to the writer thread when there is one (which cuts the target down to what is logged).
     """
     writer = _writer
     if writer is not None:
-        writer.put((time.time(), method, target.partition("?")[0], status, duration, resent, generation, route))
+        writer.put((time.time(), method, target, status, duration, resent, generation, route))
         return
     if not _access.isEnabledFor(logging.INFO):
         return
-    path = target.partition("?")[0]
+    path = logged_path(target)
     _access.info(
         '"%s %s" %d %.1fms resent=%s gen=%s route=%s',
         method,
