@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import signal
 import stat
@@ -111,6 +112,29 @@ async def test_access_refusals_have_access_lines_and_are_counted(
     assert 'tokenproxy_requests_total{route="default",status_class="4xx"} 2.0' in text
     assert 'tokenproxy_requests_total{route="default",status_class="2xx"} 1.0' in text
     assert api.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("credentials", "status"),
+    [("any-user:" + CLIENT_TOKEN, 200), (CLIENT_TOKEN + ":", 200), ("any-user:wrong", 403), ("any-user:", 403)],
+    ids=["token-as-password", "token-as-user", "wrong-password", "no-password"],
+)
+async def test_access_client_token_in_basic_credentials(
+    make_proxy: ProxyFactory, api: FakeApi, client: aiohttp.ClientSession, credentials: str, status: int
+) -> None:
+    """A proxy URL's `user:TOKEN@` (or `TOKEN:@`) arrives as `Proxy-Authorization: Basic`: the token in it is
+    checked like a Bearer one; a 407 offers both schemes."""
+    proxy = await make_proxy(server={"client_token": CLIENT_TOKEN})
+    async with client.get(f"{proxy.url}/echo/x") as resp:
+        assert resp.status == 407
+        assert resp.headers.getall("Proxy-Authenticate") == ['Bearer realm="tokenproxy"', 'Basic realm="tokenproxy"']
+    encoded = base64.b64encode(credentials.encode()).decode()
+    async with client.get(f"{proxy.url}/echo/x", headers={"Proxy-Authorization": f"Basic {encoded}"}) as resp:
+        assert resp.status == status
+        if status == 200:
+            seen = await resp.json()
+            assert [name for name, _ in seen["headers"] if name.lower() == "proxy-authorization"] == []
+    assert api.requests == (1 if status == 200 else 0)
 
 
 async def test_access_client_token_right_forwards_without_it(

@@ -207,3 +207,44 @@ async def test_exec_curl_through_a_group_of_workers_one_token_call_per_credentia
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
         await stop_process(proc)
+
+
+async def test_exec_with_a_client_token_and_the_credential_secret_unset(aiohttp_server: Any, tmp_path: Path) -> None:
+    """With `server.client_token`, `env` puts it in the proxy URL (tools send it as Proxy-Authorization: Basic)
+    and `exec -- curl` reaches the upstream through the tunnel; `env`, `exec` and `ca path` need no credential
+    secret: the shell of the tool holds only the client token."""
+    upstream_ca = TestCa(tmp_path)
+    sides = [await _side(aiohttp_server, upstream_ca), await _side(aiohttp_server, upstream_ca)]
+    ca_dir = tmp_path / "ca"
+    create_ca(ca_dir)
+    port = free_port()
+    config = _config(tmp_path / "c.toml", port, ca_dir, sides, upstream_ca.ca_file)
+    text = config.read_text().replace(f'client_secret = "{CLIENT_SECRET}"', 'client_secret = "${LEFT_SECRET}"', 1)
+    config.write_text(text.replace("[server]\n", '[server]\nclient_token = "${CLIENT_TOKEN}"\n', 1))
+    token = "client/token+with=odd-characters"  # characters a URL's userinfo must escape
+    proc = await start_cli("run", "-c", str(config), env={"CLIENT_TOKEN": token, "LEFT_SECRET": CLIENT_SECRET})
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, r"listening on http://127\.0\.0\.1:\d+", seen)
+        tool_env = {"CLIENT_TOKEN": token}  # and no LEFT_SECRET
+        code, out, err = await run_cli("env", "-c", str(config), env=tool_env)
+        assert (code, err) == (0, "")
+        assert f"export HTTPS_PROXY=http://tokenproxy:client%2Ftoken%2Bwith%3Dodd-characters@127.0.0.1:{port}\n" in out
+        code, out, err = await run_cli("ca", "path", "-c", str(config), env=tool_env)
+        assert (code, out, err) == (0, f"{ca_dir / 'ca.crt'}\n", "")
+        tokens, api = sides[0]
+        code, out, err = await run_cli(
+            "exec", "-c", str(config), "--", "curl", "-sS", "https://left.test/echo/x", env=tool_env
+        )
+        assert (code, err) == (0, "")
+        assert ["Authorization", f"Bearer {tokens.issued_access[-1]}"] in json.loads(out)["headers"]
+        assert api.requests == 1
+        # Without the client token in its URL, the tunnel is refused.
+        bare = f"http://127.0.0.1:{port}"
+        command = f"HTTPS_PROXY={bare} https_proxy={bare} curl -sS https://left.test/echo/y"
+        code, _, err = await run_cli("exec", "-c", str(config), "--", "sh", "-c", command, env=tool_env)
+        assert code != 0 and "407" in err
+        assert api.requests == 1
+    finally:
+        await stop_process(proc)

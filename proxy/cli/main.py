@@ -20,6 +20,7 @@ from ..config import (
     CONFIG_SEARCH,
     Config,
     ConfigError,
+    WithoutCredentialSecrets,
     config_file_warnings,
     endpoint_missing,
     find_config_path,
@@ -56,10 +57,12 @@ def _no_config_file() -> str:
     )
 
 
-def _load(config_path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+def _load(
+    config_path: str | None, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
     path = find_config_path(config_path, os.environ)
     try:
-        return load_config(path, overrides)
+        return load_config(path, overrides, env)
     except ConfigError as error:
         if path is None:
             click.echo(_no_config_file(), err=True)
@@ -155,7 +158,12 @@ def main() -> None:
 main.add_command(config_commands(_config_option, _load, _CONFIG_EPILOG))
 for _command in login_commands(_config_option, _load, _CONFIG_EPILOG):
     main.add_command(_command)
-for _command in tls_commands(_config_option, _load, _CONFIG_EPILOG):
+def _load_without_credential_secrets(config_path: str | None) -> Config:
+    """The config for commands that only point tools at the proxy: a credential's secret may be unset."""
+    return _load(config_path, env=WithoutCredentialSecrets(os.environ))
+
+
+for _command in tls_commands(_config_option, _load_without_credential_secrets, _CONFIG_EPILOG):
     main.add_command(_command)
 
 

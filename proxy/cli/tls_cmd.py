@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 import click
 
@@ -76,6 +77,10 @@ def tls_commands(config_option: Decorator, load: Callable[[str | None], Config],
         problem = proxy_problem(config.server.listen)
         if problem is not None:
             fail(command, problem)
+        server = config.server
+        if server.client_token and server.client_token_header.lower() == "proxy-authorization":
+            # What a proxy URL can carry: tools send its user:password@ as Proxy-Authorization: Basic.
+            proxy = proxy.replace("http://", f"http://tokenproxy:{quote(server.client_token, safe='')}@", 1)
         where = ca_dir_of(config)
         try:
             cert, _ = ca_paths(where)

@@ -6,7 +6,15 @@ grant registry), secrets (which values are credentials), warnings (about
 the config file itself).
 """
 
-from .load import CONFIG_SEARCH, ConfigError, find_config_path, interpolate, load_config, parse_config
+from .load import (
+    CONFIG_SEARCH,
+    ConfigError,
+    WithoutCredentialSecrets,
+    find_config_path,
+    interpolate,
+    load_config,
+    parse_config,
+)
 from .schema import Config, TokenConfig, restart_only_changes
 from .secrets import is_secret_key, secrets_of
 from .validate import endpoint_missing, is_loopback, parse_listen
@@ -17,6 +25,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "TokenConfig",
+    "WithoutCredentialSecrets",
     "config_file_warnings",
     "endpoint_missing",
     "exposed_secrets_warning",

@@ -14,7 +14,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -37,6 +37,27 @@ _ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 CONFIG_SEARCH = "-c FILE, else $TOKENPROXY_CONFIG, else ./tokenproxy.toml (in the current directory)"
 
 
+class WithoutCredentialSecrets(Mapping[str, str]):
+    """The environment for a command that uses no credential's secret (`env`, `exec`, `ca`): there a
+    credential's secret whose variable is unset is no problem, so a tool's shell need not hold it."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def __getitem__(self, name: str) -> str:
+        return self._env[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)
+
+
+# What a credential's secret with its variable unset reads as under WithoutCredentialSecrets (never used there).
+UNSET_SECRET = "unset"
+
+
 def interpolate(value: str, env: Mapping[str, str], key: str, problems: list[str]) -> str:
     """Replace `${VAR}` and `${VAR:-default}` with the environment; `$$` is `$`."""
 
@@ -48,6 +69,12 @@ def interpolate(value: str, env: Mapping[str, str], key: str, problems: list[str
             return env[name]
         if default is not None:
             return default
+        if (
+            isinstance(env, WithoutCredentialSecrets)
+            and is_secret_key(key)
+            and not key.startswith(("server.", "store."))
+        ):
+            return UNSET_SECRET
         problems.append(f"{key}: environment variable {name} is not set")
         return ""
 

@@ -7,6 +7,8 @@ whoever can reach it; this is the lock. Knows nothing of tokens or upstreams.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 from collections.abc import Mapping
@@ -15,6 +17,10 @@ from dataclasses import dataclass, field
 from ..core.errors import Forbidden, ProxyError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# Sent with a 407: either scheme carries the client token (Basic is what a proxy URL's user:password@ becomes).
+PROXY_CHALLENGE = b'Proxy-Authenticate: Bearer realm="tokenproxy"\r\nProxy-Authenticate: Basic realm="tokenproxy"\r\n'
 
 
 class ProxyAuthRequired(ProxyError):
@@ -55,8 +61,11 @@ class AccessRules:
             sent = headers.get(self.token_header)
             if sent is None:
                 return ProxyAuthRequired(f"send the client token in {self.token_header}")
-            if sent[:7].lower() == "bearer ":
+            scheme = sent[:7].lower()
+            if scheme == "bearer ":
                 sent = sent[7:]
+            elif scheme[:6] == "basic ":
+                sent = _basic_token(sent[6:])
             if not hmac.compare_digest(sent.strip().encode(), self.client_token.encode()):
                 return Forbidden("wrong client token")
         return None
@@ -69,3 +78,14 @@ class AccessRules:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.allow_from)
+
+
+def _basic_token(credentials: str) -> str:
+    """The client token in Basic credentials: the password (any user name), or the user name when the password is
+    empty (`-U TOKEN`); "" when they are not base64 of UTF-8."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    user, _, password = decoded.partition(":")
+    return password or user

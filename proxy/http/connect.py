@@ -35,6 +35,7 @@ from multidict import CIMultiDict
 
 from ..core.errors import BadRequest, Forbidden, ProxyError
 from ..tls.ca import CAError, LocalCA
+from .access import PROXY_CHALLENGE
 from .render import raw_answer
 from .route import Route
 from .server import REFUSAL_LINGER, HeadersTooLarge, RequestTimeout, TargetTooLong
@@ -332,7 +333,7 @@ class _FirstBytes(asyncio.Protocol):
             logger.info("refused a CONNECT from %s: %s (%d)", _peer(transport), error.detail, error.status)
         answer = raw_answer(error)
         if error.status == 407:
-            answer = answer.replace(b"\r\n\r\n", b'\r\nProxy-Authenticate: Bearer realm="tokenproxy"\r\n\r\n', 1)
+            answer = answer.replace(b"\r\n\r\n", b"\r\n" + PROXY_CHALLENGE + b"\r\n", 1)
         transport.write(answer)
         if transport.can_write_eof():
             transport.write_eof()

@@ -11,12 +11,10 @@ from __future__ import annotations
 from ..core.errors import BadRequest, ExpectationFailed, NoRoute, ProxyError
 from ..observe.log import access_line
 from ..observe.metrics import NULL_METRICS, Recorder
+from .access import PROXY_CHALLENGE
 from .exchange import Request
 from .forward import CONNECT_LATER, Forwarder
 from .route import Route, Router, authority_of, split_host
-
-# Sent with a 407 so a client knows how to present the client token.
-_PROXY_AUTHENTICATE = b'Proxy-Authenticate: Bearer realm="tokenproxy"\r\n'
 
 
 def route_of(router: Router, request: Request) -> Route | None:
@@ -130,7 +128,7 @@ class Entry:
         if access.active and tunnel is None:  # a tunnel's CONNECT was checked (its client token is not resent)
             refusal = access.check(request.remote, request.headers)
             if refusal is not None:
-                extra = _PROXY_AUTHENTICATE if refusal.status == 407 else b""
+                extra = PROXY_CHALLENGE if refusal.status == 407 else b""
                 self._refuse(request, route, refusal, extra=extra)
                 return
         await self._forwarder.handle(request, route)
