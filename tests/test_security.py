@@ -115,10 +115,14 @@ async def test_redirect_rewrite_true_leaves_other_origins_and_relative_alone(
 
 
 async def test_redirect_rewrite_true_maps_base_path(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
-    """Under a base path, a Location inside it maps back to the client's path; one outside it is left alone."""
+    """Under a base path, a Location inside it maps back to the client's path, also when it is path-absolute
+    (`/api/...`, which the client would otherwise resolve against the proxy and send to `/api/api/...`); one
+    outside it is left alone."""
     proxy = await make_proxy(upstream={"url": upstream.url + "/api", "rewrite_redirects": True})
     assert await _redirect_location(proxy.url, f"{upstream.url}/api/v2/item") == f"{proxy.url}/v2/item"
+    assert await _redirect_location(proxy.url, "/api/v2/item?a=1") == f"{proxy.url}/v2/item?a=1"
     assert await _redirect_location(proxy.url, f"{upstream.url}/other") == f"{upstream.url}/other"
+    assert await _redirect_location(proxy.url, "/other") == "/other"
 
 
 @pytest.mark.parametrize(
@@ -133,7 +137,10 @@ async def test_redirect_rewrite_true_maps_base_path(make_proxy: ProxyFactory, up
         ("https://api.example.com:8443/v1/x", None),
         ("https://user@api.example.com/v1/x", None),
         ("https://api.example.com.evil/v1/x", None),
-        ("/v1/x", None),
+        ("/v1/x?q=1", "http://127.0.0.1:8080/x?q=1"),
+        ("/v10/x", None),
+        ("/x", None),
+        ("//api.example.com/v1/x", None),
     ],
 )
 def test_redirect_client_location_pure(location: str, expected: str | None) -> None:

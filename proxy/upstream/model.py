@@ -139,19 +139,26 @@ class Upstream:
     def client_location(self, location: str, client_origin: str) -> str | None:
         """`location` re-pointed at `client_origin`, when it names this upstream's origin and base path.
 
-        For `upstream.rewrite_redirects`. Any other Location (another host,
-        another scheme or port, userinfo, outside the base path, or relative,
+        For `upstream.rewrite_redirects`. A path-absolute Location (`/base/x`)
+        names this upstream's origin too, when there is a base path to take
+        off. Any other Location (another host, another scheme or port,
+        userinfo, outside the base path, or relative without a base path,
         which already resolves against the proxy) gives None: left as it is.
         """
-        scheme, sep, rest = location.partition("://")
-        if not sep or scheme.lower() != self.scheme:
-            return None
-        cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i != -1), default=len(rest))
-        authority, remainder = rest[:cut].lower(), rest[cut:]
-        host = (f"[{self.host}]" if ":" in self.host else self.host).lower()
-        default_port = 443 if self.scheme == "https" else 80
-        if authority != f"{host}:{self.port}" and not (authority == host and self.port == default_port):
-            return None
+        if location.startswith("/") and not location.startswith("//"):
+            if not self.base_path:
+                return None
+            remainder = location
+        else:
+            scheme, sep, rest = location.partition("://")
+            if not sep or scheme.lower() != self.scheme:
+                return None
+            cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i != -1), default=len(rest))
+            authority, remainder = rest[:cut].lower(), rest[cut:]
+            host = (f"[{self.host}]" if ":" in self.host else self.host).lower()
+            default_port = 443 if self.scheme == "https" else 80
+            if authority != f"{host}:{self.port}" and not (authority == host and self.port == default_port):
+                return None
         if not remainder.startswith(self.base_path):
             return None
         remainder = remainder[len(self.base_path) :]
