@@ -39,13 +39,16 @@ SYSTEMD_KEYS = {
 
 
 def test_deploy_sidecar_yaml_runs_tokenproxy_with_probes_and_state_volume() -> None:
-    """The Kubernetes manifest loads; the sidecar runs `tokenproxy run -c FILE`, probes the admin port, keeps state on an emptyDir."""
+    """The Kubernetes manifest loads; the sidecar runs `tokenproxy run -c FILE` (with the image's ENTRYPOINT), probes the admin port, keeps state on an emptyDir."""
     docs = list(yaml.safe_load_all((ROOT / "deploy/kubernetes/sidecar.yaml").read_text()))
     kinds = {doc["kind"]: doc for doc in docs}
     assert set(kinds) == {"Secret", "ConfigMap", "Deployment"}
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
     sidecar = next(c for c in pod["containers"] if c["name"] == "tokenproxy")
-    assert sidecar["args"] == ["tokenproxy", *RUN_ARGS]
+    # What Kubernetes runs: `command` (when not empty) replaces the image's ENTRYPOINT, `args` follow either.
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1))  # type: ignore[union-attr]
+    argv = (sidecar.get("command") or entrypoint) + sidecar.get("args", [])
+    assert argv == ["tokenproxy", *RUN_ARGS]
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert sidecar["envFrom"][0]["secretRef"]["name"] == "tokenproxy-credentials"
