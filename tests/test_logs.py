@@ -52,6 +52,13 @@ def json_lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[dict[str, 
     return [json.loads(formatter.format(r)) for r in caplog.records if r.name == logger]
 
 
+# The keys of every refresh line's JSON object (README, Logs).
+REFRESH_KEYS = {
+    "grant", "result", "fingerprint", "generation", "expires_in", "duration_ms", "rotated", "reason", "failures",
+    "retry_in",
+}
+
+
 async def test_logs_json_refresh_ok_line_has_structured_fields(tmp_path: Path, token_server, api) -> None:
     """`tokenproxy run` with JSON logs: the `refresh ok` line carries grant, result, fingerprint, generation,
     expires_in and duration_ms as keys, and the token only as its fingerprint."""
@@ -80,6 +87,9 @@ async def test_logs_json_refresh_ok_line_has_structured_fields(tmp_path: Path, t
     }
     assert token_server.lifetime is not None and 0 < line["expires_in"] <= token_server.lifetime
     assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+    # Every refresh line has the same keys: a failure's are there, null.
+    assert REFRESH_KEYS <= set(line)
+    assert (line["reason"], line["failures"], line["retry_in"]) == (None, None, None)
     assert re.fullmatch(
         rf"refresh ok grant=refresh_token token={fingerprint(token)} generation=1 expires_in=\d+s rotated=yes "
         r"duration=\d+\.\dms",
@@ -110,6 +120,7 @@ async def test_logs_json_refresh_failed_line_has_structured_fields(
     assert line["retry_in"] == 5.0 and line["rotated"] is False
     assert line["reason"] and line["reason"] in line["message"]
     assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+    assert REFRESH_KEYS <= set(line)
 
 
 def debug_lines(caplog: pytest.LogCaptureFixture, *prefixes: str) -> list[str]:

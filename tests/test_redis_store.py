@@ -333,6 +333,11 @@ async def test_store_three_replicas_one_refresh_per_expiry_no_reuse(
     # Every token call was made by one replica, holding the lease; the others adopted what it saved.
     assert total('tokenproxy_store_tokens_total{source="own"}') == token_server.count
     assert total('tokenproxy_store_tokens_total{source="adopted"}') >= 2
+    # Summed over the replicas, refreshes with result "ok" are the token calls; the adoptions are counted apart.
+    ok = 'tokenproxy_refreshes_total{credential="default",grant="refresh_token",result="ok"}'
+    adopted = 'tokenproxy_refreshes_total{credential="default",grant="refresh_token",result="adopted"}'
+    assert total(ok) == token_server.count
+    assert total(adopted) == total('tokenproxy_store_tokens_total{source="adopted"}')
     assert total('tokenproxy_store_leases_total{event="acquired"}') >= token_server.count
     state = _shared_state(redis_server, prefix)
     assert state is not None and state["refresh_token"] == token_server.current_refresh

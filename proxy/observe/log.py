@@ -223,7 +223,10 @@ def refresh_fields(
     generation: int | None = None,
     expires_in: float | None = None,
     duration: float | None = None,
-    **more: object,
+    rotated: bool | None = None,
+    reason: str | None = None,
+    failures: int | None = None,
+    retry_in: float | None = None,
 ) -> dict[str, object]:
     """The structured fields of a refresh log line (keys of its JSON object), never a token: only its fingerprint.
 
@@ -239,6 +242,9 @@ def refresh_fields(
         "generation": generation,
         "expires_in": None if expires_in is None else round(expires_in, 1),
         "duration_ms": None if duration is None else round(duration * 1000.0, 1),
-        **more,
+        "rotated": rotated,
+        "reason": reason,
+        "failures": failures,
+        "retry_in": retry_in,
     }
 

@@ -119,6 +119,8 @@ class TokenManager:
         # Set for the refresh started to look for a new login while login_required: it calls the endpoint only
         # if the saved state holds one.
         self._looking = False
+        # How many tokens were adopted from a peer: tells a refresh that adopted from one that fetched.
+        self._adoptions = 0
         self._flight = SingleFlight(self._refresh)
         self._failures = FailureState(policy.backoff_initial, policy.backoff_max, self._log)
 
@@ -425,6 +427,7 @@ class TokenManager:
         timer = time.perf_counter()
         login, reshaped = self._login, self._reshaped
         looking, self._looking = self._looking, False
+        adoptions = self._adoptions
         try:
             async with self._coordination.refresh_right(self._credential) as right:
                 peer = await right.peer_state()
@@ -451,7 +454,10 @@ class TokenManager:
                 rotated=False,
                 duration=time.perf_counter() - timer,
             )
-        outcome = "ok" if isinstance(result, Token) else result.code
+        if isinstance(result, Token):
+            outcome = "ok" if self._adoptions == adoptions else "adopted"
+        else:
+            outcome = result.code
         self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
         return result
 
@@ -606,6 +612,7 @@ class TokenManager:
         """Publish a token a peer fetched and saved: the endpoint is not called, nothing is saved again."""
         self._token = token
         self._obtained = True
+        self._adoptions += 1
         self._failures.succeeded()
         self._metrics.token_source("adopted")
         expires_in = token.expires_at - self._clock()
