@@ -88,7 +88,7 @@ async def test_logs_json_refresh_ok_line_has_structured_fields(tmp_path: Path, t
     assert token_server.lifetime is not None and 0 < line["expires_in"] <= token_server.lifetime
     assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
     # Every refresh line has the same keys: a failure's are there, null.
-    assert REFRESH_KEYS <= set(line)
+    assert set(line) >= REFRESH_KEYS
     assert (line["reason"], line["failures"], line["retry_in"]) == (None, None, None)
     assert re.fullmatch(
         rf"refresh ok grant=refresh_token token={fingerprint(token)} generation=1 expires_in=\d+s rotated=yes "
@@ -120,7 +120,7 @@ async def test_logs_json_refresh_failed_line_has_structured_fields(
     assert line["retry_in"] == 5.0 and line["rotated"] is False
     assert line["reason"] and line["reason"] in line["message"]
     assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
-    assert REFRESH_KEYS <= set(line)
+    assert set(line) >= REFRESH_KEYS
 
 
 def debug_lines(caplog: pytest.LogCaptureFixture, *prefixes: str) -> list[str]:

@@ -454,10 +454,7 @@ class TokenManager:
                 rotated=False,
                 duration=time.perf_counter() - timer,
             )
-        if isinstance(result, Token):
-            outcome = "ok" if self._adoptions == adoptions else "adopted"
-        else:
-            outcome = result.code
+        outcome = result.code if not isinstance(result, Token) else "ok" if self._adoptions == adoptions else "adopted"
         self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
         return result
 
