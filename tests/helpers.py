@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -403,6 +404,16 @@ class RedisServer:
                 time.sleep(0.05)  # polling for a process to start, not a settle delay
         self.stop()
         raise AssertionError(f"redis-server did not answer on port {self.port} within {REDIS_BOUND}s")
+
+    def pause(self) -> None:
+        """Stop it with SIGSTOP: connections are still accepted by the kernel, nothing is answered (a stall)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused Redis go on (SIGCONT): it then runs what it was sent meanwhile."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """Kill it by PID and reap it."""

@@ -508,6 +508,36 @@ async def test_store_lease_renewed_while_held_and_released_by_its_owner(redis_se
     assert 'tokenproxy_store_leases_total{event="waited"} 1.0' in text
 
 
+async def test_store_lease_a_timed_out_call_took_is_freed_when_redis_wakes(redis_server: RedisServer) -> None:
+    """Redis stalls (SIGSTOP) while a replica asks for the lease: the call times out (503 store_unavailable for
+    a rotating grant), but its SET lands when Redis wakes. The replica frees that lease then, so a peer gets it
+    without waiting out the ttl (60 s here; the peer waits at most 20)."""
+    from proxy.observe.metrics import Metrics
+    from proxy.core.errors import StoreUnavailable
+
+    prefix = f"t{secrets.token_hex(4)}:"
+    metrics = Metrics()
+    holder = _coordination(redis_server, prefix, metrics, lease_ttl=60.0, wait=5.0)
+    peer = _coordination(redis_server, prefix, metrics, lease_ttl=60.0, wait=20.0)
+    try:
+        async with holder.refresh_right("cred"):  # a connection to Redis in the holder's pool, as in service
+            pass
+        redis_server.pause()
+        try:
+            with pytest.raises(StoreUnavailable):
+                async with holder.refresh_right("cred"):
+                    pass
+        finally:
+            redis_server.resume()
+        async with peer.refresh_right("cred") as right:
+            assert await right.peer_state() is None
+    finally:
+        await holder.aclose()
+        await peer.aclose()
+    text = metrics.render().decode()
+    assert 'tokenproxy_store_errors_total{kind="timeout"} 1.0' in text
+
+
 async def test_store_save_refused_when_lease_lost_or_newer_generation(redis_server: RedisServer) -> None:
     """save() raises RefreshRightLost and writes nothing when the lease is gone or Redis holds a newer generation."""
     from proxy.observe.metrics import Metrics

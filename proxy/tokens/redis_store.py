@@ -200,6 +200,7 @@ class RedisCoordination:
         self._mode = "shared"  # shared (Redis), local (down, refreshing alone) or unavailable (down, refusing)
         self._retry_at = 0.0  # monotonic time before which a down Redis is not tried again
         self._held: dict[str, SavedState] = {}  # the newest state this replica holds, per credential
+        self._sweeps: set[asyncio.Task[None]] = set()  # freeing leases a failed call may have taken (_free_later)
         self._closed = False
         with contextlib.suppress(UnsafeStateError):
             state = local.load()
@@ -220,6 +221,9 @@ class RedisCoordination:
         """Close the connections to Redis; safe to call more than once."""
         if not self._closed:
             self._closed = True
+            for sweep in self._sweeps:
+                sweep.cancel()
+            await asyncio.gather(*self._sweeps, return_exceptions=True)
             await self._redis.aclose()
 
     @contextlib.asynccontextmanager
@@ -246,6 +250,7 @@ class RedisCoordination:
             acquired = await self._acquire(credential, owner)
         except _STORE_ERRORS as exc:
             self.failed(exc)
+            self._free_later(credential, owner)
             return self._fallback(credential)
         except asyncio.CancelledError:
             # Cancelled while asking (shut-down): the SET may have landed; free the lease if it is ours.
@@ -288,6 +293,29 @@ class RedisCoordination:
             with contextlib.suppress(*_STORE_ERRORS):
                 await pubsub.aclose()
         return False
+
+    def _free_later(self, credential: str, owner: str) -> None:
+        """Free the lease `owner` may hold after a failed call: a SET that timed out can still land when a stalled
+        Redis wakes up, and would then make every replica wait out its ttl."""
+        if self._closed:
+            return
+        sweep = asyncio.get_running_loop().create_task(self._free(credential, owner))
+        self._sweeps.add(sweep)
+        sweep.add_done_callback(self._sweeps.discard)
+
+    async def _free(self, credential: str, owner: str) -> None:
+        """Release `owner`'s lease once Redis answers, trying every RETRY_DOWN for twice the ttl (the SET may land
+        late, and a lease lives no longer than its ttl from then)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self._settings.lease_ttl
+        keys, args = [self.key(credential, "lease")], [owner, self.key(credential, "saved")]
+        while loop.time() < deadline:
+            with contextlib.suppress(*_STORE_ERRORS, TimeoutError):
+                async with asyncio.timeout(IO_TIMEOUT):
+                    if await self._scripts["release"](keys=keys, args=args):
+                        logger.info("store: freed the refresh lease a timed-out call had taken in Redis")
+                        return
+            await asyncio.sleep(RETRY_DOWN)
 
     def _fallback(self, credential: str) -> _LocalRight:
         if self._settings.rotating:
