@@ -512,8 +512,8 @@ async def test_store_lease_a_timed_out_call_took_is_freed_when_redis_wakes(redis
     """Redis stalls (SIGSTOP) while a replica asks for the lease: the call times out (503 store_unavailable for
     a rotating grant), but its SET lands when Redis wakes. The replica frees that lease then, so a peer gets it
     without waiting out the ttl (60 s here; the peer waits at most 20)."""
-    from proxy.observe.metrics import Metrics
     from proxy.core.errors import StoreUnavailable
+    from proxy.observe.metrics import Metrics
 
     prefix = f"t{secrets.token_hex(4)}:"
     metrics = Metrics()
