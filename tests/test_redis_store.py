@@ -379,7 +379,8 @@ async def test_store_lease_holder_killed_before_its_call_another_takes_over(
 async def test_store_down_rotating_grant_answers_503_store_unavailable_and_recovers(
     tmp_path: Path, token_server: FakeTokenServer, api: FakeApi, own_redis: RedisServer
 ) -> None:
-    """Redis stopped: a rotating grant answers 503 store_unavailable; Redis back empty: re-seeded, 200 again."""
+    """Redis stopped: a rotating grant answers 503 store_unavailable and /readyz says so; Redis back empty:
+    /readyz is ready again with no request sent (the replica watches for Redis), then re-seeded, 200 again."""
     prefix = "rot:"
     config = _config(tmp_path / "c.toml", token_server, api, _redis(own_redis, prefix))
     async with replicas(config) as (proxy,), aiohttp.ClientSession() as session:
@@ -392,7 +393,16 @@ async def test_store_down_rotating_grant_answers_503_store_unavailable_and_recov
         assert body["detail"].startswith(f"the token store Redis at 127.0.0.1:{own_redis.port} ")
         _, document = await _get(session, f"{proxy.admin}/status")
         assert document["store"] == {"backend": "redis", "host": f"127.0.0.1:{own_redis.port}", "mode": "unavailable"}
+        assert (document["ready"], document["reason"]) == (False, "store_unavailable")
+        status, body = await _get(session, f"{proxy.admin}/readyz")
+        assert (status, body["reason"]) == (503, "store_unavailable")
         own_redis.start()
+
+        async def ready() -> bool:
+            return (await _get(session, f"{proxy.admin}/readyz"))[0] == 200
+
+        await poll(ready, "/readyz ready again once Redis answers, with no request to the proxy")
+        assert token_server.count == 1
 
         async def served() -> bool:
             return (await _get(session, f"{proxy.url}/echo/3"))[0] == 200

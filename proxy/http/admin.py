@@ -29,6 +29,13 @@ def readiness(status: ManagerStatus, now: float, ready_before_token: bool = Fals
     """
     if status.dead is not None:
         return False, status.dead, "the token cannot be renewed until the configuration changes"
+    if status.store_unavailable:
+        return (
+            False,
+            "store_unavailable",
+            "the shared token store (Redis) is unavailable and the grant rotates its refresh token: no new token "
+            "until it is back",
+        )
     if status.usable:
         return True, "ok", "a valid token is held"
     if now < status.backoff_until:

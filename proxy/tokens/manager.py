@@ -71,6 +71,7 @@ class ManagerStatus:
     last_error: str | None  # code of the last failure, if the last refresh failed
     dead: str | None  # code of a final failure (login_required, token_unavailable)
     obtained: bool  # a token was fetched, adopted or resumed still valid since the process started
+    store_unavailable: bool = False  # the last refresh was refused for the shared store, and it is still down
 
 
 class TokenManager:
@@ -121,6 +122,8 @@ class TokenManager:
         self._looking = False
         # How many tokens were adopted from a peer: tells a refresh that adopted from one that fetched.
         self._adoptions = 0
+        # The last refresh was refused because the shared store is down (StoreUnavailable).
+        self._store_refused = False
         self._flight = SingleFlight(self._refresh)
         self._failures = FailureState(policy.backoff_initial, policy.backoff_max, self._log)
 
@@ -309,11 +312,14 @@ class TokenManager:
         """What the manager knows now, without any token value."""
         token = self._token
         failures = self._failures
+        usable = token is not None and token.usable_at(self._clock())
+        # Requests fail meanwhile only when the token held is expired or was refused by the upstream.
+        blocked = not usable or (token is not None and token.generation <= self._rejected)
         return ManagerStatus(
             generation=token.generation if token else None,
             fingerprint=token.fingerprint if token else None,
             expires_at=token.expires_at if token else None,
-            usable=token is not None and token.usable_at(self._clock()),
+            usable=usable,
             refreshing=self._flight.running,
             waiting=self._flight.waiting,
             backoff_until=failures.backoff_until,
@@ -321,6 +327,9 @@ class TokenManager:
             last_error=failures.last_error.code if failures.last_error else None,
             dead=failures.final.code if failures.final else None,
             obtained=self._obtained,
+            store_unavailable=(
+                blocked and self._store_refused and getattr(self._coordination, "mode", "") == "unavailable"
+            ),
         )
 
     @property
@@ -454,6 +463,7 @@ class TokenManager:
                 rotated=False,
                 duration=time.perf_counter() - timer,
             )
+        self._store_refused = isinstance(result, StoreUnavailable)
         outcome = result.code if not isinstance(result, Token) else "ok" if self._adoptions == adoptions else "adopted"
         self._metrics.refresh_done(self._grant.name, outcome, time.perf_counter() - timer)
         return result

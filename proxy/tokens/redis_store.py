@@ -24,7 +24,7 @@ import math
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -200,7 +200,8 @@ class RedisCoordination:
         self._mode = "shared"  # shared (Redis), local (down, refreshing alone) or unavailable (down, refusing)
         self._retry_at = 0.0  # monotonic time before which a down Redis is not tried again
         self._held: dict[str, SavedState] = {}  # the newest state this replica holds, per credential
-        self._sweeps: set[asyncio.Task[None]] = set()  # freeing leases a failed call may have taken (_free_later)
+        # Its own work beside the refreshes: freeing a lease a failed call may have taken, watching for Redis's return.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         with contextlib.suppress(UnsafeStateError):
             state = local.load()
@@ -221,9 +222,9 @@ class RedisCoordination:
         """Close the connections to Redis; safe to call more than once."""
         if not self._closed:
             self._closed = True
-            for sweep in self._sweeps:
-                sweep.cancel()
-            await asyncio.gather(*self._sweeps, return_exceptions=True)
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._redis.aclose()
 
     @contextlib.asynccontextmanager
@@ -297,11 +298,29 @@ class RedisCoordination:
     def _free_later(self, credential: str, owner: str) -> None:
         """Free the lease `owner` may hold after a failed call: a SET that timed out can still land when a stalled
         Redis wakes up, and would then make every replica wait out its ttl."""
+        self._start(self._free(credential, owner))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task of this coordination (aclose cancels it)."""
         if self._closed:
+            work.close()
             return
-        sweep = asyncio.get_running_loop().create_task(self._free(credential, owner))
-        self._sweeps.add(sweep)
-        sweep.add_done_callback(self._sweeps.discard)
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self) -> None:
+        """While Redis is down, ping it every RETRY_DOWN: when it answers, refreshes are shared again, and /readyz
+        says so, also when no request comes to try (a replica out of rotation gets none)."""
+        while self._mode != "shared":
+            await asyncio.sleep(RETRY_DOWN)
+            try:
+                async with asyncio.timeout(IO_TIMEOUT):
+                    await self._redis.ping()
+            except (*_STORE_ERRORS, TimeoutError):
+                continue
+            self._retry_at = 0.0
+            self._recovered()
 
     async def _free(self, credential: str, owner: str) -> None:
         """Release `owner`'s lease once Redis answers, trying every RETRY_DOWN for twice the ttl (the SET may land
@@ -334,6 +353,8 @@ class RedisCoordination:
         mode = "unavailable" if self._settings.rotating else "local"
         if self._mode == mode:
             return
+        if self._mode == "shared":
+            self._start(self._watch())
         self._mode = mode
         self._metrics.store_mode(mode)
         if self._settings.rotating:
