@@ -435,3 +435,57 @@ def test_can_open_browser_needs_a_display_on_linux() -> None:
     assert choose_flow(None, Endpoints("https://a/authorize", "https://a/device", ""), browser=False) == "device"
     assert choose_flow(None, Endpoints("https://a/authorize", "https://a/device", ""), browser=True) == "code"
     assert choose_flow(None, Endpoints("https://a/authorize", "", ""), browser=False) == "code"
+
+
+@pytest.fixture
+async def other_auth_server(aiohttp_server: Any) -> AsyncIterator[FakeAuthServer]:
+    """A second authorization server: another project's, on another port."""
+    fake = FakeAuthServer(device_interval=1)
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    yield fake
+
+
+async def test_logout_with_a_state_file_shared_by_two_configs_touches_only_its_own_login(
+    auth_server: FakeAuthServer, other_auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    """Two projects' configs share one state file (the default one does). `logout` in a project that never
+    logged in does nothing, and never sends the other project's refresh token to its own server; `logout` in
+    each project then revokes its own refresh token at its own server, and the other login keeps working."""
+    state = tmp_path / "state.json"
+    first = login_config(tmp_path / "a.toml", auth_server, state)
+    second = login_config(tmp_path / "b.toml", other_auth_server, state)
+    assert (await run_cli("login", "-c", first, "--flow", "device"))[0] == 0
+    code, out, err = await run_cli("logout", "-c", second)
+    assert (code, out, err) == (0, f"Not logged in: {state} holds no tokens. Nothing was done.\n", "")
+    assert (auth_server.revoked, other_auth_server.revoked) == ([], [])
+    assert (await run_cli("login", "-c", second, "--flow", "device"))[0] == 0
+    code, out, err = await run_cli("logout", "-c", first)
+    assert (code, err) == (0, "")
+    assert out == f"Removed the tokens from {state}.\nRevoked the refresh token at {auth_server.base_url}/revoke.\n"
+    assert (auth_server.revoked, other_auth_server.revoked) == ([auth_server.issued_refresh[0]], [])
+    code, out, _ = await run_cli("token", "-c", second)
+    assert (code, out) == (0, other_auth_server.issued_access[-1] + "\n")
+    code, out, _ = await run_cli("logout", "-c", second)
+    assert code == 0 and f"Revoked the refresh token at {other_auth_server.base_url}/revoke." in out
+    assert other_auth_server.revoked == [other_auth_server.issued_refresh[-1]]
+
+
+async def test_login_without_client_id_registers_per_server_with_a_shared_state_file(
+    auth_server: FakeAuthServer, other_auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    """A client registered at one server is not used for another config's server, though both keep their logins
+    in one state file: the second login registers its own client, and each config's `token` works."""
+    state = tmp_path / "state.json"
+    first = registration_config(tmp_path / "a.toml", auth_server, state)
+    second = registration_config(tmp_path / "b.toml", other_auth_server, state)
+    assert (await run_cli("login", "-c", first, "--flow", "device"))[:1] == (0,)
+    code, _, err = await run_cli("login", "-c", second, "--flow", "device")
+    assert (code, err) == (0, "")
+    assert (list(auth_server.registered), list(other_auth_server.registered)) == (["dyn-1"], ["dyn-1"])
+    for config, server in ((first, auth_server), (second, other_auth_server)):
+        code, out, _ = await run_cli("token", "-c", config)
+        assert (code, out) == (0, server.issued_access[-1] + "\n")
+    code, _, err = await run_cli("login", "-c", first, "--flow", "device")
+    assert (code, err) == (0, "")
+    assert list(auth_server.registered) == ["dyn-1"]  # its own client, found again

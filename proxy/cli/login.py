@@ -196,33 +196,33 @@ async def _keep(config: Config, credential: str, make: Callable[[SavedState | No
     return state
 
 
-async def _newest_state(config: Config) -> SavedState | None:
-    """The credential's newest state: Redis's with the Redis store (when it holds one), else the state file's."""
-    from ..runtime.credentials import credential_of, redis_settings
+async def _newest_state(config: Config, prompt: TerminalPrompt) -> tuple[Config, SavedState | None]:
+    """The config with the issuer the API names when it names none (as `login` found it), and the credential's
+    newest state: Redis's with the Redis store (when it holds one), else its entry in the state file (which may
+    hold other configs' logins too). Its credential is named as `login` named it: by the token endpoint the
+    issuer's metadata names, and the client registered there."""
+    from ..runtime.clients import token_session
+    from ..runtime.credentials import credential_of, redis_settings, with_discovery, with_registered_client
 
-    local = FileStore(Path(config.token.state_file)).load()
+    session = token_session(config)
+    try:
+        config = await _with_issuer_from_api(config, session, prompt)
+        resolved = (await with_discovery(config, session))[0]
+    except (DiscoveryError, LoginError):
+        resolved = with_registered_client(config)
+    finally:
+        await session.close()
+    credential = credential_of(resolved.token)
+    local = FileStore(Path(config.token.state_file), credential).load()
     settings = redis_settings(config)
     if settings is None:
-        return local
-    if local is not None:
-        credential = local.credential
-    else:  # nothing on this machine: the credential as `run` names it, after discovery
-        from ..runtime.clients import token_session
-        from ..runtime.credentials import with_discovery
-
-        session = token_session(config)
-        try:
-            credential = credential_of((await with_discovery(config, session))[0].token)
-        except DiscoveryError:
-            credential = credential_of(config.token)
-        finally:
-            await session.close()
+        return config, local
     coordination = RedisCoordination(settings, NullStore())
     try:
         shared = await coordination.shared_state(credential)
     finally:
         await coordination.aclose()
-    return shared if shared is not None else local
+    return config, shared if shared is not None else local
 
 
 async def _with_issuer_from_api(config: Config, session: Any, prompt: TerminalPrompt) -> Config:
@@ -296,8 +296,15 @@ def not_logged_in(config: Config) -> str | None:
         return None
     if config.store.backend == "redis":
         return None  # the login may be in Redis: the proxy finds it at its first refresh
-    state = FileStore(Path(tok.state_file)).load()
-    if state is not None and state.refresh_token:
+    from ..runtime.credentials import credential_of, with_registered_client
+
+    entries = FileStore(Path(tok.state_file)).load_all()
+    if tok.issuer:  # its token endpoint (part of its credential) is known after discovery only: any login will do
+        known = any(state.refresh_token for state in entries.values())
+    else:
+        state = entries.get(credential_of(with_registered_client(config).token))
+        known = state is not None and bool(state.refresh_token)
+    if known:
         return None
     return f"not logged in: no token.refresh_token, and none in {tok.state_file}: run `tokenproxy login`"
 
@@ -394,7 +401,7 @@ def login_commands(
         setup_logging("warning", "text", secrets_of(config))
         _usable_for_login(config, "logout")
         try:
-            state = asyncio.run(_newest_state(config))
+            config, state = asyncio.run(_newest_state(config, TerminalPrompt(sys.stdout)))
         except StoreUnavailable as error:
             _fail("logout", error.detail, 1)
         if state is None or not (state.refresh_token or state.access_token):

@@ -38,11 +38,14 @@ def build_grant(token: TokenConfig, session: aiohttp.ClientSession) -> Grant:
 async def with_discovery(config: Config, session: aiohttp.ClientSession) -> tuple[Config, ServerMetadata | None]:
     """The config with the token endpoint `token.issuer`'s metadata names, and that metadata; unchanged (and
     None) without an issuer. Raises DiscoveryError naming the URL tried. Called before a grant is built."""
-    config = with_registered_client(config)
     tok = config.token
     if not tok.issuer:
-        return config, None
+        return with_registered_client(config), None
     metadata = await discover(session, tok.issuer, tok.timeout)
+    settings = dataclasses.replace(tok.settings, token_url=metadata.token_endpoint)  # type: ignore[type-var]
+    # The registered client is found by the token endpoint it was registered for: after discovery.
+    config = with_registered_client(dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings)))
+    tok = config.token
     method = AUTH_METHOD_NAMES.get(getattr(tok.settings, "client_auth", ""), "")
     # No client id yet: `login` registers one, with method none.
     if method and getattr(tok.settings, "client_id", "") and method not in metadata.token_endpoint_auth_methods:
@@ -53,8 +56,7 @@ async def with_discovery(config: Config, session: aiohttp.ClientSession) -> tupl
             safe_url(metadata.source),
             ", ".join(metadata.token_endpoint_auth_methods) or "(none)",
         )
-    settings = dataclasses.replace(tok.settings, token_url=metadata.token_endpoint)  # type: ignore[type-var]
-    return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings)), metadata
+    return config, metadata
 
 
 async def resolve_credentials(config: Config, session_for: Callable[[Config, str], aiohttp.ClientSession]) -> Config:
@@ -91,11 +93,15 @@ def with_registered_client(config: Config) -> Config:
     tok = config.token
     if not tok.state_file or not hasattr(tok.settings, "client_id") or tok.settings.client_id:
         return config
-    state = FileStore(Path(tok.state_file)).load()
-    if state is None or not state.client_id:
-        return config
-    settings = dataclasses.replace(tok.settings, client_id=state.client_id, client_auth="none")  # type: ignore[type-var]
-    return dataclasses.replace(config, token=dataclasses.replace(tok, settings=settings))
+    # A state file may hold other configs' logins: the client is the one whose entry this config's would be.
+    for state in FileStore(Path(tok.state_file)).load_all().values():
+        if not state.client_id:
+            continue
+        settings = dataclasses.replace(tok.settings, client_id=state.client_id, client_auth="none")  # type: ignore[type-var]
+        registered = dataclasses.replace(tok, settings=settings)
+        if credential_of(registered) == state.credential:
+            return dataclasses.replace(config, token=registered)
+    return config
 
 
 def credential_of(token: TokenConfig) -> str:

@@ -231,6 +231,15 @@ class FileStore:
         """
         return self._load(set_aside=False)
 
+    def load_all(self) -> dict[str, SavedState]:
+        """Every credential's entry, by credential id ({} when the file is missing, unreadable or malformed).
+
+        Raises UnsafeStateError as `load` does.
+        """
+        entries: dict[str, SavedState] = {}
+        self._load(set_aside=False, into=entries)
+        return entries
+
     def load_locked(self) -> SavedState | None:
         """`load()` for the holder of the state lock: a corrupt file is also moved aside, and a warning logged.
 
@@ -238,7 +247,7 @@ class FileStore:
         """
         return self._load(set_aside=True)
 
-    def _load(self, *, set_aside: bool) -> SavedState | None:
+    def _load(self, *, set_aside: bool, into: dict[str, SavedState] | None = None) -> SavedState | None:
         try:
             dir_fd = self.open_directory()
         except UnsafeStateError:
@@ -252,6 +261,8 @@ class FileStore:
             try:
                 entries, problem = _parse(_read_at_most(fd, _MAX_STATE_BYTES + 1))
                 state = _entry_of(entries, self.credential)
+                if into is not None:
+                    into.update(entries)
                 if problem is not None and set_aside:
                     self._set_aside(dir_fd, fd, problem)
             finally:
