@@ -16,6 +16,15 @@ from tests.fakes.token_server import CLIENT_SECRET
 from tests.helpers import TOKENPROXY, read_until, run_cli, saved_entry, start_cli, write_config
 
 
+@pytest.mark.parametrize("command", ["run", "check"])
+async def test_cli_config_not_utf8_exits_2_in_one_line(tmp_path: Path, command: str) -> None:
+    """A config file that is not UTF-8 text (a binary file given by mistake): exit 2, one line, no traceback."""
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b'[upstream]\nurl = "http://a"\n\xff\xfe')
+    code, out, err = await run_cli(command, "-c", str(path))
+    assert (code, out, err) == (2, "", f"config: {path}: not UTF-8 text (byte 29)\n")
+
+
 async def test_cli_bad_config_exits_2_naming_each_key(tmp_path: Path) -> None:
     """A config with several problems exits 2 with one `config: key: ...` line per problem."""
     path = tmp_path / "bad.toml"

@@ -341,6 +341,8 @@ def load_config(
             raise ConfigError([f"config: {path}: no such file"]) from None
         except OSError as exc:
             raise ConfigError([f"config: {path}: cannot be read ({exc.strerror})"]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"config: {path}: not UTF-8 text (byte {exc.start + 1})"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"config: {path}: not valid TOML ({exc})"]) from None
     for dotted, value in (overrides or {}).items():
