@@ -251,7 +251,8 @@ class RedisCoordination:
             acquired = await self._acquire(credential, owner)
         except _STORE_ERRORS as exc:
             self.failed(exc)
-            self._free_later(credential, owner)
+            if error_kind(exc) == "timeout":  # the SET may have been sent (a refused connection sent nothing)
+                self._free_later(credential, owner)
             return self._fallback(credential)
         except asyncio.CancelledError:
             # Cancelled while asking (shut-down): the SET may have landed; free the lease if it is ours.
