@@ -410,6 +410,7 @@ async def test_routes_metrics_carry_route_and_credential_labels(
     assert 'tokenproxy_requests_total{route="right",status_class="2xx"} 1.0' in text
     assert 'tokenproxy_refreshes_total{credential="lc",grant="refresh_token",result="ok"} 1.0' in text
     assert 'tokenproxy_token_generation{credential="rc"} 1.0' in text
+    assert 'route="default"' not in text  # labels only ever hold configured names
 
 
 async def test_routes_access_line_names_the_route(

@@ -121,7 +121,10 @@ class _Labelled:
 
     def __init__(self, metrics: Metrics, route: str = "", credential: str = "") -> None:
         self._metrics = metrics
-        self._requests = metrics.requests_of(route) if route else metrics.requests_of("default")
+        if route:
+            self._requests = metrics.requests_of(route)
+        else:  # a credential's recorder makes no request series of its own (no route "default" beside the routes)
+            self.request_done = metrics.request_done  # type: ignore[method-assign]
         self._credential = credential
         self.upstream_answered = metrics.upstream_answered
         self.resent = metrics.resent
