@@ -294,7 +294,7 @@ async def test_connect_inner_request_naming_another_host_400_no_token_sent(setup
         assert head.startswith((b"HTTP/1.1 400 Bad Request\r\n", b"HTTP/1.0 400 Bad Request\r\n")), request
         assert json.loads(body) == {
             "error": "bad_request",
-            "detail": "a request inside the tunnel to left.test:443 must name that host (Host header)",
+            "detail": "a request inside the tunnel to left.test:443 must name that host (its Host header or absolute-form target)",
         }
     assert (setup.left.api.requests, setup.right.api.requests) == (0, 0)
     # The same tunnel, naming its host: served along the left route.
