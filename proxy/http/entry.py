@@ -99,7 +99,10 @@ class Entry:
                 self._refuse(
                     request,
                     None,
-                    BadRequest(f"a request inside the tunnel to {tunnel} must name that host (its Host header or absolute-form target)"),
+                    BadRequest(
+                        f"a request inside the tunnel to {tunnel} must name that host "
+                        "(its Host header or absolute-form target)"
+                    ),
                     close=True,
                 )
                 return
