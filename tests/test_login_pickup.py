@@ -156,6 +156,7 @@ async def test_login_pickup_run_before_any_login_serves_after_login(
     async with aiohttp.ClientSession() as client:
         status, body = await proxy.get(client)
         assert (status, body["error"]) == (503, "login_required")
+        assert body["detail"] == "no refresh token is known; log in again"  # none was presented, none rejected
         await login(config)
         assert await proxy.until(client, 200) == {"ok": True}
         assert (await proxy.get(client))[0] == 200

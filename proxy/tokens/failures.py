@@ -119,7 +119,11 @@ class FailureState:
         error: ProxyError
         if exc.kind is not FailureKind.TRANSIENT:
             error = (
-                LoginRequired(f"the refresh token was rejected ({exc.oauth_error or exc.reason}); log in again")
+                LoginRequired(
+                    f"the refresh token was rejected ({exc.oauth_error}); log in again"
+                    if exc.oauth_error
+                    else f"{exc.reason}; log in again"
+                )
                 if exc.kind is FailureKind.LOGIN_REQUIRED
                 else TokenUnavailable(f"{exc.reason}; fix the configuration and restart")
             )

@@ -51,7 +51,7 @@ class RefreshTokenGrant(OAuthGrant):
     async def fetch(self, refresh_token: str | None) -> TokenResponse:
         """POST the refresh token to the token endpoint and read the token from its answer."""
         if not refresh_token:
-            raise GrantError("no refresh token is known", kind=FailureKind.LOGIN_REQUIRED, oauth_error="invalid_grant")
+            raise GrantError("no refresh token is known", kind=FailureKind.LOGIN_REQUIRED)
         form = {"grant_type": self.name, "refresh_token": refresh_token, **self.fields}
         return await self.endpoint.request(form, spends_refresh_token=True)
 
