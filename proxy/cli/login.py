@@ -359,7 +359,8 @@ def login_commands(
     @click.option("--flow", type=click.Choice(FLOWS), default=None,
                   help="device: enter a code on any device; code: a browser on this machine "
                   "(default: code where a browser can be opened, else device).")
-    @click.option("--no-browser", is_flag=True, help="Do not open a browser; print the URL only.")
+    @click.option("--no-browser", is_flag=True,
+                  help="Do not open a browser: the default flow is then device; with --flow code, print its URL only.")
     @click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
                   help="Give up after this many seconds without an approval.")
     def login(config_path: str | None, flow: str | None, no_browser: bool, timeout: float) -> None:
