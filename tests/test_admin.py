@@ -80,3 +80,19 @@ async def test_admin_readyz_not_ready_before_first_token(aiohttp_server, make_pr
         assert resp.headers["X-Tokenproxy-Error"] == "no_token_yet"
         assert (await resp.json())["reason"] == "no_token_yet"
     assert token_server.count == 0
+
+
+async def test_admin_unknown_path_and_wrong_method_get_the_json_error(aiohttp_server, make_proxy, client) -> None:
+    """An unknown path gets 404 `not_found` and a wrong method 405 `method_not_allowed` (with Allow), as JSON with
+    X-Tokenproxy-Error like every answer of tokenproxy's own; the path asked for is not echoed."""
+    proxy = await make_proxy()
+    admin = await start_admin(aiohttp_server, proxy)
+    async with client.get(f"{admin}/nope-secret-looking-path") as resp:
+        assert (resp.status, resp.headers["X-Tokenproxy-Error"]) == (404, "not_found")
+        assert resp.content_type == "application/json"
+        body = await resp.json()
+    assert body["error"] == "not_found" and "nope-secret" not in body["detail"]
+    async with client.post(f"{admin}/healthz", data=b"x") as resp:
+        assert (resp.status, resp.headers["X-Tokenproxy-Error"]) == (405, "method_not_allowed")
+        assert "GET" in resp.headers["Allow"]
+        assert (await resp.json())["error"] == "method_not_allowed"

@@ -97,6 +97,20 @@ class NoRoute(ProxyError):
     code = "no_route"
 
 
+class NotFound(ProxyError):
+    """The admin port has no such endpoint."""
+
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    """The admin port's endpoint does not take this method."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
 class BadRequest(ProxyError):
     """The request cannot be forwarded as it is."""
 

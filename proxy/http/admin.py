@@ -13,7 +13,7 @@ from aiohttp import web
 
 from ..core.errors import NoRoute
 from ..tokens.manager import ManagerStatus, TokenManager
-from .render import ERROR_HEADER, error_response
+from .render import ERROR_HEADER, error_response, json_errors
 
 StatusSource = Callable[[], TokenManager]
 # The routes and credentials in force: route name -> credential name, credential name -> its token manager.
@@ -109,7 +109,7 @@ def build_admin_app(
     `ready_before_token` reads `server.ready_before_token` as it is now (a reload may change it);
     `routes` gives the routes and credentials in force (without it, `tokens()` is the one credential).
     """
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
 
     def in_force() -> tuple[Mapping[str, str], Mapping[str, TokenManager]]:
         return routes() if routes is not None else ({"default": "default"}, {"default": tokens()})

@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from .render import ERROR_HEADER
+from .render import ERROR_HEADER, json_errors
 
 # How long one worker's admin app may take to answer before it counts as not answering.
 FETCH_TIMEOUT = 2.0
@@ -117,7 +117,7 @@ def merge_metrics(texts: Sequence[tuple[int, str]], views: Sequence[WorkerView])
 
 def build_group_admin_app(workers: Callable[[], Sequence[WorkerView]]) -> web.Application:
     """The group's admin Application: /healthz, /readyz, /status and /metrics, merged from every worker."""
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
 
     async def ask_all(path: str) -> list[tuple[WorkerView, bytes | None]]:
         views = list(workers())

@@ -11,13 +11,29 @@ before its head was complete). Knows nothing of where the error came from.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from aiohttp import web
 
-from ..core.errors import ProxyError
+from ..core.errors import MethodNotAllowed, NotFound, ProxyError
 
 ERROR_HEADER = "X-Tokenproxy-Error"
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An aiohttp app's own 404 and 405 as tokenproxy's JSON answer (the admin ports), the path never echoed."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        response = error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
+    except web.HTTPNotFound:
+        return error_response(NotFound("no such endpoint: /healthz, /readyz, /status and /metrics are"))
 
 
 def error_body(error: ProxyError) -> bytes:
