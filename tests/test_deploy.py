@@ -57,6 +57,9 @@ def test_deploy_sidecar_yaml_runs_tokenproxy_with_probes_and_state_volume() -> N
     config = parse_config(tomllib.loads(kinds["ConfigMap"]["data"]["tokenproxy.toml"]), CREDENTIALS)
     assert config.server.listen == "127.0.0.1:8080"
     assert config.server.admin_listen.endswith(":8081")
+    # SIGTERM comes after the app has had time to drain; the grace period covers that wait and the proxy's drain.
+    wait = int(sidecar["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > wait + config.server.shutdown_timeout
     assert set(kinds["Secret"]["stringData"]) == set(CREDENTIALS)
 
 
