@@ -172,6 +172,32 @@ async def test_routes_by_path_prefix_strip_prefix_removes_it_at_a_path_boundary(
     assert (left.api.requests, right.api.requests) == (1, 1)
 
 
+async def test_routes_strip_prefix_rewrite_redirects_puts_the_prefix_back(
+    routed: Routed, left: Side, right: Side, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """With strip_prefix and rewrite_redirects, the upstream's `Location: /echo/after-redirect` reaches the client
+    as `http://HOST/l/echo/after-redirect`: followed, it comes back to the same route, not to another one."""
+    state = tmp_path / "state.json"
+    raw = {
+        "credentials": {"lc": credential(left, state), "rc": credential(right, state)},
+        "route": [
+            {
+                "name": "left",
+                "path_prefix": "/l",
+                "strip_prefix": True,
+                "rewrite_redirects": True,
+                "url": left.api.base_url,
+                "token": "lc",
+            },
+            {"name": "right", "path_prefix": "/echo", "url": right.api.base_url, "token": "rc"},
+        ],
+    }
+    url, _, _ = await routed(raw)
+    async with client.get(f"{url}/l/redirect", headers={"Host": "proxy.test:8080"}, allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == "http://proxy.test:8080/l/echo/after-redirect"
+
+
 async def test_routes_no_route_unknown_host_or_path_404_nothing_forwarded(
     routed: Routed, left: Side, right: Side, client: aiohttp.ClientSession, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,

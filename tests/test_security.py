@@ -149,6 +149,23 @@ def test_redirect_client_location_pure(location: str, expected: str | None) -> N
     assert upstream.client_location(location, "http://127.0.0.1:8080") == expected
 
 
+@pytest.mark.parametrize(
+    ("url", "location", "expected"),
+    [
+        ("https://api.example.com/v1", "https://api.example.com/v1/x", "http://p/api/x"),
+        ("https://api.example.com/v1", "/v1/x?q", "http://p/api/x?q"),
+        ("https://api.example.com/v1", "/x", None),
+        ("https://api.example.com", "/x", "http://p/api/x"),
+        ("https://api.example.com", "https://api.example.com/", "http://p/api/"),
+        ("https://api.example.com", "//api.example.com/x", None),
+    ],
+)
+def test_redirect_client_location_with_a_stripped_prefix(url: str, location: str, expected: str | None) -> None:
+    """With a route's stripped prefix, it is put back in front of the client's path, also for a path-absolute
+    Location with no base path (which would otherwise leave the route)."""
+    assert Upstream.parse(url).client_location(location, "http://p", "/api") == expected
+
+
 # --- server limits ---------------------------------------------------------------------------
 
 OVERSIZED = [

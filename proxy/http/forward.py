@@ -59,16 +59,17 @@ REJECTION_BODY_LIMIT = 64 * 1024
 _AUTHORITY = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
-def rewritten_location(upstream: Upstream, location: str, request: Request) -> str | None:
+def rewritten_location(upstream: Upstream, location: str, request: Request, prefix: str = "") -> str | None:
     """For `upstream.rewrite_redirects`: a Location naming the upstream's own origin, re-pointed at the proxy.
 
     The proxy's address is the one the client used (its Host header), so a
-    client that follows the redirect stays behind the proxy. Without a usable
-    Host header, or for any other Location, None: leave it alone.
+    client that follows the redirect stays behind the proxy; `prefix` is the
+    path a route with strip_prefix took off (put back in front). Without a
+    usable Host header, or for any other Location, None: leave it alone.
     """
     if not _AUTHORITY.fullmatch(request.host):
         return None
-    return upstream.client_location(location, f"{request.scheme}://{request.host}")
+    return upstream.client_location(location, f"{request.scheme}://{request.host}", prefix)
 
 
 def refuse_unwritable(request: Request, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -446,15 +447,16 @@ def _answer_head(request: Request, route: Route, upstream: UpstreamAnswer) -> tu
     if has_control_character(reason, headers, upstream.values_checked):
         refuse_unwritable(request, reason, headers)
     if route.rewrite_redirects:
-        _rewrite_location(headers, route.upstream, request)
+        _rewrite_location(headers, route, request)
     return reason, headers
 
 
-def _rewrite_location(headers: list[tuple[bytes, bytes]], upstream: Upstream, request: Request) -> None:
+def _rewrite_location(headers: list[tuple[bytes, bytes]], route: Route, request: Request) -> None:
     """Re-point a Location naming the upstream at the proxy (`upstream.rewrite_redirects`), in place."""
+    prefix = route.path_prefix if route.strip_prefix else ""
     for index, (name, value) in enumerate(headers):
         if len(name) == 8 and name.lower() == b"location":
-            location = rewritten_location(upstream, value.decode("latin-1"), request)
+            location = rewritten_location(route.upstream, value.decode("latin-1"), request, prefix)
             if location is not None:
                 headers[index] = (name, location.encode("latin-1"))
 

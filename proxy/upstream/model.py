@@ -136,17 +136,19 @@ class Upstream:
             return None
         return remainder if remainder.startswith("/") else "/" + remainder
 
-    def client_location(self, location: str, client_origin: str) -> str | None:
-        """`location` re-pointed at `client_origin`, when it names this upstream's origin and base path.
+    def client_location(self, location: str, client_origin: str, prefix: str = "") -> str | None:
+        """`location` re-pointed at `client_origin` (and `prefix`, the path a route took off the client's), when it
+        names this upstream's origin and base path.
 
         For `upstream.rewrite_redirects`. A path-absolute Location (`/base/x`)
         names this upstream's origin too, when there is a base path to take
-        off. Any other Location (another host, another scheme or port,
-        userinfo, outside the base path, or relative without a base path,
-        which already resolves against the proxy) gives None: left as it is.
+        off or a prefix to put on. Any other Location (another host, another
+        scheme or port, userinfo, outside the base path, or relative with
+        neither, which already resolves right against the proxy) gives None:
+        left as it is.
         """
         if location.startswith("/") and not location.startswith("//"):
-            if not self.base_path:
+            if not self.base_path and not prefix:
                 return None
             remainder = location
         else:
@@ -164,7 +166,7 @@ class Upstream:
         remainder = remainder[len(self.base_path) :]
         if remainder[:1] not in ("", "/", "?", "#"):
             return None  # /v1 is the base, /v10 is not under it
-        return client_origin + (remainder if remainder.startswith("/") else "/" + remainder)
+        return client_origin + prefix + (remainder if remainder.startswith("/") else "/" + remainder)
 
     def url_for(self, target: str) -> URL:
         """The upstream URL for an origin-form request target, path and query byte for byte."""
