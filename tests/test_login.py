@@ -489,3 +489,17 @@ async def test_login_without_client_id_registers_per_server_with_a_shared_state_
     code, _, err = await run_cli("login", "-c", first, "--flow", "device")
     assert (code, err) == (0, "")
     assert list(auth_server.registered) == ["dyn-1"]  # its own client, found again
+
+
+async def test_login_with_no_state_file_exits_2_saying_where_a_login_goes(auth_server: FakeAuthServer, tmp_path: Path) -> None:
+    """`state_file = ""` and no refresh token: exit 2, the line naming token.refresh_token says a login needs a state
+    file, so the person is not sent to configure a refresh token by hand."""
+    path = tmp_path / "c.toml"
+    login_config(path, auth_server, tmp_path / "unused.json")
+    path.write_text(re.sub(r'state_file = ".*"', 'state_file = ""', path.read_text()))
+    code, out, err = await run_cli("login", "-c", str(path), "--flow", "device")
+    assert (code, out) == (2, "")
+    assert err == (
+        "config: token.refresh_token: is required for grant 'refresh_token' when token.state_file is empty "
+        "(or name a state file and run `tokenproxy login`)\n"
+    )

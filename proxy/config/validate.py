@@ -198,7 +198,8 @@ def _token_problems(tok: TokenConfig) -> list[str]:
         problems += _grant_token_problems(tok)
         if grant.uses_refresh_token and not tok.refresh_token and not tok.state_file and not _logs_in(tok):
             problems.append(
-                f"token.refresh_token: is required for grant {tok.grant!r} when token.state_file is empty"
+                f"token.refresh_token: is required for grant {tok.grant!r} when token.state_file is empty "
+                "(or name a state file and run `tokenproxy login`)"
             )
     for name in ("refresh_before", "min_refresh_interval"):
         if getattr(tok, name) < 0:
