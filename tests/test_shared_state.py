@@ -525,3 +525,23 @@ async def test_shared_state_check_waits_for_the_lock_then_fails_naming_it(
         "check: token_unavailable: another process held the state file lock for more than 5.5s\n"
     )
     assert token_server.count == 0
+
+
+@pytest.mark.parametrize("command", ["check", "token"])
+async def test_shared_state_corrupt_file_check_and_token_say_they_moved_it_aside(
+    token_server: FakeTokenServer, api, tmp_path: Path, command: str
+) -> None:
+    """`check` and `token`, which print no log lines, still print the one warning naming both paths when they move
+    a corrupt state file aside; its content is not shown."""
+    state = tmp_path / "state" / "state.json"
+    state.parent.mkdir(mode=0o700)
+    state.write_text('{"access_token": "CORRUPT-SECRET-CONTENT"')
+    state.chmod(0o600)
+    config = write_config(tmp_path / "c.toml", token_server, api, state)
+    code, out, err = await run_cli(command, "-c", str(config), env=ENV)
+    assert code == 0
+    [aside] = corrupt_files(state)
+    warned = [line for line in err.splitlines() if "is corrupt" in line]
+    assert len(warned) == 1
+    assert warned[0].endswith(f"state file {state} is corrupt (not JSON): moved it aside to {aside} (0600); it is not used")
+    assert "CORRUPT-SECRET-CONTENT" not in out + err

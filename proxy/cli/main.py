@@ -32,7 +32,7 @@ from ..core.causes import cause_in_words
 from ..core.errors import ProxyError
 from ..core.token import sendable
 from ..observe.log import mark_worker, setup_logging
-from ..tokens.store import FileStore, UnsafeStateError
+from ..tokens.store import STATE_LOGGER, FileStore, UnsafeStateError
 from .config_cmd import config_commands
 from .login import login_commands, not_logged_in
 from .tls_cmd import tls_commands
@@ -336,12 +336,19 @@ def check(config_path: str | None, credential: str | None) -> None:
     """
     config = _load(config_path)
     _require_endpoint(config)
-    setup_logging("critical", "text", secrets_of(config))
+    _quiet_logging(config)
     for warning in _file_warnings(config_path):
         click.echo(f"warning: config: {warning}", err=True)
     names = _chosen(config, "check", credential, one=False)
     for name in names:
         _check_one(for_credential(config, name), f"credential {name}: " if config.routes else "")
+
+
+def _quiet_logging(config: Config) -> None:
+    """For `check` and `token`, which say what happened themselves: no log lines, but for the state file's
+    warnings (a corrupt file moved aside), which nothing else would tell."""
+    setup_logging("critical", "text", secrets_of(config))
+    logging.getLogger(STATE_LOGGER).setLevel(logging.WARNING)
 
 
 def _check_one(config: Config, label: str) -> None:
@@ -384,7 +391,7 @@ def token(config_path: str | None, credential: str | None) -> None:
     """Print a valid access token on standard output, for scripts (with several credentials: `--credential NAME`)."""
     config = _load(config_path)
     _require_endpoint(config)
-    setup_logging("critical", "text", secrets_of(config))
+    _quiet_logging(config)
     config = for_credential(config, _chosen(config, "token", credential, one=True)[0])
     _refuse_unsafe_state(config.token.state_file, "token")
     try:

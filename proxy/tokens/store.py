@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-logger = logging.getLogger("tokenproxy.tokens")
+# Its own logger, so that commands that keep their output quiet (`check`, `token`) can still let its warnings through.
+STATE_LOGGER = "tokenproxy.tokens.state"
+logger = logging.getLogger(STATE_LOGGER)
 
 # A state file is a few hundred bytes; anything much larger is not one of ours.
 _MAX_STATE_BYTES = 1 << 20
