@@ -8,6 +8,8 @@ that must pass before any traffic.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -103,6 +105,30 @@ async def test_readiness_resumed_valid_token_is_ready(aiohttp_server, make_proxy
     admin = await start_admin(aiohttp_server, second)
     assert await readyz(client, admin) == (200, None, READY_WITH_TOKEN)
     assert token_server.count == 1
+
+
+async def test_readiness_resumed_expired_token_says_so(make_proxy, token_server, client, caplog, tmp_path) -> None:
+    """A token resumed from the state file after its expiry is logged as expired (how long ago), not as expiring
+    in a negative number of seconds; the next request fetches a new one."""
+    configured = token_server.current_refresh
+    first = await make_proxy()
+    async with client.get(f"{first.url}/echo/x") as resp:
+        assert resp.status == 200
+    await first.stop()
+    state = tmp_path / "state" / "state.json"
+    document = json.loads(state.read_text())
+    for entry in document["credentials"].values():  # as if the proxy had been stopped for ten minutes
+        entry["obtained_at"], entry["expires_at"] = time.time() - 900, time.time() - 600
+    state.write_text(json.dumps(document))
+    caplog.set_level(logging.INFO, logger="tokenproxy")
+    second = await make_proxy(token={"refresh_token": configured})
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed token")]
+    assert line.endswith("from state file, expired 600s ago (a new one is fetched when needed)") or line.endswith(
+        "from state file, expired 601s ago (a new one is fetched when needed)"
+    )
+    async with client.get(f"{second.url}/echo/y") as resp:
+        assert resp.status == 200
+    assert token_server.count == 2
 
 
 async def run_and_probe(tmp_path: Path, token_server, api, server: str) -> tuple[int, object]:

@@ -204,6 +204,7 @@ async def test_store_unreachable_at_start_exits_1_naming_the_host(
     code, out, err = await run_cli(command, "-c", str(config), env=ENV)
     assert code == 1
     assert f"store_unavailable: the token store Redis at 127.0.0.1:{port} could not be reached (store.url)" in err
+    assert "no token at start" not in err  # the store stopped the start, not a token fetch
     assert "pw-SECRET-1" not in out + err
     assert "Traceback" not in err
     assert token_server.count == 0

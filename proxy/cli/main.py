@@ -29,7 +29,7 @@ from ..config import (
 )
 from ..config.schema import credentials_of, for_credential, with_state_file_where_none
 from ..core.causes import cause_in_words
-from ..core.errors import ProxyError
+from ..core.errors import ProxyError, StoreUnavailable
 from ..core.token import sendable
 from ..observe.log import mark_worker, setup_logging
 from ..tokens.store import STATE_LOGGER, FileStore, UnsafeStateError
@@ -250,6 +250,10 @@ def run(
         _fail_discovery(error, "tokenproxy")
     except OSError as exc:
         click.echo(f"tokenproxy: {cause_in_words(exc) or exc}", err=True)
+        sys.exit(1)
+    except StoreUnavailable as error:
+        # The shared store is pinged before anything listens: a Redis that cannot be reached stops the start.
+        click.echo(f"tokenproxy: {error.code}: {error.detail}", err=True)
         sys.exit(1)
     except ProxyError as error:
         # server.fetch_on_start: no first token, so no listener either.

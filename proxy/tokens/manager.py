@@ -152,11 +152,12 @@ class TokenManager:
             return
         self._token = self._token_of(state)
         self._obtained = self._token.usable_at(self._clock())
+        left = state.expires_at - self._clock()
         self._log.info(
-            "resumed token %s generation %d from state file, expires in %.0fs",
+            "resumed token %s generation %d from state file, %s",
             self._token.fingerprint,
             state.generation,
-            state.expires_at - self._clock(),
+            f"expires in {left:.0f}s" if left >= 0 else f"expired {-left:.0f}s ago (a new one is fetched when needed)",
         )
 
     def reconfigure(
