@@ -64,15 +64,22 @@ def _config(path: Path, port: int, ca_dir: Path, sides: list[tuple[FakeTokenServ
     return path
 
 
-@pytest.fixture
-async def running(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Running]:
-    """`tokenproxy run` with two routes and a local CA, listening on a free port; killed at the end."""
+async def _setting(
+    aiohttp_server: Any, tmp_path: Path
+) -> tuple[list[tuple[FakeTokenServer, FakeApi]], Path, int, Path]:
+    """Two TLS APIs (with their token servers), a local CA, a free port and the config routing both by host."""
     upstream_ca = TestCa(tmp_path)
     sides = [await _side(aiohttp_server, upstream_ca), await _side(aiohttp_server, upstream_ca)]
     ca_dir = tmp_path / "ca"
     create_ca(ca_dir)
     port = free_port()
-    config = _config(tmp_path / "c.toml", port, ca_dir, sides, upstream_ca.ca_file)
+    return sides, ca_dir, port, _config(tmp_path / "c.toml", port, ca_dir, sides, upstream_ca.ca_file)
+
+
+@pytest.fixture
+async def running(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Running]:
+    """`tokenproxy run` with two routes and a local CA, listening on a free port; killed at the end."""
+    sides, ca_dir, port, config = await _setting(aiohttp_server, tmp_path)
     proc = await start_cli("run", "-c", str(config))
     seen: list[str] = []
     try:
@@ -181,12 +188,7 @@ async def test_exec_curl_through_a_group_of_workers_one_token_call_per_credentia
 ) -> None:
     """`run --workers 2`: tunnels opened to the group reach both routed TLS upstreams; the workers share each
     credential's token (one token call each), and SIGTERM stops the group."""
-    upstream_ca = TestCa(tmp_path)
-    sides = [await _side(aiohttp_server, upstream_ca), await _side(aiohttp_server, upstream_ca)]
-    ca_dir = tmp_path / "ca"
-    create_ca(ca_dir)
-    port = free_port()
-    config = _config(tmp_path / "c.toml", port, ca_dir, sides, upstream_ca.ca_file)
+    sides, ca_dir, port, config = await _setting(aiohttp_server, tmp_path)
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     proc = await start_cli("run", "-c", str(config), "--workers", "2", env={"XDG_RUNTIME_DIR": str(runtime)})
@@ -213,12 +215,7 @@ async def test_exec_with_a_client_token_and_the_credential_secret_unset(aiohttp_
     """With `server.client_token`, `env` puts it in the proxy URL (tools send it as Proxy-Authorization: Basic)
     and `exec -- curl` reaches the upstream through the tunnel; `env`, `exec` and `ca path` need no credential
     secret: the shell of the tool holds only the client token."""
-    upstream_ca = TestCa(tmp_path)
-    sides = [await _side(aiohttp_server, upstream_ca), await _side(aiohttp_server, upstream_ca)]
-    ca_dir = tmp_path / "ca"
-    create_ca(ca_dir)
-    port = free_port()
-    config = _config(tmp_path / "c.toml", port, ca_dir, sides, upstream_ca.ca_file)
+    sides, ca_dir, port, config = await _setting(aiohttp_server, tmp_path)
     text = config.read_text().replace(f'client_secret = "{CLIENT_SECRET}"', 'client_secret = "${LEFT_SECRET}"', 1)
     config.write_text(text.replace("[server]\n", '[server]\nclient_token = "${CLIENT_TOKEN}"\n', 1))
     token = "client/token+with=odd-characters"  # characters a URL's userinfo must escape

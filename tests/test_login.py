@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,18 @@ from tests.fakes.auth_server import PUBLIC_CLIENT, FakeAuthServer
 from tests.helpers import TOKENPROXY, read_until, run_cli, saved_entry, start_cli
 
 
-@pytest.fixture
-async def auth_server(aiohttp_server: Any) -> AsyncIterator[FakeAuthServer]:
-    """The fake authorization server, on 127.0.0.1."""
+async def _serve_auth(aiohttp_server: Any) -> FakeAuthServer:
+    """A fake authorization server, listening on 127.0.0.1."""
     fake = FakeAuthServer(device_interval=1)
     server = await aiohttp_server(fake.app(), host="127.0.0.1")
     fake.base_url = str(server.make_url("")).rstrip("/")
-    yield fake
+    return fake
+
+
+@pytest.fixture
+async def auth_server(aiohttp_server: Any) -> FakeAuthServer:
+    """The fake authorization server, on 127.0.0.1."""
+    return await _serve_auth(aiohttp_server)
 
 
 def login_config(path: Path, fake: FakeAuthServer, state: Path, extra: str = "") -> str:
@@ -438,12 +442,9 @@ def test_can_open_browser_needs_a_display_on_linux() -> None:
 
 
 @pytest.fixture
-async def other_auth_server(aiohttp_server: Any) -> AsyncIterator[FakeAuthServer]:
+async def other_auth_server(aiohttp_server: Any) -> FakeAuthServer:
     """A second authorization server: another project's, on another port."""
-    fake = FakeAuthServer(device_interval=1)
-    server = await aiohttp_server(fake.app(), host="127.0.0.1")
-    fake.base_url = str(server.make_url("")).rstrip("/")
-    yield fake
+    return await _serve_auth(aiohttp_server)
 
 
 async def test_logout_with_a_state_file_shared_by_two_configs_touches_only_its_own_login(
